@@ -1,0 +1,1 @@
+"""Gradient-based hyperparameter optimisation: the library behind the DVC stages."""

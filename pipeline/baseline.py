@@ -1,0 +1,129 @@
+"""The baseline: seeded DenseNet training with fixed hyperparameters.
+
+Outputs (all written atomically): the trained state, `metrics/baseline.json` and a per-epoch
+CSV for `dvc plots`. A checkpoint after every epoch lets an interrupted run resume with
+identical numbers; a non-finite loss ends the run as the outcome `diverged`, not a crash.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from pipeline import data, io, plots
+from pipeline.checkpoint import Checkpoint, fingerprint
+from pipeline.config import ModelConfig, Params, TrainConfig
+from pipeline.models import DenseNet
+from pipeline.training import INIT_STREAM, Trainer, derive_seed, evaluate, make_deterministic, resolve_device
+
+
+class Tracker(Protocol):
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def log_artifact(self, path: str | Path) -> None: ...
+    def log_figure(self, figure, name: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class BaselinePaths:
+    model: Path = Path("models/baseline.pt")
+    metrics: Path = Path("metrics/baseline.json")
+    per_epoch: Path = Path("plots/baseline/errors.csv")
+    checkpoint: Path = Path("checkpoints/baseline.pt")
+
+    def under(self, root: Path) -> "BaselinePaths":
+        return BaselinePaths(*(root / p for p in (self.model, self.metrics, self.per_epoch, self.checkpoint)))
+
+
+def build_densenet(cfg: ModelConfig, meta: dict, seed: int) -> DenseNet:
+    """DenseNet with weights drawn from `seed` alone (on the CPU, so every device starts equal)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, INIT_STREAM))
+        return DenseNet(cfg.depth, cfg.growth_rate, cfg.init_maps, cfg.dropout,
+                        in_channels=meta["channels"], num_classes=meta["num_classes"])
+
+
+def summarise(history: list[dict], cfg: TrainConfig, outcome: str, seconds: float, images: int) -> dict:
+    """The numbers metrics/baseline.json reports (the thesis reports final and mean of last few)."""
+    finite = [h for h in history if math.isfinite(h["test_error"])]
+    last = finite[-cfg.last_n:]
+    return {
+        "outcome": outcome,
+        "epochs_completed": len(history),
+        "final_test_error": finite[-1]["test_error"] if finite else None,
+        "mean_last_n_test_error": sum(h["test_error"] for h in last) / len(last) if last else None,
+        "last_n": cfg.last_n,
+        "best_val_error": min((h["val_error"] for h in finite), default=None),
+        "final_train_error": finite[-1]["train_error"] if finite else None,
+        "wall_time_s": round(seconds, 3),
+        "images_per_s": round(images / seconds, 1) if seconds > 0 else None,
+    }
+
+
+def run(params: Params, prepared: Path, paths: BaselinePaths, tracker: Tracker | None = None,
+        progress: bool | None = None) -> dict:
+    make_deterministic()
+    device = resolve_device(params.device)
+    cfg = params.baseline
+    meta = data.load_meta(prepared)
+    splits = {s: data.load_split(prepared, s, device) for s in ("train", "val", "test")}
+    model = build_densenet(params.model, meta, params.seed).to(device)
+    trainer = Trainer(model, *splits["train"], cfg, params.seed)
+
+    checkpoint = Checkpoint(paths.checkpoint, fingerprint(params.seed, params.model.model_dump(),
+                                                          cfg.model_dump(), meta["digest"]))
+    if (saved := checkpoint.load(device)) is not None:
+        trainer.load_state_dict(saved)
+    history, outcome = trainer.state.history, "finished"
+    start = time.perf_counter() - sum(h["seconds"] for h in history)
+    epochs = tqdm(range(len(history), cfg.epochs), desc="baseline", unit="epoch", initial=len(history),
+                  total=cfg.epochs, disable=not (sys.stderr.isatty() if progress is None else progress))
+    for epoch in epochs:
+        t0 = time.perf_counter()
+        alpha = trainer.alpha(trainer.state.step)
+        train_loss, train_error = trainer.run_epoch()
+        row = {"epoch": epoch + 1, "alpha": alpha, "train_error": train_error, "train_loss": train_loss}
+        for split in ("val", "test"):
+            row[f"{split}_error"], row[f"{split}_loss"] = evaluate(model, *splits[split], cfg.eval_batch_size)
+        row["seconds"] = time.perf_counter() - t0
+        history.append(row)
+        epochs.set_postfix(val=f"{row['val_error']:.3f}", test=f"{row['test_error']:.3f}")
+        if tracker:
+            tracker.log_metrics(_epoch_metrics(row), step=row["epoch"])
+        if not all(math.isfinite(row[k]) for k in ("train_loss", "val_loss", "test_loss")):
+            outcome = "diverged"
+            break
+        checkpoint.save(trainer.state_dict())
+
+    seconds = time.perf_counter() - start
+    metrics = summarise(history, cfg, outcome, seconds, len(history) * trainer.steps_per_epoch * cfg.batch_size)
+    _write_outputs(paths, trainer, history, metrics, meta, tracker)
+    checkpoint.clear()
+    return metrics
+
+
+def _epoch_metrics(row: dict) -> dict[str, float]:
+    out = {"alpha": row["alpha"]}
+    for split in ("train", "val", "test"):
+        out[f"error/{split}"], out[f"loss/{split}"] = row[f"{split}_error"], row[f"{split}_loss"]
+    return out
+
+
+def _write_outputs(paths: BaselinePaths, trainer: Trainer, history: list[dict], metrics: dict,
+                   meta: dict, tracker: Tracker | None) -> None:
+    per_epoch = pd.DataFrame(history).drop(columns="seconds")
+    io.save_torch(paths.model, {"model": trainer.model.state_dict(), "meta": meta})
+    with io.atomic_path(paths.per_epoch) as tmp:
+        per_epoch.to_csv(tmp, index=False)
+    io.write_json(paths.metrics, metrics)
+    if tracker:
+        tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None})
+        tracker.log_figure(plots.error_curves(per_epoch, "baseline DenseNet"), "baseline_errors.png")
+        tracker.log_artifact(paths.per_epoch)
+        tracker.log_artifact(paths.metrics)

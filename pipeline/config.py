@@ -1,0 +1,180 @@
+"""params.yaml -> typed, validated settings.
+
+Every problem is reported as one line that names the key path and what is allowed, e.g.
+``params.yaml: baseline.epochs: must be >= 1 (got -3)``; stages turn it into exit code 2
+before writing anything.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PARAMS_FILE = "params.yaml"
+
+# Images available per source: (train pool, own test split or 0 when the source has none).
+SOURCE_SIZES = {"digits": (1797, 0), "mnist5k": (5000, 0), "cifar10": (50000, 10000), "mnist": (60000, 10000)}
+
+
+class ConfigError(ValueError):
+    """A bad params.yaml: the message is one line naming the key and what is allowed."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class DataConfig(Section):
+    source: Literal["digits", "mnist5k", "cifar10", "mnist"] = "digits"
+    root: str = "data/raw"  # torchvision sources: folder holding the dataset
+    download: bool = False  # torchvision sources: fetch when missing (never in tests)
+    train_size: Optional[int] = Field(default=None, ge=1)  # None: all that is left
+    val_size: int = Field(default=300, ge=1)
+    test_size: Optional[int] = Field(default=None, ge=1)  # None: the whole own test split
+    seed: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _fits(self):
+        pool, own_test = SOURCE_SIZES[self.source]
+        if own_test == 0 and self.test_size is None:
+            raise ValueError(f"test_size: {self.source} has no test split of its own, give a size")
+        if own_test and self.test_size and self.test_size > own_test:
+            raise ValueError(f"test_size: at most {own_test} for {self.source} (got {self.test_size})")
+        held = self.val_size + (self.test_size if own_test == 0 else 0)
+        need = held + (self.train_size or 1)
+        if need > pool:
+            raise ValueError(
+                f"val_size: train+val{'' if own_test else '+test'} must fit in the {pool} images "
+                f"of {self.source} (asked for {need})")
+        return self
+
+
+class ModelConfig(Section):
+    depth: int = Field(default=40, ge=7)
+    growth_rate: int = Field(default=12, ge=1)
+    init_maps: int = Field(default=16, ge=1)
+    dropout: float = Field(default=0.2, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _depth(self):
+        if (self.depth - 4) % 3:
+            raise ValueError(f"depth: must be 3*n + 4 (3 dense blocks of n layers), got {self.depth}")
+        return self
+
+
+class ScheduleConfig(Section):
+    """Step schedule: alpha is multiplied by `factor` at each fraction of the epochs."""
+    milestones: list[float] = Field(default_factory=lambda: [0.5, 0.75])
+    factor: float = Field(default=0.1, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _sorted(self):
+        m = self.milestones
+        if any(not 0 < x < 1 for x in m) or m != sorted(m):
+            raise ValueError(f"milestones: increasing fractions in (0, 1), got {m}")
+        return self
+
+
+class TrainConfig(Section):
+    epochs: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    alpha: float = Field(default=1.0, gt=0.0)  # w += alpha * v; alpha*(1-momentum) is PyTorch's lr
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    nesterov: bool = True
+    schedule: ScheduleConfig = ScheduleConfig()
+    log10_l2: float = Field(default=-4.0, ge=-30.0, le=3.0)  # R = sum 10^l2 * w^2 (2x torch weight_decay)
+    weight_clip: Optional[float] = Field(default=None, gt=0.0)
+    eval_batch_size: int = Field(default=500, ge=1)
+    last_n: int = Field(default=5, ge=1)  # report the mean test error of the last n epochs
+
+
+class TrackingConfig(Section):
+    experiment: str = Field(default="gbhpo", min_length=1)
+
+
+class Params(Section):
+    seed: int = Field(default=0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig = DataConfig(test_size=360)
+    model: ModelConfig = ModelConfig()
+    baseline: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 floats: PyYAML would read `1e-4` as a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."))
+
+
+def _resolve_float_or_int(loader, node):
+    text = loader.construct_scalar(node)
+    try:
+        return int(text)
+    except ValueError:
+        return yaml.SafeLoader.construct_yaml_float(loader, node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:float", _resolve_float_or_int)
+
+
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+
+
+def _describe(err: dict, model: type[BaseModel]) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    kind, given = err["type"], err.get("input")
+    if kind == "extra_forbidden":
+        parent = model
+        for part in err["loc"][:-1]:
+            parent = parent.model_fields[part].annotation
+        return f"{loc}: unknown key; allowed here: {', '.join(parent.model_fields)}"
+    if kind == "value_error":  # our own validators already name the key
+        prefix = ".".join(str(p) for p in err["loc"])
+        return (prefix + "." if prefix else "") + err["msg"].removeprefix("Value error, ")
+    if kind in _BOUNDS:
+        return f"{loc}: must be {_BOUNDS[kind]} {next(iter(err['ctx'].values()))} (got {given!r})"
+    return f"{loc}: {err['msg'].replace('Input should be', 'must be')} (got {given!r})"
+
+
+def parse_params(raw: object) -> Params:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{PARAMS_FILE}: top level must be a mapping of sections")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{PARAMS_FILE}: {_describe(exc.errors()[0], Params)}") from None
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.load(path.read_text(), Loader=_Loader)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found; run from the repository root") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML") from None
+    return parse_params(raw)
+
+
+def flatten(params: BaseModel, prefix: str = "") -> dict[str, object]:
+    """{'baseline.epochs': 10, ...}: the form MLflow params and `dvc params diff` use."""
+    out: dict[str, object] = {}
+    for key, value in params:
+        name = f"{prefix}{key}"
+        if isinstance(value, BaseModel):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out

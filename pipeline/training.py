@@ -1,0 +1,186 @@
+"""Seeded SGD in the thesis form (DESIGN §3), with explicit batches and dropout masks.
+
+    g_t     = grad L(w_t, theta, t)          L = CE(B_t, m_t; w) + sum 10^l2 * w^2
+    v_t     = beta * v_{t-1} - (1 - beta) * g_t
+    w_{t+1} = w_t + alpha_t * v_t            (Nesterov: w_t + alpha_t * (beta * v_t - (1 - beta) * g_t))
+
+Batch order and dropout masks are pure functions of (seed, step), so any step can be
+recomputed exactly later (the reverse passes rely on it) and an interrupted run resumes
+with the very same numbers.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from pipeline.config import TrainConfig
+from pipeline.models import dropout_masks
+
+BATCH_STREAM, MASK_STREAM, INIT_STREAM = 1, 2, 3
+
+
+def make_deterministic() -> None:
+    """Same inputs, same bits (DESIGN §3). Call before any CUDA work."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda was asked for but no CUDA device is available (use auto or cpu)")
+    return torch.device(name)
+
+
+def derive_seed(seed: int, stream: int, index: int = 0) -> int:
+    """A well-mixed 63-bit seed for (seed, stream, index): neighbouring steps get unrelated streams."""
+    return int(np.random.SeedSequence([seed, stream, index]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def generator(seed: int, stream: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(derive_seed(seed, stream, index))
+
+
+class BatchSchedule:
+    """Batch of step t: a slice of the seeded permutation of epoch t // steps_per_epoch.
+
+    Incomplete last batches are dropped so every step sees `batch_size` examples."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        if batch_size > n:
+            raise ValueError(f"batch_size {batch_size} is larger than the {n} training examples")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.steps_per_epoch = n // batch_size
+        self._epoch, self._perm = -1, None
+
+    def indices(self, step: int) -> torch.Tensor:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._perm = torch.randperm(self.n, generator=generator(self.seed, BATCH_STREAM, epoch))
+            self._epoch = epoch
+        return self._perm[k * self.batch_size:(k + 1) * self.batch_size]
+
+
+def is_regularised(name: str) -> bool:
+    """L2 on conv/linear weights and BatchNorm scales; never on biases or BatchNorm shifts."""
+    return not name.endswith("bias")
+
+
+def l2_penalty(named_params: dict[str, torch.Tensor], log10_l2: float) -> torch.Tensor:
+    """R(w) = sum_j 10^l2 * w_j^2: the thesis/Lasagne convention, twice PyTorch's weight_decay."""
+    return sum(10.0 ** log10_l2 * p.pow(2).sum() for n, p in named_params.items() if is_regularised(n))
+
+
+def step_sizes(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    """alpha_t of the step schedule: alpha times factor^(milestones passed)."""
+    edges = [math.floor(f * cfg.epochs) for f in cfg.schedule.milestones]
+    steps_per_epoch = total_steps // cfg.epochs
+
+    def alpha(step: int) -> float:
+        epoch = step // steps_per_epoch
+        return cfg.alpha * cfg.schedule.factor ** sum(epoch >= e for e in edges)
+
+    return alpha
+
+
+@dataclass
+class TrainState:
+    """Everything a resumed run needs: weights and buffers live in the model."""
+    velocity: list[torch.Tensor]
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+class Trainer:
+    """SGD on one model and one training split; `grad(step)` is the pure g_t of DESIGN §3."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, seed: int):
+        self.model, self.x, self.y, self.cfg, self.seed = model, x, y, cfg, seed
+        self.names = [n for n, _ in model.named_parameters()]
+        self.params = [p for _, p in model.named_parameters()]
+        self.regularised = [p for n, p in zip(self.names, self.params) if is_regularised(n)]
+        self.batches = BatchSchedule(len(x), cfg.batch_size, seed)
+        self.steps_per_epoch = self.batches.steps_per_epoch
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.alpha = step_sizes(cfg, self.total_steps)
+        self.state = TrainState([torch.zeros_like(p) for p in self.params])
+
+    def loss(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean cross-entropy of step `step`'s batch under its masks, and the batch's error count."""
+        idx = self.batches.indices(step).to(self.x.device)
+        x, y = self.x[idx], self.y[idx]
+        self.model.train()
+        with dropout_masks(self.model, generator(self.seed, MASK_STREAM, step, self.x.device)):
+            logits = self.model(x)
+        return F.cross_entropy(logits, y), (logits.argmax(1) != y).sum()
+
+    def grad(self, step: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        loss, wrong = self.loss(step)
+        grads = list(torch.autograd.grad(loss, self.params))
+        # The L2 gradient in closed form: 2 * 10^l2 * w (cheaper than through autograd).
+        with torch.no_grad():
+            reg = [g for n, g in zip(self.names, grads) if is_regularised(n)]
+            torch._foreach_add_(reg, self.regularised, alpha=2 * 10.0 ** self.cfg.log10_l2)
+        return grads, loss.detach(), wrong
+
+    @torch.no_grad()
+    def update(self, step: int, grads: list[torch.Tensor]) -> None:
+        alpha, beta, v = self.alpha(step), self.cfg.momentum, self.state.velocity
+        torch._foreach_mul_(v, beta)
+        torch._foreach_add_(v, grads, alpha=-(1 - beta))
+        if self.cfg.nesterov:
+            torch._foreach_add_(self.params, v, alpha=alpha * beta)
+            torch._foreach_add_(self.params, grads, alpha=-alpha * (1 - beta))
+        else:
+            torch._foreach_add_(self.params, v, alpha=alpha)
+        if self.cfg.weight_clip is not None:
+            torch._foreach_clamp_min_(self.params, -self.cfg.weight_clip)
+            torch._foreach_clamp_max_(self.params, self.cfg.weight_clip)
+
+    def run_epoch(self) -> tuple[float, float]:
+        """Train one epoch; returns the running training loss and error over its batches
+        (training mode, dropout on: free to compute, unlike a second pass)."""
+        loss_sum = torch.zeros((), device=self.x.device)
+        wrong_sum = torch.zeros((), device=self.x.device, dtype=torch.long)
+        for _ in range(self.steps_per_epoch):
+            step = self.state.step
+            grads, loss, wrong = self.grad(step)
+            self.update(step, grads)
+            loss_sum += loss
+            wrong_sum += wrong
+            self.state.step += 1
+        n = self.steps_per_epoch
+        return loss_sum.item() / n, wrong_sum.item() / (n * self.cfg.batch_size)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "velocity": self.state.velocity,
+                "step": self.state.step, "history": self.state.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        with torch.no_grad():
+            torch._foreach_copy_(self.state.velocity, state["velocity"])
+        self.state.step, self.state.history = state["step"], list(state["history"])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[float, float]:
+    """(error rate, mean cross-entropy) in eval mode: BatchNorm running statistics, no dropout."""
+    model.eval()
+    loss, wrong = torch.zeros((), device=x.device), torch.zeros((), device=x.device, dtype=torch.long)
+    for i in range(0, len(x), batch_size):
+        logits = model(x[i:i + batch_size])
+        loss += F.cross_entropy(logits, y[i:i + batch_size], reduction="sum")
+        wrong += (logits.argmax(1) != y[i:i + batch_size]).sum()
+    return wrong.item() / len(x), loss.item() / len(x)

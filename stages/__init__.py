@@ -1,0 +1,1 @@
+"""Thin DVC stage entry points: parse the CLI, load params, call into `pipeline`."""

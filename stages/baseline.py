@@ -1,0 +1,28 @@
+"""DVC stage `baseline`: seeded DenseNet training with the fixed hyperparameters of `baseline`."""
+from pathlib import Path
+
+import click
+
+from pipeline import baseline, data
+from pipeline.config import load_params
+from pipeline.tracking import stage_run
+from stages.common import params_option, user_errors_exit_2
+
+
+@click.command(help="Train the DenseNet of `model` on PREPARED with the `baseline` settings; write "
+                    "models/baseline.pt, metrics/baseline.json and plots/baseline/errors.csv. "
+                    "Resumes from checkpoints/baseline.pt after an interruption.")
+@params_option
+@click.option("--prepared", default="data/prepared", show_default=True, type=click.Path(file_okay=False))
+@user_errors_exit_2
+def main(params_file: str, prepared: str) -> None:
+    params = load_params(params_file)
+    meta = data.load_meta(Path(prepared))
+    with stage_run("baseline", params, dataset_digest=meta["digest"]) as run:
+        metrics = baseline.run(params, Path(prepared), baseline.BaselinePaths(), tracker=run)
+    click.echo(f"baseline {metrics['outcome']}: test error {metrics['final_test_error']}, "
+               f"mean of last {metrics['last_n']} {metrics['mean_last_n_test_error']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""What every stage shares: user errors become one line on stderr and exit code 2."""
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable
+
+import click
+
+from pipeline.config import ConfigError
+from pipeline.data import DataError
+from pipeline.tracking import TrackingError
+
+USER_ERRORS = (ConfigError, DataError, TrackingError)
+
+params_option = click.option("--params", "params_file", default="params.yaml", show_default=True,
+                             type=click.Path(dir_okay=False), help="Settings file to read.")
+
+
+def user_errors_exit_2(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+    return wrapper
