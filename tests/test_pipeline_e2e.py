@@ -1,0 +1,87 @@
+"""Real `dvc repro` in a temporary git repository with tiny params."""
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    "data": {"val_size": 60, "test_size": 60, "train_size": 128},
+    "model": {"depth": 7, "growth_rate": 4, "init_maps": 4},
+    "baseline": {"epochs": 2, "batch_size": 32},
+}
+pytestmark = pytest.mark.slow
+
+
+def deep_update(node: dict, change: dict) -> None:
+    for key, value in change.items():
+        if isinstance(value, dict):
+            deep_update(node[key], value)
+        else:
+            node[key] = value
+
+
+def set_params(repo: Path, change: dict) -> None:
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    deep_update(raw, change)
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def sh(repo: Path, *cmd: str) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "PIPELINE_"))}
+    env.update(PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}", PYTHONPATH=str(repo),
+               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@localhost", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@localhost")
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{cmd}\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+def ran(output: str) -> set[str]:
+    return {stage for stage in ("prepare", "baseline") if f"Running stage '{stage}'" in output}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("repo")
+    for item in ("pipeline", "stages", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
+        src = ROOT / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item)
+    sh(repo, "git", "init", "-q")
+    sh(repo, "dvc", "init", "-q")
+    sh(repo, "dvc", "config", "core.analytics", "false")
+    set_params(repo, TINY)
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "tiny pipeline")
+    return repo
+
+
+def test_repro_runs_everything_then_nothing(repo):
+    assert ran(sh(repo, sys.executable, "-m", "stages.cli", "run")) == {"prepare", "baseline"}
+    for out in ("data/prepared/train.pt", "data/prepared/meta.json", "models/baseline.pt",
+                "metrics/baseline.json", "plots/baseline/errors.csv"):
+        assert (repo / out).exists(), out
+    assert ran(sh(repo, "dvc", "repro")) == set()
+    assert "baseline.json" in sh(repo, "dvc", "metrics", "show")
+
+    db = sqlite3.connect(repo / "mlflow.db")
+    runs = dict(db.execute("select name, status from runs").fetchall())
+    assert runs["prepare"] == runs["baseline"] == "FINISHED"
+    parents = db.execute("select count(*) from runs where name like 'pipeline%'").fetchone()[0]
+    assert parents == 1  # both stage runs grouped under one parent
+    epochs = db.execute("select count(*) from metrics where key = 'error/test'").fetchone()[0]
+    assert epochs == TINY["baseline"]["epochs"]
+
+
+def test_changing_a_param_reruns_only_what_it_affects(repo):
+    set_params(repo, {"baseline": {"epochs": 3}})
+    assert ran(sh(repo, "dvc", "repro")) == {"baseline"}
+    set_params(repo, {"data": {"val_size": 50}})
+    assert ran(sh(repo, "dvc", "repro")) == {"prepare", "baseline"}
+    sh(repo, "dvc", "plots", "show", "-o", "dvc_plots")
+    assert (repo / "dvc_plots" / "index.html").exists()
