@@ -1,0 +1,95 @@
+"""The baseline runner: resume after an interruption, and divergence as an outcome."""
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from pipeline import baseline, data
+from pipeline.config import parse_params
+
+TINY = {"device": "cpu", "data": {"val_size": 60, "test_size": 60, "train_size": 96},
+        "model": {"depth": 7, "growth_rate": 4, "init_maps": 4},
+        "baseline": {"epochs": 3, "batch_size": 32, "last_n": 2}}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared")
+    data.prepare(parse_params(TINY).data, out)
+    return out
+
+
+class Interrupt(Exception):
+    pass
+
+
+class StopAfter:
+    """A tracker that kills the run when epoch `epoch` is logged (before its checkpoint)."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def log_metrics(self, metrics, step=None):
+        if step == self.epoch:
+            raise Interrupt
+
+    def log_artifact(self, path):
+        pass
+
+    def log_figure(self, figure, name):
+        pass
+
+
+def weights(path):
+    return torch.load(path, weights_only=False)["model"]
+
+
+def test_interrupted_run_resumes_to_identical_result(prepared, tmp_path):
+    params = parse_params(TINY)
+    straight = baseline.BaselinePaths().under(tmp_path / "straight")
+    resumed = baseline.BaselinePaths().under(tmp_path / "resumed")
+    expected = baseline.run(params, prepared, straight)
+
+    with pytest.raises(Interrupt):
+        baseline.run(params, prepared, resumed, tracker=StopAfter(epoch=3))
+    assert resumed.checkpoint.exists() and not resumed.metrics.exists()
+    got = baseline.run(params, prepared, resumed)
+
+    assert not resumed.checkpoint.exists()
+    drop_time = lambda m: {k: v for k, v in m.items() if k not in ("wall_time_s", "images_per_s")}
+    assert drop_time(got) == drop_time(expected)
+    for key, tensor in weights(straight.model).items():
+        assert torch.equal(tensor, weights(resumed.model)[key]), key
+    pd.testing.assert_frame_equal(pd.read_csv(straight.per_epoch), pd.read_csv(resumed.per_epoch))
+
+
+def test_checkpoint_of_other_settings_is_ignored(prepared, tmp_path):
+    paths = baseline.BaselinePaths().under(tmp_path)
+    with pytest.raises(Interrupt):
+        baseline.run(parse_params(TINY), prepared, paths, tracker=StopAfter(epoch=2))
+    other = parse_params({**TINY, "baseline": {**TINY["baseline"], "log10_l2": -3.0}})
+    metrics = baseline.run(other, prepared, paths)
+    fresh = baseline.run(other, prepared, baseline.BaselinePaths().under(tmp_path / "fresh"))
+    assert metrics["final_test_error"] == fresh["final_test_error"]
+
+
+def test_divergence_is_an_outcome_not_a_crash(prepared, tmp_path):
+    params = parse_params({**TINY, "baseline": {**TINY["baseline"], "alpha": 1e30}})
+    paths = baseline.BaselinePaths().under(tmp_path)
+    metrics = baseline.run(params, prepared, paths)
+    assert metrics["outcome"] == "diverged"
+    assert metrics["epochs_completed"] < TINY["baseline"]["epochs"] + 1
+    assert json.loads(paths.metrics.read_text())["outcome"] == "diverged"
+    assert paths.model.exists() and paths.per_epoch.exists()
+
+
+def test_metrics_report_final_and_mean_of_last_n(prepared, tmp_path):
+    paths = baseline.BaselinePaths().under(tmp_path)
+    metrics = baseline.run(parse_params(TINY), prepared, paths)
+    per_epoch = pd.read_csv(paths.per_epoch)
+    assert list(per_epoch["epoch"]) == [1, 2, 3]
+    assert metrics["final_test_error"] == per_epoch["test_error"].iloc[-1]
+    assert metrics["mean_last_n_test_error"] == pytest.approx(per_epoch["test_error"].iloc[-2:].mean())
+    assert metrics["best_val_error"] == per_epoch["val_error"].min()
+    assert metrics["outcome"] == "finished" and metrics["images_per_s"] > 0
