@@ -1,0 +1,128 @@
+"""Exact multiplication of fixed-point velocities by beta = n/d, with the lost bits kept.
+
+`v * n / d` destroys information (about log2(d/n) bits per element). Following Maclaurin et
+al. (2015) the remainder is stored and recovered later, but as range-ANS style bits-back
+coding instead of unbounded integers (DESIGN §4): each element keeps a state `x` in
+[L, L * 2^16) with L = n * 2^16 (an int64 tensor), and spills 16-bit words to a dense
+per-element stack [P, W] of int16. Every operation is a vectorised tensor op, so it runs on
+CPU and CUDA alike, and memory stays within a few percent of T * P * log2(d/n) bits.
+
+Forward `multiply(v, n)`:  r = v mod d; v = v div d; spill words while x >= L (one, unless n
+changed); x = x * 2^16 + r; u = x mod n; x = x div n; where x < L read a word back;
+v = v * n + u.  `divide(v, n)` is its exact mirror image.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+WORD_BITS = 16
+D = 1 << WORD_BITS  # the denominator of every beta, and the word size
+MASK = D - 1
+READ_THRESHOLD = D * D  # states at or above it were renormalised by a read (disjoint ranges)
+
+
+def rational_beta(beta: float) -> int:
+    """Numerator n of the rational n / 2^16 the exact run uses for `beta` (within 2^-16)."""
+    if not 0.0 <= beta < 1.0 - 1.0 / D:
+        raise ValueError(f"momentum {beta} must lie in [0, 1 - 2^-16) for exact reversal")
+    return math.floor(beta * D) + 1
+
+
+class BitsBackBuffer:
+    """The information buffer of one flat tensor of P fixed-point velocities."""
+
+    SEED_WORDS = 2  # a switch of n can read one word more than it spilled: never from an empty stack
+
+    def __init__(self, numel: int, device: torch.device | str = "cpu", chunk: int = 64):
+        self.n_prev = D // 2  # the state starts at L for n = 2^15: any first n is a valid switch
+        self.x = torch.full((numel,), self.n_prev * D, dtype=torch.int64, device=device)
+        self.top = torch.full((numel,), self.SEED_WORDS, dtype=torch.int64, device=device)
+        self.stack = torch.zeros(numel, self.SEED_WORDS, dtype=torch.int16, device=device)
+        self.chunk = chunk
+        # Host-side bound on 16 * top + log2 x, so the stack grows without a device sync.
+        self.bits_bound = WORD_BITS * self.SEED_WORDS + math.log2(self.n_prev * D) + WORD_BITS
+        self._history: list[tuple[int, float]] = []  # (n_prev, bits_bound) per step, for the reverse
+
+    # -- the stack ---------------------------------------------------------------------------
+    def _reserve(self) -> None:
+        """Grow the stack before any element could overflow it (no device sync needed)."""
+        needed = math.ceil(self.bits_bound / WORD_BITS) + 1
+        if needed > self.stack.shape[1]:
+            grow = max(self.chunk, needed - self.stack.shape[1])
+            pad = torch.zeros(self.stack.shape[0], grow, dtype=torch.int16, device=self.stack.device)
+            self.stack = torch.cat([self.stack, pad], dim=1)
+
+    def _push(self, word: torch.Tensor, where: torch.Tensor | None = None) -> None:
+        self.stack.scatter_(1, self.top[:, None], word.to(torch.int16)[:, None])
+        self.top += 1 if where is None else where
+
+    def _pop(self, where: torch.Tensor | None = None) -> torch.Tensor:
+        if where is not None:
+            self.top -= where
+            index = self.top.clamp(min=0)
+        else:
+            self.top -= 1
+            index = self.top
+        return self.stack.gather(1, index[:, None])[:, 0].long() & MASK
+
+    def _spill_below(self, limit: int, switch: bool) -> None:
+        """Spill low words until x < limit: exactly one when n is unchanged."""
+        if not switch:
+            self._push(self.x & MASK)
+            self.x >>= WORD_BITS
+            return
+        while bool((over := self.x >= limit).any()):
+            self._push(self.x & MASK, over.long())
+            self.x = torch.where(over, self.x >> WORD_BITS, self.x)
+
+    def _unspill_to(self, limit: int, switch: bool) -> None:
+        if not switch:
+            self.x = (self.x << WORD_BITS) | self._pop()
+            return
+        while bool((under := self.x < limit).any()):
+            word = self._pop(under.long())
+            self.x = torch.where(under, (self.x << WORD_BITS) | word, self.x)
+
+    # -- the arithmetic ----------------------------------------------------------------------
+    def multiply(self, v: torch.Tensor, n: int) -> torch.Tensor:
+        """v * n / 2^16 rounded down, exactly invertible by `divide` (v: int64, any shape)."""
+        shape, v = v.shape, v.reshape(-1)
+        self._history.append((self.n_prev, self.bits_bound))
+        self.bits_bound += WORD_BITS - math.log2(n) + 1e-4  # + rounding slack of the pop
+        self._reserve()
+        low = n * D
+        r, v = v & MASK, v >> WORD_BITS
+        self._spill_below(low, switch=n != self.n_prev)
+        self.x = (self.x << WORD_BITS) | r
+        u, self.x = self.x % n, self.x // n
+        read = self.x < low
+        word = self._pop(read.long())
+        self.x = torch.where(read, (self.x << WORD_BITS) | word, self.x)
+        self.n_prev = n
+        return (v * n + u).reshape(shape)
+
+    def divide(self, v: torch.Tensor, n: int) -> torch.Tensor:
+        """Undo the last `multiply(·, n)`: returns the v it was given, bit for bit."""
+        shape, v = v.shape, v.reshape(-1)
+        n_prev, self.bits_bound = self._history.pop()
+        u, v = v % n, v // n
+        read = self.x >= READ_THRESHOLD
+        self._push(self.x & MASK, read.long())
+        self.x = torch.where(read, self.x >> WORD_BITS, self.x)
+        self.x = self.x * n + u
+        r, self.x = self.x & MASK, self.x >> WORD_BITS
+        self._unspill_to(n_prev * D, switch=n != n_prev)
+        self.n_prev = n_prev
+        return ((v << WORD_BITS) | r).reshape(shape)
+
+    # -- accounting --------------------------------------------------------------------------
+    def stored_bits(self) -> float:
+        """Mean information held per element: 16 * stack words + log2 of the state above its start."""
+        start = WORD_BITS * self.SEED_WORDS + math.log2(D // 2 * D)
+        return (WORD_BITS * self.top.double() + torch.log2(self.x.double())).mean().item() - start
+
+    def allocated_bits(self) -> float:
+        """Memory the buffer occupies per element (stack matrix, state and top index)."""
+        return WORD_BITS * self.stack.shape[1] + 64 + 64
