@@ -1,0 +1,232 @@
+"""MLflow tracking for stages (DESIGN.md section 9).
+
+One MLflow run per stage execution, nested under one parent run per pipeline execution.
+The stages of one `dvc repro` are separate processes, so they meet through a shared key
+(`pipeline_key`) that tags the parent run.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlsplit
+
+import requests
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+from mlflow.tracking.context.registry import resolve_tags
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from pipeline.config import PARAMS_FILE, Params, flatten
+
+PARENT_KEY_TAG = "pipeline.key"
+# A parent older than this is never joined, so a recycled process-group id starts a new one.
+PARENT_MAX_AGE_S = 24 * 3600
+# Probe: connection refused fails in ms; a silent host costs at most 3 * (2 + 5) + 2 = 23 s.
+PROBE_TRIES, PROBE_TIMEOUT_S, PROBE_PAUSE_S = 3, (2, 5), 1.0
+# MLflow's defaults (7 retries with exponential backoff, 120 s timeout) retry for minutes.
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+class TrackingError(RuntimeError):
+    """The tracking backend cannot be used; the message is one line naming the URI."""
+
+
+def tracking_uri(root: Path | None = None) -> str:
+    """`MLFLOW_TRACKING_URI`, else the SQLite DB in the repository root.
+
+    dvc sets `$DVC_ROOT` for stage commands; in `dvc exp run --queue` it names the real
+    repository rather than the temporary workspace, so queued runs share the repo's DB.
+    """
+    if uri := os.environ.get("MLFLOW_TRACKING_URI"):
+        return uri
+    base = Path(os.environ.get("DVC_ROOT") or root or Path.cwd())
+    return f"sqlite:///{base.resolve() / 'mlflow.db'}"
+
+
+def pipeline_key() -> str:
+    """A key shared by every stage process of one pipeline execution, and by no other.
+
+    `PIPELINE_RUN_ID` (set by `pipeline run`) wins. Otherwise: dvc (dvc/stage/run.py, `_run`)
+    starts each stage command with a plain `subprocess.Popen` (no `start_new_session`, no
+    `setpgid`), so all stages of one `dvc repro` stay in dvc's process group. A
+    `dvc queue` worker runs many experiments in its one process group, hence the experiment
+    name; the hostname keeps machines sharing a tracking server apart. Limit: a shell without
+    job control (a script, CI) runs all its commands in one group, so two plain `dvc repro`
+    there share a parent; scripts should use `pipeline run`.
+    """
+    if key := os.environ.get("PIPELINE_RUN_ID"):
+        if "'" in key:  # it goes inside a quoted MLflow filter string
+            raise TrackingError(f"PIPELINE_RUN_ID must not contain a quote (got {key!r})")
+        return key
+    key = f"{socket.gethostname()}:pgid{os.getpgid(0)}"
+    exp_name = os.environ.get("DVC_EXP_NAME")
+    return f"{key}:{exp_name}" if exp_name else key
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """What a stage logs to: the stage's MLflow run."""
+    client: MlflowClient
+    run_id: str
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[
+            Metric(key, float(value), now, step or 0) for key, value in metrics.items()])
+
+    def set_tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_figure(self, figure, name: str) -> None:
+        from matplotlib import pyplot as plt  # the caller already chose the backend
+
+        self.client.log_figure(self.run_id, figure, name)
+        plt.close(figure)  # stages log a fresh pyplot figure per epoch; free each one
+
+    def log_table(self, table, name: str) -> None:
+        """A dict or DataFrame as a JSON table artifact (`name` ends in .json)."""
+        self.client.log_table(self.run_id, table, name)
+
+
+@contextmanager
+def stage_run(stage: str, params: Params, *, variant: str | None = None,
+              dataset_digest: str | None = None, root: Path | None = None) -> Iterator[StageRun]:
+    """Record one stage execution; the run ends FAILED if the block raises, else FINISHED.
+
+    `root` is the stage's workspace (default: the current directory): params.yaml and the
+    git state are read there, which under `dvc exp run --queue` is the experiment's copy.
+    """
+    workspace = Path(root) if root else Path.cwd()
+    uri = tracking_uri(root)
+    if uri.startswith(("http://", "https://")):
+        for name, value in MLFLOW_HTTP_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+        _check_reachable(uri)
+    tags = _run_tags(stage, workspace, dataset_digest)
+    try:
+        # A client bound to `uri`, not mlflow.set_tracking_uri: that would export
+        # MLFLOW_TRACKING_URI and so override tracking_uri() for the rest of the process.
+        client = MlflowClient(uri)
+        experiment_id = _experiment_id(client, params.tracking.experiment, uri)
+        parent_id = _parent_run(client, experiment_id, tags)
+        run_id = client.create_run(
+            experiment_id, run_name=f"{stage}:{variant}" if variant else stage,
+            tags=resolve_tags({**tags, MLFLOW_PARENT_RUN_ID: parent_id})).info.run_id
+    except MlflowException as exc:  # bad URI, unwritable DB, deleted experiment
+        raise TrackingError(f"tracking at {_redact(uri)}: {_first_line(exc.message)}") from exc
+    run, status = StageRun(client, run_id), "FAILED"
+    try:
+        client.log_batch(run_id, params=[Param(key, str(value)) for key, value in flatten(params).items()])
+        if (workspace / PARAMS_FILE).is_file():
+            run.log_artifact(workspace / PARAMS_FILE)
+        yield run
+        status = "FINISHED"
+    finally:
+        client.set_terminated(run_id, status)
+        # Later stages find the parent by its tag, whatever its status.
+        client.set_terminated(parent_id, status)
+
+
+def _check_reachable(uri: str) -> None:
+    """Fail in seconds with one line, instead of MLflow retrying for minutes."""
+    problem = ""
+    for attempt in range(PROBE_TRIES):
+        if attempt:
+            time.sleep(PROBE_PAUSE_S)
+        try:
+            answer = requests.get(uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S)
+        except requests.RequestException as exc:
+            problem = type(exc).__name__
+            continue
+        if answer.status_code < 500:  # 401/404 still means a server is there
+            return
+        problem = f"HTTP {answer.status_code}"
+    raise TrackingError(f"MLflow tracking server {_redact(uri)} cannot be reached ({problem}); "
+                        "start it or set MLFLOW_TRACKING_URI")
+
+
+def _redact(uri: str) -> str:
+    """The URI without user:password, fit for an error message."""
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else "unknown error"
+
+
+def _run_tags(stage: str, workspace: Path, dataset_digest: str | None) -> dict[str, str]:
+    tags = {**_git_tags(workspace), "dvc.stage": os.environ.get("DVC_STAGE") or stage}
+    if exp_name := os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.exp_name"] = exp_name
+    if dataset_digest:
+        tags["dataset.digest"] = dataset_digest
+    return tags
+
+
+def _git_tags(workspace: Path) -> dict[str, str]:
+    commit = _git(workspace, "rev-parse", "HEAD")
+    status = _git(workspace, "status", "--porcelain")
+    return {"git.commit": commit.strip() if commit else "unknown",
+            "git.dirty": "unknown" if status is None else str(bool(status.strip())).lower()}
+
+
+def _git(workspace: Path, *args: str) -> str | None:
+    """stdout of a git command, or None outside a repository or without git."""
+    try:
+        done = subprocess.run(["git", *args], cwd=workspace, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=_artifact_location(uri))
+        except MlflowException:  # a concurrent stage (dvc queue -j N) created it first
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage != "active":
+        raise TrackingError(f"MLflow experiment {name!r} at {_redact(uri)} is deleted; restore it "
+                            "(mlflow experiments restore) or set tracking.experiment")
+    return experiment.experiment_id
+
+
+def _artifact_location(uri: str) -> str | None:
+    """Artifacts beside a SQLite DB; MLflow's default (./mlruns of the current directory) would
+    put them in a `dvc exp --queue` temporary workspace that is deleted afterwards."""
+    if not uri.startswith("sqlite:///"):
+        return None  # a server chooses its own artifact store
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
+
+
+def _parent_run(client: MlflowClient, experiment_id: str, tags: dict[str, str]) -> str:
+    """The parent run of this pipeline execution: found by its key tag, else created."""
+    key = pipeline_key()
+    since_ms = int((time.time() - PARENT_MAX_AGE_S) * 1000)
+    found = client.search_runs(
+        [experiment_id], f"tags.`{PARENT_KEY_TAG}` = '{key}' and attributes.start_time > {since_ms}",
+        max_results=1, order_by=["attributes.start_time DESC"])
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    exp_name = tags.get("dvc.exp_name")
+    parent_tags = {k: v for k, v in tags.items() if k in ("git.commit", "git.dirty", "dvc.exp_name")}
+    run = client.create_run(experiment_id, run_name=f"pipeline:{exp_name}" if exp_name else "pipeline",
+                            tags={**parent_tags, PARENT_KEY_TAG: key})
+    return run.info.run_id
