@@ -1,0 +1,36 @@
+"""Gradient and Hessian-vector product of one training step's cross-entropy, in one pass.
+
+Both implementations return `(g, H @ dv)` for the loss of step t at weights w:
+  - `double_backward`: reverse-over-reverse, one backward through the gradient with
+    grad_outputs=dv;
+  - `forward_over_reverse`: `torch.func.jvp` of `torch.func.grad`.
+They agree to rounding in float64 (tested); which is faster depends on model and device, so
+`bench/hvp.py` measures it and `HVP_METHODS[name]` picks one. The L2 part of the Hessian
+(c * dv) and its mixed derivative are added by the caller in closed form.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.func import grad, jvp
+
+from pipeline.hypergrad.problem import Problem
+
+HVP = Callable[[Problem, torch.Tensor, int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def double_backward(problem: Problem, w: torch.Tensor, t: int, dv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    w = w.detach().requires_grad_()
+    g = torch.autograd.grad(problem.train_loss(w, t), w, create_graph=True)[0]
+    hdv = torch.autograd.grad(g, w, grad_outputs=dv)[0]
+    return g.detach(), hdv
+
+
+def forward_over_reverse(problem: Problem, w: torch.Tensor, t: int, dv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = problem.batch(t)
+    g, hdv = jvp(grad(lambda u: problem.train_loss(u, t, batch)), (w.detach(),), (dv,))
+    return g, hdv
+
+
+HVP_METHODS: dict[str, HVP] = {"double_backward": double_backward, "forward_over_reverse": forward_over_reverse}

@@ -1,0 +1,124 @@
+"""Training paths that can be walked backwards: exact fixed-point SGD and plain float SGD.
+
+Both run classical momentum (DESIGN §3)
+
+    v_t = beta_t v_{t-1} - (1 - beta_t) g_t,    w_{t+1} = w_t + alpha_t v_t
+
+forwards, and then undo it one step at a time for the reverse pass:
+  - `ExactPath` keeps w and v as int64 fixed-point numbers (value = integer * 2^-radix_bits)
+    and every step is a bijection on integers: the updates are integer additions and the
+    multiplication by beta = n / 2^16 stores its remainder in a bits-back buffer. Reversal
+    is bit-exact, whatever T is.
+  - `FloatPath` undoes the float updates by division (v += (1-beta) g; v /= beta), which
+    loses log2(1/beta) bits per step: the inexact baseline of thesis fig. 3.6.
+"""
+from __future__ import annotations
+
+import torch
+
+from pipeline.hypergrad.bitsback import BitsBackBuffer
+from pipeline.hypergrad.problem import Problem
+
+
+class FixedPointOverflow(ArithmeticError):
+    """The trajectory left the range the fixed-point representation can hold exactly."""
+
+
+class FloatPath:
+    def __init__(self, problem: Problem, w: torch.Tensor, v: torch.Tensor):
+        self.problem, self._w, self._v = problem, w.clone(), v.clone()
+
+    @classmethod
+    def train(cls, problem: Problem, l2_coef: torch.Tensor) -> "FloatPath":
+        path = cls(problem, problem.w0, torch.zeros_like(problem.w0))
+        for t in range(problem.steps):
+            g = problem.train_grad(path._w, t) + l2_coef * path._w
+            beta = problem.beta[t].item()
+            path._v = beta * path._v - (1 - beta) * g
+            path._w = path._w + problem.alpha_at(t) * path._v
+        return path
+
+    def w(self) -> torch.Tensor:
+        return self._w
+
+    def v(self) -> torch.Tensor:
+        return self._v
+
+    def undo_position(self, t: int) -> None:
+        self._w = self._w - self.problem.alpha_at(t) * self._v
+
+    def undo_velocity(self, t: int, g: torch.Tensor) -> None:
+        beta = self.problem.beta[t].item()
+        self._v = (self._v + (1 - beta) * g) / beta
+
+
+class ExactPath:
+    """Fixed-point SGD: w = w_int * 2^-w_bits, v = v_int * 2^-v_bits.
+
+    Multiplying v by n / 2^16 exactly replaces its lowest 16 bits by bits from the buffer, an
+    error of up to 2^16 units per step: so v carries 16 more fractional bits than the precision
+    wanted (v_bits = 48: |v| < 8192 at 2^-32 per step; w_bits = 40: |w| < 2e6 at 1e-12)."""
+
+    # |x| < 2^61 leaves headroom for undoing beta (v * 2^16 / n, beta >= 0.5) within int64.
+    LIMIT = 2 ** 61
+
+    def __init__(self, problem: Problem, w_bits: int = 40, v_bits: int = 48):
+        self.problem, self.w_bits, self.v_bits = problem, w_bits, v_bits
+        self.w_scale, self.v_scale = 2.0 ** w_bits, 2.0 ** v_bits
+        self.w_int = self.to_fixed(problem.w0, w_bits, "initial weights")
+        self.v_int = torch.zeros_like(self.w_int)
+        self.buffer = BitsBackBuffer(problem.numel, problem.w0.device)
+        self._overflow = torch.zeros((), dtype=torch.bool, device=problem.w0.device)
+
+    def to_fixed(self, x: torch.Tensor, bits: int, what: str) -> torch.Tensor:
+        scaled = x.to(torch.float64) * 2.0 ** bits
+        if not bool(torch.isfinite(scaled).all()) or bool((scaled.abs() >= self.LIMIT).any()):
+            raise FixedPointOverflow(self._range_message(what))
+        return torch.round(scaled).to(torch.int64)
+
+    def _range_message(self, what: str) -> str:
+        return (f"{what} left the exact fixed-point range (|w| < {self.LIMIT / self.w_scale:.3g}, "
+                f"|v| < {self.LIMIT / self.v_scale:.3g}) or are not finite: clip the weights, "
+                f"or lower w_bits / v_bits")
+
+    def _flag(self, x: torch.Tensor) -> None:
+        # Accumulated on the device, checked once per step: nothing is multiplied or shifted
+        # up after an out-of-range value, so int64 never wraps into a wrong number.
+        self._overflow |= ~torch.isfinite(x).all() | (x.abs() >= self.LIMIT).any()
+
+    def _step_integer(self, t: int) -> torch.Tensor:
+        """round(alpha_t * v) on the weights' grid: the position update of step t."""
+        shift = 2.0 ** (self.w_bits - self.v_bits)
+        return torch.round(self.problem.alpha[t] * shift * self.v_int.to(torch.float64)).to(torch.int64)
+
+    def _gradient_integer(self, t: int, g: torch.Tensor) -> torch.Tensor:
+        """round((1 - beta_t) g) on the velocities' grid."""
+        scaled = (1 - self.problem.beta[t].item()) * g.to(torch.float64) * self.v_scale
+        self._flag(scaled)
+        return torch.round(torch.nan_to_num(scaled)).to(torch.int64)
+
+    @classmethod
+    def train(cls, problem: Problem, l2_coef: torch.Tensor, **bits: int) -> "ExactPath":
+        path = cls(problem, **bits)
+        for t in range(problem.steps):
+            w = path.w()
+            g = problem.train_grad(w, t) + l2_coef * w
+            path.v_int = path.buffer.multiply(path.v_int, problem.n[t]) - path._gradient_integer(t, g)
+            path._flag(path.v_int)
+            path.w_int = path.w_int + path._step_integer(t)
+            path._flag(path.w_int)
+            if bool(path._overflow):
+                raise FixedPointOverflow(path._range_message(f"weights or velocities at step {t}"))
+        return path
+
+    def w(self) -> torch.Tensor:
+        return (self.w_int.to(torch.float64) / self.w_scale).to(self.problem.dtype)
+
+    def v(self) -> torch.Tensor:
+        return (self.v_int.to(torch.float64) / self.v_scale).to(self.problem.dtype)
+
+    def undo_position(self, t: int) -> None:
+        self.w_int = self.w_int - self._step_integer(t)
+
+    def undo_velocity(self, t: int, g: torch.Tensor) -> None:
+        self.v_int = self.buffer.divide(self.v_int + self._gradient_integer(t, g), self.problem.n[t])

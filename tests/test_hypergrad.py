@@ -1,0 +1,169 @@
+"""Hypergradients against independent references (float64, CPU).
+
+`unrolled` is plain autograd through the stored training graph; finite differences probe
+the seeded training + validation loss. Both share the problem's rational momenta n / 2^16.
+"""
+import pytest
+import torch
+
+from pipeline.hyper import HyperSpace
+from pipeline.hypergrad import ExactPath, FixedPointOverflow, FloatPath, Problem, hypergradient, validation_loss
+from pipeline.hypergrad.hvp import double_backward, forward_over_reverse
+from pipeline.models import MLP, DenseNet
+
+F64 = torch.float64
+
+
+def make_problem(kind="mlp", steps=50, beta=0.9, alpha=0.3, seed=0, n=64, batch=16):
+    torch.manual_seed(seed)
+    if kind == "mlp":
+        model, shape = MLP((12, 10, 10, 4)).to(F64), (12,)
+    else:
+        model, shape = DenseNet(depth=7, growth_rate=4, init_maps=4, dropout=0.2, in_channels=1).to(F64), (1, 8, 8)
+    classes = 4 if kind == "mlp" else 10
+    x, vx = torch.randn(n, *shape, dtype=F64), torch.randn(32, *shape, dtype=F64)
+    y, vy = torch.randint(0, classes, (n,)), torch.randint(0, classes, (32,))
+    betas = beta if isinstance(beta, torch.Tensor) else torch.full((steps,), beta)
+    alphas = alpha if isinstance(alpha, torch.Tensor) else torch.full((steps,), alpha)
+    return Problem(model, x, y, vx, vy, alpha=alphas, beta=betas, batch_size=batch, seed=seed)
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def flat(d):
+    return torch.cat([v.reshape(-1) for v in d.values()])
+
+
+# -- exact reversal -----------------------------------------------------------------------------
+
+def undo_all(problem, path, coef):
+    for t in reversed(range(problem.steps)):
+        path.undo_position(t)
+        w = path.w()
+        path.undo_velocity(t, problem.train_grad(w, t) + coef * w)
+
+
+@pytest.mark.parametrize("beta", [0.5, 0.9, 0.95, 0.99, "schedule"])
+def test_reversal_recovers_w0_and_v_bit_for_bit_after_10000_steps(beta):
+    steps = 10_000
+    if beta == "schedule":
+        beta = torch.linspace(0.5, 0.99, steps)
+    torch.manual_seed(1)
+    problem = Problem(MLP((6, 5, 3)).to(F64), torch.randn(32, 6, dtype=F64), torch.randint(0, 3, (32,)),
+                      torch.randn(8, 6, dtype=F64), torch.randint(0, 3, (8,)),
+                      alpha=torch.full((steps,), 0.5), beta=beta if isinstance(beta, torch.Tensor)
+                      else torch.full((steps,), beta), batch_size=4, seed=0)
+    coef = problem.l2_coefficients(HyperSpace.l2(problem.model, -3.0, "parameter"))
+    path = ExactPath.train(problem, coef)
+    w0 = ExactPath(problem).w_int
+    start = ExactPath(problem).buffer
+    assert not torch.equal(path.w_int, w0)
+    undo_all(problem, path, coef)
+    assert torch.equal(path.w_int, w0)
+    assert torch.equal(path.v_int, torch.zeros_like(path.v_int))
+    assert torch.equal(path.buffer.x, start.x) and torch.equal(path.buffer.top, start.top)
+
+
+def test_float_reversal_drifts_where_exact_does_not():
+    """Thesis fig. 3.6: plain float reversal loses log2(1/beta) bits a step."""
+    drift = {}
+    for steps in (10, 400):
+        problem = make_problem(steps=steps, beta=0.9)
+        coef = problem.l2_coefficients(None)
+        path = FloatPath.train(problem, coef)
+        undo_all(problem, path, coef)
+        drift[steps] = rel(path.w(), problem.w0)
+    assert drift[10] < 1e-12
+    assert drift[400] > 1e3 * drift[10] and drift[400] > 1e-8, drift
+
+
+# -- exact vs unrolled ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["mlp", "densenet"])
+@pytest.mark.parametrize("sharing", ["parameter", "unit", "layer", "global"])
+def test_exact_matches_unrolled(kind, sharing):
+    steps = 50
+    alpha = 0.3 + 0.1 * torch.rand(steps, generator=torch.Generator().manual_seed(2))
+    beta = 0.85 + 0.1 * torch.rand(steps, generator=torch.Generator().manual_seed(3))
+    problem = make_problem(kind, steps, beta=beta, alpha=alpha)
+    l2 = HyperSpace.l2(problem.model, -2.0, sharing)
+    exact = hypergradient(problem, l2, "exact")
+    reference = hypergradient(problem, l2, "unrolled")
+    assert rel(flat(exact["log10_l2"]), flat(reference["log10_l2"])) <= 1e-6
+    for key in ("alpha", "beta", "w0"):  # per-step learning rates and momenta, and dL/dw_0
+        assert rel(exact[key], reference[key]) <= 1e-6, key
+    assert exact["val_loss"] == pytest.approx(reference["val_loss"], rel=1e-9)
+
+
+def test_float_method_matches_unrolled_to_rounding_for_short_runs():
+    problem = make_problem("mlp", steps=10)
+    l2 = HyperSpace.l2(problem.model, -2.0, "unit")
+    got, reference = hypergradient(problem, l2, "float"), hypergradient(problem, l2, "unrolled")
+    assert rel(flat(got["log10_l2"]), flat(reference["log10_l2"])) <= 1e-10
+
+
+def test_exact_matches_central_finite_differences():
+    problem = make_problem("mlp", steps=50)
+    l2 = HyperSpace.l2(problem.model, -1.5, "unit")
+    grad = hypergradient(problem, l2, "exact")["log10_l2"]
+    gen = torch.Generator().manual_seed(4)
+    eps = 1e-5  # ReLU kinks make the seeded loss piecewise smooth: keep the probe local
+    for _ in range(3):
+        direction = {k: torch.randn(v.shape, generator=gen, dtype=F64) for k, v in l2.values.items()}
+        shifted = []
+        for sign in (1, -1):
+            moved = l2.clone()
+            for k in moved.values:
+                moved.values[k] += sign * eps * direction[k]
+            shifted.append(validation_loss(problem, moved))
+        finite = (shifted[0] - shifted[1]) / (2 * eps)
+        analytic = sum((grad[k] * direction[k]).sum() for k in grad).item()
+        assert abs(finite - analytic) <= 1e-4 * abs(analytic), (finite, analytic)
+
+
+# -- Hessian-vector products ------------------------------------------------------------------
+
+def test_hvp_implementations_agree_and_match_differences_of_gradients():
+    problem = make_problem("densenet", steps=3)
+    w = problem.w0
+    dv = torch.randn(w.shape, generator=torch.Generator().manual_seed(5), dtype=F64)
+    g1, h1 = double_backward(problem, w, 2, dv)
+    g2, h2 = forward_over_reverse(problem, w, 2, dv)
+    assert rel(g2, g1) <= 1e-12 and rel(h2, h1) <= 1e-10
+    eps = 1e-6
+    finite = (problem.train_grad(w + eps * dv, 2) - problem.train_grad(w - eps * dv, 2)) / (2 * eps)
+    assert rel(h1, finite) <= 1e-6
+    assert torch.equal(g1, problem.train_grad(w, 2))  # the reverse pass recomputes g bit for bit
+
+
+def test_batchnorm_running_statistics_are_untouched():
+    torch.manual_seed(0)
+    model = DenseNet(depth=7, growth_rate=4, init_maps=4, in_channels=1).to(F64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    problem = make_problem("densenet", steps=5)
+    problem = Problem(model, problem.x, problem.y, problem.val_x, problem.val_y, problem.alpha,
+                      problem.beta, 16, 0)
+    hypergradient(problem, HyperSpace.l2(model, -3.0), "exact")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# -- overflow ---------------------------------------------------------------------------------
+
+def test_weights_past_the_fixed_point_range_raise():
+    problem = make_problem("mlp", steps=5)
+    problem.w0 = problem.w0 * 1e7
+    with pytest.raises(FixedPointOverflow, match="fixed-point range"):
+        hypergradient(problem, None, "exact")
+
+
+def test_a_diverging_run_raises_instead_of_wrapping():
+    problem = make_problem("mlp", steps=200, alpha=1e5)
+    with pytest.raises(FixedPointOverflow, match="step"):
+        hypergradient(problem, HyperSpace.l2(problem.model, 1.0), "exact")
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(ValueError, match="exact, float, unrolled"):
+        hypergradient(make_problem(steps=2), None, "magic")
