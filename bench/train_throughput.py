@@ -61,7 +61,7 @@ def measure(shape: tuple[int, int, int], batch: int, steps: int, device: torch.d
             "images_per_s": round(batch / total, 1),
             "step_ms": round(1000 * total, 2),
             "forward_backward_ms": round(1000 * core, 2),
-            "share_outside_forward_backward": round(1 - core / total, 4)  # may dip below 0 by noise}
+            "share_outside_forward_backward": round(1 - core / total, 4)}  # noise may dip it below 0
 
 
 @click.command(help=__doc__)
