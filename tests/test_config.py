@@ -28,7 +28,12 @@ def with_change(path: str, value):
     return raw
 
 
-DELETE = object()
+class _Delete:
+    def __repr__(self):
+        return "<deleted>"
+
+
+DELETE = _Delete()
 
 BAD = [  # (key path, bad value, words the message must contain)
     ("baseline.epochs", -3, ["baseline.epochs", ">= 1"]),

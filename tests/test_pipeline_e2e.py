@@ -46,9 +46,7 @@ def ran(output: str) -> set[str]:
     return {stage for stage in ("prepare", "baseline") if f"Running stage '{stage}'" in output}
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    repo = tmp_path_factory.mktemp("repo")
+def make_repo(repo: Path) -> Path:
     for item in ("pipeline", "stages", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
         src = ROOT / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item)
@@ -61,7 +59,8 @@ def repo(tmp_path_factory) -> Path:
     return repo
 
 
-def test_repro_runs_everything_then_nothing(repo):
+def test_repro_runs_what_changed_and_records_it(tmp_path):
+    repo = make_repo(tmp_path)
     assert ran(sh(repo, sys.executable, "-m", "stages.cli", "run")) == {"prepare", "baseline"}
     for out in ("data/prepared/train.pt", "data/prepared/meta.json", "models/baseline.pt",
                 "metrics/baseline.json", "plots/baseline/errors.csv"):
@@ -77,8 +76,7 @@ def test_repro_runs_everything_then_nothing(repo):
     epochs = db.execute("select count(*) from metrics where key = 'error/test'").fetchone()[0]
     assert epochs == TINY["baseline"]["epochs"]
 
-
-def test_changing_a_param_reruns_only_what_it_affects(repo):
+    # Changing one value reruns exactly the stages that depend on it.
     set_params(repo, {"baseline": {"epochs": 3}})
     assert ran(sh(repo, "dvc", "repro")) == {"baseline"}
     set_params(repo, {"data": {"val_size": 50}})

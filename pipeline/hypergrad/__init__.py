@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pipeline.hyper import HyperSpace
 from pipeline.hypergrad import unrolled
-from pipeline.hypergrad.hvp import HVP_METHODS
+from pipeline.hypergrad.hvp import HVP_METHODS, default_hvp
 from pipeline.hypergrad.paths import ExactPath, FixedPointOverflow, FloatPath
 from pipeline.hypergrad.problem import Problem
 from pipeline.hypergrad.reverse import reverse
@@ -23,7 +23,7 @@ __all__ = ["METHODS", "ExactPath", "FixedPointOverflow", "FloatPath", "Problem",
 
 
 def hypergradient(problem: Problem, l2: HyperSpace | None = None, method: str = "exact", *,
-                  hvp: str = "double_backward", record: bool = False, **bits: int) -> dict:
+                  hvp: str = "auto", record: bool = False, **bits: int) -> dict:
     if method == "unrolled":
         return unrolled.hypergradient(problem, l2)
     coef = problem.l2_coefficients(l2)
@@ -33,6 +33,7 @@ def hypergradient(problem: Problem, l2: HyperSpace | None = None, method: str = 
         path = FloatPath.train(problem, coef)
     else:
         raise ValueError(f"method must be one of {', '.join(METHODS)} (got {method!r})")
+    hvp = default_hvp(problem.x.device) if hvp == "auto" else hvp
     return reverse(problem, path, l2, HVP_METHODS[hvp], record=record)
 
 

@@ -35,22 +35,28 @@ class BitsBackBuffer:
 
     SEED_WORDS = 2  # a switch of n can read one word more than it spilled: never from an empty stack
 
-    def __init__(self, numel: int, device: torch.device | str = "cpu", chunk: int = 64):
+    START_BITS = WORD_BITS * SEED_WORDS + 31  # information at the start: seed words and x = 2^31
+    ROUNDING_BITS = 3e-5  # a pop loses at most log2(1 / (1 - n/x)) < 2.2e-5 bits to flooring
+
+    def __init__(self, numel: int, device: torch.device | str = "cpu"):
         self.n_prev = D // 2  # the state starts at L for n = 2^15: any first n is a valid switch
         self.x = torch.full((numel,), self.n_prev * D, dtype=torch.int64, device=device)
         self.top = torch.full((numel,), self.SEED_WORDS, dtype=torch.int64, device=device)
         self.stack = torch.zeros(numel, self.SEED_WORDS, dtype=torch.int16, device=device)
-        self.chunk = chunk
-        # Host-side bound on 16 * top + log2 x, so the stack grows without a device sync.
-        self.bits_bound = WORD_BITS * self.SEED_WORDS + math.log2(self.n_prev * D) + WORD_BITS
+        # Host-side bound on the information 16 * top + log2 x: the stack grows without a device sync.
+        self.bits_bound = float(self.START_BITS)
         self._history: list[tuple[int, float]] = []  # (n_prev, bits_bound) per step, for the reverse
 
     # -- the stack ---------------------------------------------------------------------------
-    def _reserve(self) -> None:
-        """Grow the stack before any element could overflow it (no device sync needed)."""
-        needed = math.ceil(self.bits_bound / WORD_BITS) + 1
-        if needed > self.stack.shape[1]:
-            grow = max(self.chunk, needed - self.stack.shape[1])
+    def _reserve(self, n: int) -> None:
+        """Grow the stack before any element could overflow it: after this step x >= n * 2^16,
+        so top <= (bits - log2(n * 2^16)) / 16; during it the spills before the read are in
+        flight (one word, more when n falls)."""
+        in_flight = 1 + max(0, math.ceil(math.log2(self.n_prev / n) / WORD_BITS))
+        needed = math.ceil((self.bits_bound - math.log2(n * D)) / WORD_BITS) + 1 + in_flight
+        width = self.stack.shape[1]
+        if needed > width:
+            grow = max(needed - width, 2, width // 50)  # few copies, under 2% slack
             pad = torch.zeros(self.stack.shape[0], grow, dtype=torch.int16, device=self.stack.device)
             self.stack = torch.cat([self.stack, pad], dim=1)
 
@@ -90,8 +96,8 @@ class BitsBackBuffer:
         """v * n / 2^16 rounded down, exactly invertible by `divide` (v: int64, any shape)."""
         shape, v = v.shape, v.reshape(-1)
         self._history.append((self.n_prev, self.bits_bound))
-        self.bits_bound += WORD_BITS - math.log2(n) + 1e-4  # + rounding slack of the pop
-        self._reserve()
+        self.bits_bound += WORD_BITS - math.log2(n) + self.ROUNDING_BITS
+        self._reserve(n)
         low = n * D
         r, v = v & MASK, v >> WORD_BITS
         self._spill_below(low, switch=n != self.n_prev)
@@ -119,10 +125,9 @@ class BitsBackBuffer:
 
     # -- accounting --------------------------------------------------------------------------
     def stored_bits(self) -> float:
-        """Mean information held per element: 16 * stack words + log2 of the state above its start."""
-        start = WORD_BITS * self.SEED_WORDS + math.log2(D // 2 * D)
-        return (WORD_BITS * self.top.double() + torch.log2(self.x.double())).mean().item() - start
+        """Mean information added per element: 16 * stack words + log2 x, less the start."""
+        return (WORD_BITS * self.top.double() + torch.log2(self.x.double())).mean().item() - self.START_BITS
 
     def allocated_bits(self) -> float:
-        """Memory the buffer occupies per element (stack matrix, state and top index)."""
+        """Memory the buffer occupies per element: the stack row, the state x and the top index."""
         return WORD_BITS * self.stack.shape[1] + 64 + 64

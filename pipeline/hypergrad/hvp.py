@@ -5,11 +5,14 @@ Both implementations return `(g, H @ dv)` for the loss of step t at weights w:
     grad_outputs=dv;
   - `forward_over_reverse`: `torch.func.jvp` of `torch.func.grad`.
 They agree to rounding in float64 (tested); which is faster depends on model and device, so
-`bench/hvp.py` measures it and `HVP_METHODS[name]` picks one. The L2 part of the Hessian
+`bench/hypergrad.py` measures it and records the winner per device type in hvp_choice.json,
+which `default_hvp` reads (double backward where nothing was measured). The L2 part of the Hessian
 (c * dv) and its mixed derivative are added by the caller in closed form.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -34,3 +37,10 @@ def forward_over_reverse(problem: Problem, w: torch.Tensor, t: int, dv: torch.Te
 
 
 HVP_METHODS: dict[str, HVP] = {"double_backward": double_backward, "forward_over_reverse": forward_over_reverse}
+
+CHOICE_FILE = Path(__file__).with_name("hvp_choice.json")
+
+
+def default_hvp(device: torch.device | str) -> str:
+    choice = json.loads(CHOICE_FILE.read_text()) if CHOICE_FILE.exists() else {}
+    return choice.get(torch.device(device).type, "double_backward")

@@ -1,0 +1,169 @@
+"""Hypergradient engine benchmarks (issue: exact reverse-mode hypergradients). Writes JSON.
+
+  buffer     bits per element per step of the bits-back buffer vs the minimum log2(d/n),
+             MNIST MLP 784-50-50-50-10, T = 20,000, beta 0.9 and 0.95 (goal <= 1.05x)
+  reverse    one exact reverse step / one float reverse step (goal <= 1.25), and one reverse
+             step / one forward step for the MLP and DenseNet-40 (goal <= 4 on GPU)
+  unrolled   exact vs unrolled at T = 2,000 on the MNIST MLP: peak memory (goal >= 10x less)
+             and time (goal <= 1.5x), each measured in a fresh process
+  hvp        double backward vs forward-over-reverse per model: the faster is recorded in
+             pipeline/hypergrad/hvp_choice.json for this device type
+
+    python bench/hypergrad.py [--device auto] [--quick]
+"""
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from pipeline import data
+from pipeline.config import DataConfig
+from pipeline.hyper import HyperSpace
+from pipeline.hypergrad import ExactPath, FloatPath, Problem, hypergradient
+from pipeline.hypergrad.bitsback import D
+from pipeline.hypergrad.hvp import CHOICE_FILE, HVP_METHODS, default_hvp
+from pipeline.hypergrad.reverse import reverse
+from pipeline.models import MLP, DenseNet
+from pipeline.training import make_deterministic, resolve_device
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def mnist_problem(steps: int, beta: float, device: torch.device, batch: int = 100) -> Problem:
+    with tempfile.TemporaryDirectory() as tmp:
+        data.prepare(DataConfig(source="mnist5k", val_size=1000, test_size=1000), tmp)
+        (x, y), (vx, vy) = data.load_split(tmp, "train", device), data.load_split(tmp, "val", device)
+    torch.manual_seed(0)
+    return Problem(MLP().to(device), x, y, vx[:500], vy[:500], alpha=torch.full((steps,), 0.5),
+                   beta=torch.full((steps,), beta), batch_size=batch, seed=0)
+
+
+def densenet_problem(steps: int, device: torch.device) -> Problem:
+    torch.manual_seed(0)
+    shape = (3, 32, 32) if device.type == "cuda" else (1, 8, 8)  # CIFAR-shaped where it is affordable
+    x, vx = torch.randn(64 * steps, *shape, device=device), torch.randn(64, *shape, device=device)
+    y, vy = torch.randint(0, 10, (64 * steps,), device=device), torch.randint(0, 10, (64,), device=device)
+    return Problem(DenseNet(in_channels=shape[0]).to(device), x, y, vx, vy, alpha=torch.full((steps,), 0.5),
+                   beta=torch.full((steps,), 0.9), batch_size=64, seed=0)
+
+
+def timed(fn, device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def bench_buffer(device: torch.device, steps: int) -> list[dict]:
+    out = []
+    for beta in (0.9, 0.95):
+        problem = mnist_problem(steps, beta, device)
+        path = ExactPath.train(problem, problem.l2_coefficients(None))
+        minimum = math.log2(D / problem.n[0])
+        buf = path.buffer
+        out.append({"beta": beta, "steps": steps, "params": problem.numel,
+                    "minimum_bits_per_step": round(minimum, 5),
+                    "stored_bits_per_step": round(buf.stored_bits() / steps, 5),
+                    "stored_over_minimum": round(buf.stored_bits() / steps / minimum, 4),
+                    "allocated_bits_per_step": round(buf.allocated_bits() / steps, 5),
+                    "allocated_over_minimum": round(buf.allocated_bits() / steps / minimum, 4)})
+    return out
+
+
+def bench_reverse(device: torch.device, problem: Problem, name: str) -> dict:
+    coef = problem.l2_coefficients(None)
+    forward = timed(lambda: ExactPath.train(problem, coef), device) / problem.steps
+    float_forward = timed(lambda: FloatPath.train(problem, coef), device) / problem.steps
+    hvp = HVP_METHODS[default_hvp(device)]
+    exact_path, float_path = ExactPath.train(problem, coef), FloatPath.train(problem, coef)
+    exact = timed(lambda: reverse(problem, exact_path, None, hvp), device) / problem.steps
+    plain = timed(lambda: reverse(problem, float_path, None, hvp), device) / problem.steps
+    return {"model": name, "steps": problem.steps, "params": problem.numel,
+            "exact_forward_step_ms": round(1e3 * forward, 3), "float_forward_step_ms": round(1e3 * float_forward, 3),
+            "exact_reverse_step_ms": round(1e3 * exact, 3), "float_reverse_step_ms": round(1e3 * plain, 3),
+            "exact_over_float_reverse": round(exact / plain, 3),
+            "reverse_over_forward": round(exact / forward, 3)}
+
+
+def _unrolled_child(method: str, steps: int, device: str, queue) -> None:
+    dev = torch.device(device)
+    problem = mnist_problem(steps, 0.9, dev)
+    l2 = HyperSpace.l2(problem.model, -4.0, "unit", dtype=problem.dtype, device=dev)
+    hypergradient(problem, l2, method)  # warm-up: lazy initialisation off the books
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds = timed(lambda: hypergradient(problem, l2, method), dev)
+    peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
+            else 1024 * (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base))
+    queue.put({"seconds": seconds, "peak_bytes": peak})
+
+
+def bench_unrolled(device: torch.device, steps: int) -> dict:
+    ctx = mp.get_context("spawn")
+    result = {"steps": steps}
+    for method in ("unrolled", "exact"):
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_unrolled_child, args=(method, steps, str(device), queue))
+        proc.start()
+        result[method] = queue.get()
+        proc.join()
+    result["memory_ratio_unrolled_over_exact"] = round(
+        result["unrolled"]["peak_bytes"] / max(result["exact"]["peak_bytes"], 1), 2)
+    result["time_ratio_exact_over_unrolled"] = round(result["exact"]["seconds"] / result["unrolled"]["seconds"], 3)
+    result["note"] = "CPU peak: growth of the process' max RSS over a warmed-up state (a lower bound for exact)"
+    return result
+
+
+def bench_hvp(device: torch.device, problem: Problem, name: str, repeats: int = 5) -> dict:
+    w, dv = problem.w0, torch.randn_like(problem.w0)
+    times = {}
+    for method, fn in HVP_METHODS.items():
+        fn(problem, w, 0, dv)
+        times[method] = statistics.median(timed(lambda: fn(problem, w, 0, dv), device) for _ in range(repeats))
+    return {"model": name, **{f"{k}_ms": round(1e3 * v, 3) for k, v in times.items()},
+            "fastest": min(times, key=times.get)}
+
+
+def record_choice(device: torch.device, method: str) -> None:
+    choice = json.loads(CHOICE_FILE.read_text()) if CHOICE_FILE.exists() else {}
+    CHOICE_FILE.write_text(json.dumps({**choice, device.type: method}, indent=2, sort_keys=True) + "\n")
+
+
+@click.command(help=__doc__)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--quick", is_flag=True, help="Shorter runs (smoke test of the script).")
+@click.option("--out", default="bench/results/hypergrad.json", show_default=True)
+def main(device: str, quick: bool, out: str) -> None:
+    make_deterministic()
+    dev = resolve_device(device)
+    scale = 10 if quick else 1
+    hvp = [bench_hvp(dev, mnist_problem(2, 0.9, dev), "mnist_mlp"), bench_hvp(dev, densenet_problem(2, dev), "densenet40")]
+    record_choice(dev, hvp[1]["fastest"])  # DenseNet-40: where the stages spend their time
+    results = {
+        "device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "hvp": hvp, "hvp_choice": json.loads(CHOICE_FILE.read_text()),
+        "buffer": bench_buffer(dev, 20_000 // scale),
+        "reverse": [bench_reverse(dev, mnist_problem(200 // scale, 0.9, dev), "mnist_mlp"),
+                    bench_reverse(dev, densenet_problem(4, dev), "densenet40")],
+        "unrolled_vs_exact": bench_unrolled(dev, 2_000 // scale),
+    }
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(results, indent=2) + "\n")
+    click.echo(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
