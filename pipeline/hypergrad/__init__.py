@@ -3,6 +3,8 @@
     hypergradient(problem, l2, method="exact")     # bit-exact reversal (fixed point + bits-back)
     hypergradient(problem, l2, method="float")     # float reversal, drifts (thesis fig. 3.6)
     hypergradient(problem, l2, method="unrolled")  # autograd through the stored graph (small T)
+    hypergradient(problem, l2, method="drmad")     # straight line w_T -> w_0 (S steps: heuristic)
+    hypergradient(problem, l2, method="drmad2")    # float reversal of the last K steps, then the line
     validation_loss(problem, l2)                   # train, then f(w_T): for finite differences
 
 Each returns {"log10_l2": {key: tensor}, "alpha": ..., "beta": ..., "w0": ..., "val_loss": ...}.
@@ -11,28 +13,39 @@ from __future__ import annotations
 
 from pipeline.hyper import HyperSpace
 from pipeline.hypergrad import unrolled
+from pipeline.hypergrad.drmad import Drmad2Path, drmad_path, heuristic_steps
 from pipeline.hypergrad.hvp import HVP_METHODS, default_hvp
 from pipeline.hypergrad.paths import ExactPath, FixedPointOverflow, FloatPath
 from pipeline.hypergrad.problem import Problem
 from pipeline.hypergrad.reverse import reverse
 
-METHODS = ("exact", "float", "unrolled")
+METHODS = ("exact", "float", "unrolled", "drmad", "drmad2")
 
 __all__ = ["METHODS", "ExactPath", "FixedPointOverflow", "FloatPath", "Problem", "hypergradient",
            "validation_loss"]
 
 
 def hypergradient(problem: Problem, l2: HyperSpace | None = None, method: str = "exact", *,
-                  hvp: str = "auto", record: bool = False, **bits: int) -> dict:
+                  hvp: str = "auto", record: bool = False, reverse_steps: int | None = None,
+                  multiplier: float = 1.0, step_map: str = "same", last: int = 100, **bits: int) -> dict:
+    """`reverse_steps`, `multiplier` and `step_map` set DrMAD's line (S = None: the heuristic
+    1 / (multiplier * gamma)); `last` is DrMAD2's K; `bits` the exact method's w_bits/v_bits."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)} (got {method!r})")
     if method == "unrolled":
         return unrolled.hypergradient(problem, l2)
     coef = problem.l2_coefficients(l2)
     if method == "exact":
         path = ExactPath.train(problem, coef, **bits)
-    elif method == "float":
-        path = FloatPath.train(problem, coef)
     else:
-        raise ValueError(f"method must be one of {', '.join(METHODS)} (got {method!r})")
+        path = FloatPath.train(problem, coef)
+    if method == "drmad":
+        path = drmad_path(problem, path, reverse_steps, multiplier, step_map)
+    elif method == "drmad2":
+        k = min(last, problem.steps)
+        head = problem.steps - k
+        line = 0 if head == 0 else reverse_steps or heuristic_steps(path.distances[:head], multiplier)
+        path = Drmad2Path(problem, path, k, line, step_map)
     hvp = default_hvp(problem.x.device) if hvp == "auto" else hvp
     return reverse(problem, path, l2, HVP_METHODS[hvp], record=record)
 

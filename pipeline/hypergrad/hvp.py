@@ -26,7 +26,9 @@ HVP = Callable[[Problem, torch.Tensor, int, torch.Tensor], tuple[torch.Tensor, t
 def double_backward(problem: Problem, w: torch.Tensor, t: int, dv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     w = w.detach().requires_grad_()
     g = torch.autograd.grad(problem.train_loss(w, t), w, create_graph=True)[0]
-    hdv = torch.autograd.grad(g, w, grad_outputs=dv)[0]
+    if not g.requires_grad:  # a loss linear in w: its Hessian is zero
+        return g.detach(), torch.zeros_like(dv)
+    hdv = torch.autograd.grad(g, w, grad_outputs=dv, materialize_grads=True)[0]
     return g.detach(), hdv
 
 

@@ -24,18 +24,34 @@ class FixedPointOverflow(ArithmeticError):
     """The trajectory left the range the fixed-point representation can hold exactly."""
 
 
-class FloatPath:
+class _ForwardStepsOneToOne:
+    """Exact and float paths undo every forward step: reverse step s is forward step s."""
+    problem: Problem
+
+    @property
+    def reverse_steps(self) -> int:
+        return self.problem.steps
+
+    def forward_step(self, s: int) -> int:
+        return s
+
+
+class FloatPath(_ForwardStepsOneToOne):
     def __init__(self, problem: Problem, w: torch.Tensor, v: torch.Tensor):
         self.problem, self._w, self._v = problem, w.clone(), v.clone()
 
     @classmethod
     def train(cls, problem: Problem, l2_coef: torch.Tensor) -> "FloatPath":
+        """Float SGD from w_0; records distances[t-1] = |w_t - w_0| (DrMAD's step heuristic)."""
         path = cls(problem, problem.w0, torch.zeros_like(problem.w0))
+        distances = []
         for t in range(problem.steps):
             g = problem.train_grad(path._w, t) + l2_coef * path._w
             beta = problem.beta[t].item()
             path._v = beta * path._v - (1 - beta) * g
             path._w = path._w + problem.alpha_at(t) * path._v
+            distances.append(torch.linalg.vector_norm(path._w - problem.w0))
+        path.distances = torch.stack(distances).double().cpu()
         return path
 
     def w(self) -> torch.Tensor:
@@ -52,7 +68,7 @@ class FloatPath:
         self._v = (self._v + (1 - beta) * g) / beta
 
 
-class ExactPath:
+class ExactPath(_ForwardStepsOneToOne):
     """Fixed-point SGD: w = w_int * 2^-w_bits, v = v_int * 2^-v_bits.
 
     Multiplying v by n / 2^16 exactly replaces its lowest 16 bits by bits from the buffer, an
@@ -84,7 +100,7 @@ class ExactPath:
     def _flag(self, x: torch.Tensor) -> None:
         # Accumulated on the device, checked once per step: nothing is multiplied or shifted
         # up after an out-of-range value, so int64 never wraps into a wrong number.
-        self._overflow |= ~torch.isfinite(x).all() | (x.abs() >= self.LIMIT).any()
+        self._overflow |= ~(x.abs() < self.LIMIT).all()  # NaN compares False: flagged too
 
     def _step_integer(self, t: int) -> torch.Tensor:
         """round(alpha_t * v) on the weights' grid: the position update of step t."""

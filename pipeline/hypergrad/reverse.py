@@ -1,5 +1,10 @@
 """The reverse-mode recursion of DESIGN §4, over any path that can be walked backwards.
 
+A path has `reverse_steps` steps; reverse step s uses the batch, masks, alpha and beta of
+forward step `forward_step(s)` (the identity for exact and float paths; DrMAD's straight line
+maps its S steps onto the T forward steps). Paths without velocities (DrMAD) give no
+alpha/beta hypergradients.
+
     dw = grad f(w_T);  dv = 0
     for t = T-1 .. 0:
         d alpha_t = dw . v_t
@@ -24,10 +29,12 @@ from pipeline.hypergrad.problem import LN10, Problem
 
 
 class ReversiblePath(Protocol):
+    reverse_steps: int
+    def forward_step(self, s: int) -> int: ...
     def w(self) -> torch.Tensor: ...
-    def v(self) -> torch.Tensor: ...
-    def undo_position(self, t: int) -> None: ...
-    def undo_velocity(self, t: int, g: torch.Tensor) -> None: ...
+    def v(self) -> torch.Tensor | None: ...
+    def undo_position(self, s: int) -> None: ...
+    def undo_velocity(self, s: int, g: torch.Tensor) -> None: ...
 
 
 def validation_gradient(problem: Problem, w: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -50,25 +57,31 @@ def reverse(problem: Problem, path: ReversiblePath, l2: HyperSpace | None, hvp: 
     d_alpha = torch.zeros(problem.alpha.shape, dtype=problem.dtype, device=dw.device)
     d_beta = torch.zeros(problem.steps, dtype=problem.dtype, device=dw.device)
     trace = {"step": [], "l2_norm": [], "dw_norm": []}
-    for t in reversed(range(problem.steps)):
+    has_velocity = path.v() is not None
+    for s in reversed(range(path.reverse_steps)):
+        t = path.forward_step(s)
         alpha, beta = problem.alpha_at(t), problem.beta[t].item()
-        v = path.v()
-        d_alpha[t] = dw * v if per_param_alpha else torch.dot(dw, v)
-        path.undo_position(t)
+        if has_velocity:
+            v = path.v()
+            d_alpha[t] += dw * v if per_param_alpha else torch.dot(dw, v)
+        path.undo_position(s)
         w = path.w()
         dv = dv + alpha * dw
         g, hdv = hvp(problem, w, t, dv)
         g = g + c * w
-        path.undo_velocity(t, g)
-        d_beta[t] = torch.dot(dv, path.v() + g)
+        path.undo_velocity(s, g)
+        if has_velocity:
+            d_beta[t] += torch.dot(dv, path.v() + g)
         dw = dw - (1 - beta) * (hdv + c * dv)
         d_l2 = d_l2 - (1 - beta) * LN10 * c * w * dv
         dv = beta * dv
         if record:
-            trace["step"].append(t)
+            trace["step"].append(s)
             trace["l2_norm"].append(d_l2.norm().item())
             trace["dw_norm"].append(dw.norm().item())
-    out = {"alpha": d_alpha, "beta": d_beta, "w0": dw, "v0": dv, "val_loss": val_loss}
+    out = {"w0": dw, "v0": dv, "val_loss": val_loss, "reverse_steps": path.reverse_steps}
+    if has_velocity:
+        out.update(alpha=d_alpha, beta=d_beta)
     if l2 is not None:
         out["log10_l2"] = problem.reduce_l2(l2, d_l2)
     if record:
