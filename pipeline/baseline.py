@@ -21,7 +21,8 @@ from pipeline import data, io, plots
 from pipeline.checkpoint import Checkpoint, fingerprint
 from pipeline.config import ModelConfig, Params, TrainConfig
 from pipeline.models import DenseNet
-from pipeline.training import INIT_STREAM, Trainer, derive_seed, evaluate, make_deterministic, resolve_device
+from pipeline.training import (INIT_STREAM, Trainer, derive_seed, epoch_metrics, finite_losses, make_deterministic,
+                               resolve_device, train_epoch)
 
 
 class Tracker(Protocol):
@@ -85,18 +86,12 @@ def run(params: Params, prepared: Path, paths: BaselinePaths, tracker: Tracker |
     epochs = tqdm(range(len(history), cfg.epochs), desc="baseline", unit="epoch", initial=len(history),
                   total=cfg.epochs, disable=not (sys.stderr.isatty() if progress is None else progress))
     for epoch in epochs:
-        t0 = time.perf_counter()
-        alpha = trainer.alpha(trainer.state.step)
-        train_loss, train_error = trainer.run_epoch()
-        row = {"epoch": epoch + 1, "alpha": alpha, "train_error": train_error, "train_loss": train_loss}
-        for split in ("val", "test"):
-            row[f"{split}_error"], row[f"{split}_loss"] = evaluate(model, *splits[split], cfg.eval_batch_size)
-        row["seconds"] = time.perf_counter() - t0
+        row = train_epoch(trainer, splits, epoch + 1)
         history.append(row)
         epochs.set_postfix(val=f"{row['val_error']:.3f}", test=f"{row['test_error']:.3f}")
         if tracker:
-            tracker.log_metrics(_epoch_metrics(row), step=row["epoch"])
-        if not all(math.isfinite(row[k]) for k in ("train_loss", "val_loss", "test_loss")):
+            tracker.log_metrics(epoch_metrics(row), step=row["epoch"])
+        if not finite_losses(row):
             outcome = "diverged"
             break
         checkpoint.save(trainer.state_dict())
@@ -106,13 +101,6 @@ def run(params: Params, prepared: Path, paths: BaselinePaths, tracker: Tracker |
     _write_outputs(paths, trainer, history, metrics, meta, tracker)
     checkpoint.clear()
     return metrics
-
-
-def _epoch_metrics(row: dict) -> dict[str, float]:
-    out = {"alpha": row["alpha"]}
-    for split in ("train", "val", "test"):
-        out[f"error/{split}"], out[f"loss/{split}"] = row[f"{split}_error"], row[f"{split}_loss"]
-    return out
 
 
 def _write_outputs(paths: BaselinePaths, trainer: Trainer, history: list[dict], metrics: dict,

@@ -91,6 +91,46 @@ class TrainConfig(Section):
     last_n: int = Field(default=5, ge=1)  # report the mean test error of the last n epochs
 
 
+class DrmadConfig(Section):
+    """Meta-iterations tuning per-parameter log10 L2 with DrMAD hypergradients (DESIGN §5-6)."""
+    inits: list[float] = Field(default_factory=lambda: [-4.0, -2.0, -7.0])  # one stage instance each
+    sharing: Literal["parameter", "unit", "layer", "global"] = "parameter"
+    bounds: list[float] = Field(default_factory=lambda: [-12.0, 0.0], min_length=2, max_length=2)
+    meta_iterations: int = Field(default=3, ge=1)
+    epochs_start: int = Field(default=1, ge=1)  # epochs of meta-iteration 0, then x growth up to cap
+    epochs_growth: float = Field(default=1.4, ge=1.0)
+    epochs_cap: int = Field(default=2, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    alpha: float = Field(default=1.0, gt=0.0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)  # classical: what DrMAD is derived for
+    schedule: ScheduleConfig = ScheduleConfig()
+    weight_clip: Optional[float] = Field(default=1000.0, gt=0.0)
+    hyper_step: float = Field(default=1 / 3, gt=0.0)  # log10 units per meta-iteration
+    hyper_momentum: float = Field(default=0.7, ge=0.0, lt=1.0)
+    method: Literal["drmad", "drmad2"] = "drmad"
+    reverse_steps: Optional[int] = Field(default=None, ge=1)  # None: S = 1 / (multiplier * gamma)
+    multiplier: float = Field(default=1.0, gt=0.0)
+    max_reverse_steps: int = Field(default=10_000, ge=1)  # a cap on the heuristic's S
+    step_map: Literal["same", "stride", "nearest"] = "same"
+    last: int = Field(default=100, ge=1)  # DrMAD2: float reversal of the last K steps
+    eval_batch_size: int = Field(default=500, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.bounds[0] >= self.bounds[1]:
+            raise ValueError(f"bounds: [low, high] with low < high, got {list(self.bounds)}")
+        if any(not self.bounds[0] <= i <= self.bounds[1] for i in self.inits):
+            raise ValueError(f"inits: every initial log10 L2 must lie within bounds {list(self.bounds)}")
+        if self.epochs_cap < self.epochs_start:
+            raise ValueError(f"epochs_cap: must be >= epochs_start ({self.epochs_start})")
+        return self
+
+    def train_config(self, epochs: int) -> TrainConfig:
+        return TrainConfig(epochs=epochs, batch_size=self.batch_size, alpha=self.alpha, momentum=self.momentum,
+                           nesterov=False, schedule=self.schedule, weight_clip=self.weight_clip,
+                           eval_batch_size=self.eval_batch_size)
+
+
 class TrackingConfig(Section):
     experiment: str = Field(default="gbhpo", min_length=1)
 
@@ -101,6 +141,7 @@ class Params(Section):
     data: DataConfig = DataConfig(test_size=360)
     model: ModelConfig = ModelConfig()
     baseline: TrainConfig = TrainConfig()
+    drmad: DrmadConfig = DrmadConfig()
     tracking: TrackingConfig = TrackingConfig()
 
 

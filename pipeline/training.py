@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -83,13 +84,12 @@ def l2_penalty(named_params: dict[str, torch.Tensor], log10_l2: float) -> torch.
 
 
 def step_sizes(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
-    """alpha_t of the step schedule: alpha times factor^(milestones passed)."""
-    edges = [math.floor(f * cfg.epochs) for f in cfg.schedule.milestones]
-    steps_per_epoch = total_steps // cfg.epochs
+    """alpha_t of the step schedule: alpha times factor^(milestones passed), a milestone being
+    a fraction of all steps (for whole epochs: the paper's "at 50% and 75% of the epochs")."""
+    edges = [math.floor(f * total_steps) for f in cfg.schedule.milestones]
 
     def alpha(step: int) -> float:
-        epoch = step // steps_per_epoch
-        return cfg.alpha * cfg.schedule.factor ** sum(epoch >= e for e in edges)
+        return cfg.alpha * cfg.schedule.factor ** sum(step >= e for e in edges)
 
     return alpha
 
@@ -105,11 +105,20 @@ class TrainState:
 class Trainer:
     """SGD on one model and one training split; `grad(step)` is the pure g_t of DESIGN §3."""
 
-    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, seed: int):
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, seed: int,
+                 l2_coefficients: dict[str, torch.Tensor] | None = None, track_distance: bool = False):
+        """`l2_coefficients`: per-parameter c with grad R = c * w (2 * 10^lambda, a HyperSpace's
+        values) replacing the scalar cfg.log10_l2. `track_distance`: record |w_t - w_0| per step
+        (DrMAD's reverse-step heuristic)."""
         self.model, self.x, self.y, self.cfg, self.seed = model, x, y, cfg, seed
         self.names = [n for n, _ in model.named_parameters()]
         self.params = [p for _, p in model.named_parameters()]
         self.regularised = [p for n, p in zip(self.names, self.params) if is_regularised(n)]
+        coefs = l2_coefficients or {}
+        self.l2_coefficients = [coefs[n].to(p) if n in coefs else torch.full_like(p, 2 * 10.0 ** cfg.log10_l2)
+                                for n, p in zip(self.names, self.params) if is_regularised(n)]
+        self.w0 = [p.detach().clone() for p in self.params] if track_distance else None
+        self.distances: list[torch.Tensor] = []
         self.batches = BatchSchedule(len(x), cfg.batch_size, seed)
         self.steps_per_epoch = self.batches.steps_per_epoch
         self.total_steps = cfg.epochs * self.steps_per_epoch
@@ -128,10 +137,10 @@ class Trainer:
     def grad(self, step: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         loss, wrong = self.loss(step)
         grads = list(torch.autograd.grad(loss, self.params))
-        # The L2 gradient in closed form: 2 * 10^l2 * w (cheaper than through autograd).
+        # The L2 gradient in closed form: c * w (cheaper than through autograd).
         with torch.no_grad():
             reg = [g for n, g in zip(self.names, grads) if is_regularised(n)]
-            torch._foreach_add_(reg, self.regularised, alpha=2 * 10.0 ** self.cfg.log10_l2)
+            torch._foreach_addcmul_(reg, self.regularised, self.l2_coefficients)
         return grads, loss.detach(), wrong
 
     @torch.no_grad()
@@ -147,6 +156,9 @@ class Trainer:
         if self.cfg.weight_clip is not None:
             torch._foreach_clamp_min_(self.params, -self.cfg.weight_clip)
             torch._foreach_clamp_max_(self.params, self.cfg.weight_clip)
+        if self.w0 is not None:
+            diffs = torch._foreach_sub(self.params, self.w0)
+            self.distances.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(diffs))))
 
     def run_epoch(self) -> tuple[float, float]:
         """Train one epoch; returns the running training loss and error over its batches
@@ -184,3 +196,27 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
         loss += F.cross_entropy(logits, y[i:i + batch_size], reduction="sum")
         wrong += (logits.argmax(1) != y[i:i + batch_size]).sum()
     return wrong.item() / len(x), loss.item() / len(x)
+
+
+def train_epoch(trainer: Trainer, splits: dict[str, tuple[torch.Tensor, torch.Tensor]], epoch: int) -> dict:
+    """One epoch, then val/test evaluation: the per-epoch row every stage records."""
+    start = time.perf_counter()
+    alpha = trainer.alpha(trainer.state.step)
+    train_loss, train_error = trainer.run_epoch()
+    row = {"epoch": epoch, "alpha": alpha, "train_error": train_error, "train_loss": train_loss}
+    for split in ("val", "test"):
+        row[f"{split}_error"], row[f"{split}_loss"] = evaluate(trainer.model, *splits[split], trainer.cfg.eval_batch_size)
+    row["seconds"] = time.perf_counter() - start
+    return row
+
+
+def finite_losses(row: dict) -> bool:
+    return all(math.isfinite(row[f"{split}_loss"]) for split in ("train", "val", "test"))
+
+
+def epoch_metrics(row: dict, prefix: str = "") -> dict[str, float]:
+    """MLflow keys shared by every stage: error/{split}, loss/{split}, alpha."""
+    out = {f"{prefix}alpha": row["alpha"]}
+    for split in ("train", "val", "test"):
+        out[f"{prefix}error/{split}"], out[f"{prefix}loss/{split}"] = row[f"{split}_error"], row[f"{split}_loss"]
+    return out

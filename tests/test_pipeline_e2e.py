@@ -14,7 +14,9 @@ TINY = {
     "data": {"val_size": 60, "test_size": 60, "train_size": 128},
     "model": {"depth": 7, "growth_rate": 4, "init_maps": 4},
     "baseline": {"epochs": 2, "batch_size": 32},
+    "drmad": {"inits": [-4.0], "meta_iterations": 1, "epochs_cap": 1, "batch_size": 32, "reverse_steps": 2},
 }
+STAGES = ("prepare", "baseline", "drmad@-4.0")
 pytestmark = pytest.mark.slow
 
 
@@ -43,7 +45,7 @@ def sh(repo: Path, *cmd: str) -> str:
 
 
 def ran(output: str) -> set[str]:
-    return {stage for stage in ("prepare", "baseline") if f"Running stage '{stage}'" in output}
+    return {stage for stage in STAGES if f"Running stage '{stage}'" in output}
 
 
 def make_repo(repo: Path) -> Path:
@@ -61,25 +63,30 @@ def make_repo(repo: Path) -> Path:
 
 def test_repro_runs_what_changed_and_records_it(tmp_path):
     repo = make_repo(tmp_path)
-    assert ran(sh(repo, sys.executable, "-m", "stages.cli", "run")) == {"prepare", "baseline"}
+    assert ran(sh(repo, sys.executable, "-m", "stages.cli", "run")) == set(STAGES)
     for out in ("data/prepared/train.pt", "data/prepared/meta.json", "models/baseline.pt",
-                "metrics/baseline.json", "plots/baseline/errors.csv"):
+                "metrics/baseline.json", "plots/baseline/errors.csv", "results/drmad/-4.0/hypers.pt",
+                "metrics/drmad_-4.0.json", "plots/drmad/-4.0/meta.csv", "plots/drmad/-4.0/layers.csv"):
         assert (repo / out).exists(), out
     assert ran(sh(repo, "dvc", "repro")) == set()
     assert "baseline.json" in sh(repo, "dvc", "metrics", "show")
 
     db = sqlite3.connect(repo / "mlflow.db")
     runs = dict(db.execute("select name, status from runs").fetchall())
-    assert runs["prepare"] == runs["baseline"] == "FINISHED"
+    assert runs["prepare"] == runs["baseline"] == runs["drmad:-4.0"] == "FINISHED"
     parents = db.execute("select count(*) from runs where name like 'pipeline%'").fetchone()[0]
-    assert parents == 1  # both stage runs grouped under one parent
-    epochs = db.execute("select count(*) from metrics where key = 'error/test'").fetchone()[0]
+    assert parents == 1  # all stage runs grouped under one parent
+    baseline_id = db.execute("select run_uuid from runs where name = 'baseline'").fetchone()[0]
+    epochs = db.execute("select count(*) from metrics where key = 'error/test' and run_uuid = ?",
+                        (baseline_id,)).fetchone()[0]
     assert epochs == TINY["baseline"]["epochs"]
+    layers = db.execute("select count(*) from metrics where key like 'hyper/log10_l2/%/mean'").fetchone()[0]
+    assert layers > 0  # per-layer hyperparameter summaries of the drmad run
 
     # Changing one value reruns exactly the stages that depend on it.
     set_params(repo, {"baseline": {"epochs": 3}})
     assert ran(sh(repo, "dvc", "repro")) == {"baseline"}
     set_params(repo, {"data": {"val_size": 50}})
-    assert ran(sh(repo, "dvc", "repro")) == {"prepare", "baseline"}
+    assert ran(sh(repo, "dvc", "repro")) == set(STAGES)
     sh(repo, "dvc", "plots", "show", "-o", "dvc_plots")
     assert (repo / "dvc_plots" / "index.html").exists()

@@ -1,0 +1,238 @@
+"""The `drmad` stage: meta-iterations tuning per-parameter log10 L2 of DenseNet with DrMAD.
+
+Every meta-iteration trains from the same w_0, batch order and dropout masks (the seed), with
+the current hyperparameters; DrMAD (or DrMAD2) gives the hypergradient of the validation loss;
+a sign step with momentum moves the hyperparameters (DESIGN §6). A non-finite loss, weight or
+hypergradient ends the run as the outcome `diverged` with the last finite hyperparameters
+kept; each completed meta-iteration is checkpointed, so an interrupted run resumes there and
+ends with the same numbers.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from pipeline import data, io, plots
+from pipeline.baseline import Tracker, build_densenet
+from pipeline.checkpoint import Checkpoint, fingerprint
+from pipeline.config import ConfigError, Params
+from pipeline.hyper import HyperSpace
+from pipeline.hypergrad import FloatPath, Problem
+from pipeline.hypergrad.drmad import Drmad2Path, LinePath, heuristic_steps, step_map
+from pipeline.hypergrad.hvp import HVP_METHODS, default_hvp
+from pipeline.hypergrad.reverse import reverse
+from pipeline.meta import epochs_at, layer_summary, sign_step, zero_momentum
+from pipeline.training import (Trainer, epoch_metrics, finite_losses, make_deterministic, resolve_device,
+                               train_epoch)
+
+
+@dataclass(frozen=True)
+class DrmadPaths:
+    hypers: Path
+    metrics: Path
+    meta_csv: Path
+    epochs_csv: Path
+    layers_csv: Path
+    checkpoint: Path
+
+    @classmethod
+    def for_init(cls, tag: str, root: Path = Path(".")) -> "DrmadPaths":
+        """Paths of the instance whose initial log10 L2 is written `tag` (as in params.yaml)."""
+        return cls(root / f"results/drmad/{tag}/hypers.pt", root / f"metrics/drmad_{tag}.json",
+                   root / f"plots/drmad/{tag}/meta.csv", root / f"plots/drmad/{tag}/epochs.csv",
+                   root / f"plots/drmad/{tag}/layers.csv", root / f"checkpoints/drmad_{tag}.pt")
+
+
+def parse_init(text: str, cfg) -> float:
+    """The --init value: a number within drmad.bounds (any of drmad.inits, or another to try)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"--init: a number such as -4.0 (got {text!r})") from None
+    low, high = cfg.bounds
+    if not low <= value <= high:
+        raise ConfigError(f"--init: must lie within drmad.bounds [{low}, {high}] (got {value})")
+    return value
+
+
+def flat(tensors) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def reverse_path(params: Params, problem: Problem, trainer: Trainer, distances: torch.Tensor):
+    """DrMAD's line from w_0 to w_T, or DrMAD2's float reversal of the last K steps first."""
+    cfg = params.drmad
+    w_T, v_T = flat(trainer.params), flat(trainer.state.velocity)
+
+    def line_steps(d: torch.Tensor) -> int:
+        return cfg.reverse_steps or min(heuristic_steps(d, cfg.multiplier), cfg.max_reverse_steps)
+
+    if cfg.method == "drmad":
+        s = line_steps(distances)
+        return LinePath(problem.w0, w_T, s, step_map(cfg.step_map, s, problem.steps, distances))
+    k = min(cfg.last, problem.steps)
+    head = problem.steps - k
+    float_path = FloatPath(problem, w_T, v_T)
+    float_path.distances = distances
+    return Drmad2Path(problem, float_path, k, line_steps(distances[:head]) if head else 0, cfg.step_map)
+
+
+def finite(*tensors: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+class Run:
+    """State of one initialisation's meta-iterations (what a checkpoint holds)."""
+
+    def __init__(self, hypers: HyperSpace):
+        self.hypers, self.momentum = hypers, zero_momentum(hypers)
+        self.iteration, self.outcome = 0, "finished"
+        self.meta_rows: list[dict] = []
+        self.epoch_rows: list[dict] = []
+        self.layer_rows: list[dict] = []
+
+    def state(self) -> dict:
+        return {"values": self.hypers.values, "momentum": self.momentum, "iteration": self.iteration,
+                "outcome": self.outcome, "meta": self.meta_rows, "epochs": self.epoch_rows,
+                "layers": self.layer_rows}
+
+    def restore(self, state: dict) -> None:
+        for key, value in state["values"].items():
+            self.hypers.values[key].copy_(value)
+            self.momentum[key].copy_(state["momentum"][key])
+        self.iteration, self.outcome = state["iteration"], state["outcome"]
+        self.meta_rows, self.epoch_rows, self.layer_rows = state["meta"], state["epochs"], state["layers"]
+
+
+def meta_iteration(params: Params, run: Run, splits: dict, meta: dict, device: torch.device,
+                   tracker: Tracker | None) -> bool:
+    """Train, take the DrMAD hypergradient, step the hyperparameters. False when it diverged."""
+    cfg, i = params.drmad, run.iteration
+    start = time.perf_counter()
+    model = build_densenet(params.model, meta, params.seed).to(device)
+    w0 = flat(model.parameters())
+    coefs = {n: 2 * run.hypers.value(n) for n in run.hypers.shapes}
+    trainer = Trainer(model, *splits["train"], cfg.train_config(epochs_at(i, cfg.epochs_start, cfg.epochs_growth,
+                      cfg.epochs_cap)), params.seed, coefs, track_distance=True)
+    # The hyperparameters this meta-iteration trains with, per layer (thesis fig. 3.10).
+    run.layer_rows += [{"meta_iteration": i, "layer": n, **s} for n, s in layer_summary(run.hypers).items()]
+    row = {}
+    for epoch in range(trainer.cfg.epochs):
+        row = train_epoch(trainer, splits, epoch + 1)
+        run.epoch_rows.append({"meta_iteration": i, **row})
+        if tracker:
+            tracker.log_metrics(epoch_metrics(row), step=len(run.epoch_rows))
+        if not finite_losses(row):
+            return False
+    forward_seconds = time.perf_counter() - start
+
+    problem = Problem(model, *splits["train"], *splits["val"],
+                      alpha=torch.tensor([trainer.alpha(t) for t in range(trainer.total_steps)]),
+                      beta=torch.full((trainer.total_steps,), cfg.momentum), batch_size=cfg.batch_size,
+                      seed=params.seed, w0=w0)
+    distances = torch.stack(trainer.distances).double().cpu()
+    path = reverse_path(params, problem, trainer, distances)
+    if not finite(flat(trainer.params), distances):
+        return False
+    grads = reverse(problem, path, run.hypers, HVP_METHODS[default_hvp(device)])
+    grad = grads["log10_l2"]
+    if not finite(*grad.values()):
+        return False
+    sign_step(run.hypers, grad, run.momentum, cfg.hyper_step, cfg.hyper_momentum)
+
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grad.values())).item()
+    seconds = time.perf_counter() - start
+    run.meta_rows.append({"meta_iteration": i, "epochs": trainer.cfg.epochs, "steps": trainer.total_steps,
+                          "reverse_steps": path.reverse_steps, "train_error": row["train_error"],
+                          "val_error": row["val_error"], "test_error": row["test_error"],
+                          "val_loss": grads["val_loss"], "hypergrad_norm": norm, "seconds": seconds,
+                          "forward_seconds": forward_seconds, "reverse_seconds": seconds - forward_seconds})
+    if tracker:
+        _log_meta_iteration(tracker, run, i)
+    return True
+
+
+def _log_meta_iteration(tracker: Tracker, run: Run, i: int) -> None:
+    last = run.meta_rows[-1]
+    metrics = {f"meta/error/{s}": last[f"{s}_error"] for s in ("train", "val", "test")}
+    metrics.update({"hypergrad/norm": last["hypergrad_norm"], "drmad/reverse_steps": last["reverse_steps"],
+                    "meta/seconds": last["seconds"]})
+    for row in (r for r in run.layer_rows if r["meta_iteration"] == i):
+        metrics[f"hyper/log10_l2/{row['layer']}/mean"] = row["mean"]
+        metrics[f"hyper/log10_l2/{row['layer']}/std"] = row["std"]
+    tracker.log_metrics(metrics, step=i)
+    values = torch.cat([run.hypers.log_value(n).reshape(-1).float().cpu() for n in run.hypers.shapes])
+    tracker.log_figure(plots.histogram(values, f"log10 L2 after meta-iteration {i}", "log10 L2"),
+                       f"histograms/log10_l2_meta{i:02d}.png")
+
+
+def run(params: Params, prepared: Path, init: float, paths: DrmadPaths, tracker: Tracker | None = None,
+        progress: bool | None = None) -> dict:
+    make_deterministic()
+    device = resolve_device(params.device)
+    cfg = params.drmad
+    meta = data.load_meta(prepared)
+    splits = {s: data.load_split(prepared, s, device) for s in ("train", "val", "test")}
+    template = build_densenet(params.model, meta, params.seed)
+    state = Run(HyperSpace.l2(template, init, cfg.sharing, bounds=tuple(cfg.bounds), device=device))
+
+    checkpoint = Checkpoint(paths.checkpoint, fingerprint(init, params.seed, params.model.model_dump(),
+                                                          cfg.model_dump(), meta["digest"]))
+    if (saved := checkpoint.load(device)) is not None:
+        state.restore(saved)
+    bar = tqdm(range(state.iteration, cfg.meta_iterations), desc=f"drmad {init:g}", unit="meta-it",
+               initial=state.iteration, total=cfg.meta_iterations,
+               disable=not (sys.stderr.isatty() if progress is None else progress))
+    for _ in bar:
+        if state.outcome == "diverged":
+            break
+        if not meta_iteration(params, state, splits, meta, device, tracker):
+            state.outcome = "diverged"  # the hyperparameters keep their last finite values
+        else:
+            state.iteration += 1
+            bar.set_postfix(test=f"{state.meta_rows[-1]['test_error']:.3f}")
+        checkpoint.save(state.state())
+        if tracker and state.outcome == "diverged":
+            tracker.set_tag("outcome", "diverged")
+
+    metrics = summarise(state, init)
+    _write_outputs(paths, state, metrics, tracker)
+    checkpoint.clear()
+    return metrics
+
+
+def summarise(run: Run, init: float) -> dict:
+    rows = run.meta_rows
+    forward = sum(r["forward_seconds"] for r in rows)
+    return {
+        "init_log10_l2": init, "outcome": run.outcome, "meta_iterations_completed": len(rows),
+        "final_test_error": rows[-1]["test_error"] if rows else None,
+        "final_val_error": rows[-1]["val_error"] if rows else None,
+        "best_val_error": min((r["val_error"] for r in rows), default=None),
+        "reverse_steps": [r["reverse_steps"] for r in rows],
+        "seconds_per_meta_iteration": round(sum(r["seconds"] for r in rows) / len(rows), 3) if rows else None,
+        "reverse_over_forward_time": round(sum(r["reverse_seconds"] for r in rows) / forward, 3) if rows else None,
+    }
+
+
+def _write_outputs(paths: DrmadPaths, run: Run, metrics: dict, tracker: Tracker | None) -> None:
+    io.save_torch(paths.hypers, {"values": {k: v.cpu() for k, v in run.hypers.values.items()},
+                                 "sharing": run.hypers.sharing, "kind": run.hypers.kind})
+    for path, rows in ((paths.meta_csv, run.meta_rows), (paths.epochs_csv, run.epoch_rows),
+                       (paths.layers_csv, run.layer_rows)):
+        with io.atomic_path(path) as tmp:
+            pd.DataFrame(rows).to_csv(tmp, index=False)
+    io.write_json(paths.metrics, metrics)
+    if tracker:
+        tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None})
+        for path in (paths.hypers, paths.metrics, paths.meta_csv, paths.epochs_csv, paths.layers_csv):
+            tracker.log_artifact(path)
+        if run.meta_rows:
+            tracker.log_figure(plots.meta_curves(pd.DataFrame(run.meta_rows), "DrMAD meta-iterations"),
+                               "drmad_errors.png")

@@ -1,0 +1,32 @@
+"""DVC stage `drmad`: meta-iterations tuning per-parameter log10 L2 with DrMAD, one initialisation."""
+from pathlib import Path
+
+import click
+
+from pipeline import data, drmad_tuning
+from pipeline.config import load_params
+from pipeline.tracking import stage_run
+from stages.common import params_option, user_errors_exit_2
+
+
+@click.command(help="Run `drmad.meta_iterations` meta-iterations from the initial log10 L2 INIT (one of "
+                    "`drmad.inits`): train DenseNet, DrMAD hypergradient, sign step. Writes "
+                    "results/drmad/INIT/hypers.pt, metrics/drmad_INIT.json and plots/drmad/INIT/*.csv; "
+                    "resumes after an interruption; a NaN ends the run as outcome `diverged` (exit 0).")
+@params_option
+@click.option("--init", "init", required=True, help="Initial log10 L2 as written in drmad.inits, e.g. --init=-4.0 "
+              "(it also names the output folders).")
+@click.option("--prepared", default="data/prepared", show_default=True, type=click.Path(file_okay=False))
+@user_errors_exit_2
+def main(params_file: str, init: str, prepared: str) -> None:
+    params = load_params(params_file)
+    value = drmad_tuning.parse_init(init, params.drmad)
+    meta = data.load_meta(Path(prepared))
+    with stage_run("drmad", params, variant=init, dataset_digest=meta["digest"]) as run:
+        metrics = drmad_tuning.run(params, Path(prepared), value, drmad_tuning.DrmadPaths.for_init(init), tracker=run)
+    click.echo(f"drmad {init} {metrics['outcome']}: test error {metrics['final_test_error']} after "
+               f"{metrics['meta_iterations_completed']} meta-iterations")
+
+
+if __name__ == "__main__":
+    main()

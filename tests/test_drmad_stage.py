@@ -1,0 +1,105 @@
+"""The drmad stage: sign steps, divergence as an outcome, and resume after SIGKILL."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pipeline import data, drmad_tuning
+from pipeline.config import parse_params
+from pipeline.hyper import HyperSpace
+from pipeline.meta import epochs_at, sign_step, zero_momentum
+from pipeline.models import DenseNet
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"device": "cpu", "data": {"val_size": 60, "test_size": 60, "train_size": 96},
+        "model": {"depth": 7, "growth_rate": 4, "init_maps": 4},
+        "drmad": {"inits": [-4.0], "meta_iterations": 3, "epochs_start": 1, "epochs_cap": 2,
+                  "batch_size": 32, "reverse_steps": 3}}
+
+
+def test_sign_step_moves_each_hyperparameter_by_exactly_the_step():
+    space = HyperSpace.l2(DenseNet(depth=7, growth_rate=4, init_maps=4, in_channels=1), -4.0, "unit",
+                          bounds=(-12.0, 0.0))
+    before = {k: v.clone() for k, v in space.values.items()}
+    grads = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(0), dtype=v.dtype)
+             for k, v in space.values.items()}
+    first = next(iter(grads))
+    grads[first][0] = 0.0
+    sign_step(space, grads, zero_momentum(space), step=0.25, mu=0.0)
+    for key, value in space.values.items():
+        moved = value - before[key]
+        assert torch.equal(moved, -0.25 * torch.sign(grads[key]))
+    assert space.values[first][0] == before[first][0]
+
+
+def test_sign_step_momentum_and_bounds():
+    space = HyperSpace.create({"w": (3,)}, "log10_l2", -1.0, "parameter", bounds=(-2.0, 0.0))
+    momentum = zero_momentum(space)
+    grads = {"w": torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64)}
+    sign_step(space, grads, momentum, step=0.5, mu=0.5)
+    sign_step(space, grads, momentum, step=0.5, mu=0.5)  # moves 0.5, then 0.75
+    assert space.values["w"].tolist() == [-2.0, 0.0, -1.0]  # -2.25 and 0.25 clipped
+
+
+def test_epochs_grow_to_the_cap():
+    assert [epochs_at(i, 100, 1.4, 300) for i in range(5)] == [100, 140, 196, 274, 300]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared")
+    data.prepare(parse_params(TINY).data, out)
+    return out
+
+
+def test_nan_is_an_outcome_and_the_last_finite_hyperparameters_are_kept(prepared, tmp_path):
+    params = parse_params({**TINY, "drmad": {**TINY["drmad"], "alpha": 1e30}})
+    paths = drmad_tuning.DrmadPaths.for_init("-4.0", tmp_path)
+    metrics = drmad_tuning.run(params, prepared, -4.0, paths)
+    assert metrics["outcome"] == "diverged" and metrics["meta_iterations_completed"] == 0
+    assert json.loads(paths.metrics.read_text())["outcome"] == "diverged"
+    values = torch.load(paths.hypers, weights_only=False)["values"]
+    assert all(torch.all(v == -4.0) for v in values.values())
+    assert not paths.checkpoint.exists()
+
+
+def stage_env(tmp_path: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "PIPELINE_"))}
+    env.update(PYTHONPATH=str(ROOT), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
+    return env
+
+
+def test_sigkill_then_rerun_resumes_to_the_uninterrupted_result(prepared, tmp_path):
+    params = parse_params(TINY)
+    expected = drmad_tuning.run(params, prepared, -4.0, drmad_tuning.DrmadPaths.for_init("-4.0", tmp_path / "straight"))
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "params.yaml").write_text(yaml.safe_dump(TINY))
+    shutil.copytree(prepared, work / "data" / "prepared")
+    paths = drmad_tuning.DrmadPaths.for_init("-4.0", work)
+    cmd = [sys.executable, "-m", "stages.drmad", "--init=-4.0"]
+    proc = subprocess.Popen(cmd, cwd=work, env=stage_env(tmp_path), stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not paths.checkpoint.exists():  # the first meta-iteration is done and saved
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not paths.metrics.exists()
+    saved = torch.load(paths.checkpoint, weights_only=False)["state"]
+    assert 1 <= saved["iteration"] < 3
+    subprocess.run(cmd, cwd=work, env=stage_env(tmp_path), check=True, capture_output=True)
+    got = json.loads(paths.metrics.read_text())
+    assert {k: v for k, v in got.items() if "seconds" not in k and "time" not in k} == \
+           {k: v for k, v in expected.items() if "seconds" not in k and "time" not in k}
+    theirs = torch.load(tmp_path / "straight/results/drmad/-4.0/hypers.pt", weights_only=False)["values"]
+    ours = torch.load(paths.hypers, weights_only=False)["values"]
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
