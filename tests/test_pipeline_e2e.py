@@ -48,14 +48,16 @@ def ran(output: str) -> set[str]:
     return {stage for stage in STAGES if f"Running stage '{stage}'" in output}
 
 
-def make_repo(repo: Path) -> Path:
+def make_repo(repo: Path, params: dict = TINY) -> Path:
+    """A git + DVC repository holding the project with `params` applied to params.yaml."""
+    repo.mkdir(parents=True, exist_ok=True)
     for item in ("pipeline", "stages", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
         src = ROOT / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item)
     sh(repo, "git", "init", "-q")
     sh(repo, "dvc", "init", "-q")
     sh(repo, "dvc", "config", "core.analytics", "false")
-    set_params(repo, TINY)
+    set_params(repo, params)
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "tiny pipeline")
     return repo
