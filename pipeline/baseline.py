@@ -50,6 +50,14 @@ def build_densenet(cfg: ModelConfig, meta: dict, seed: int) -> DenseNet:
                         in_channels=meta["channels"], num_classes=meta["num_classes"])
 
 
+def load_prepared(params: Params, prepared: Path) -> tuple[torch.device, dict, dict]:
+    """Deterministic mode on, the device, the dataset's meta and its splits on that device."""
+    make_deterministic()
+    device = resolve_device(params.device)
+    splits = {s: data.load_split(prepared, s, device) for s in ("train", "val", "test")}
+    return device, data.load_meta(prepared), splits
+
+
 def summarise(history: list[dict], cfg: TrainConfig, outcome: str, seconds: float, images: int) -> dict:
     """The numbers metrics/baseline.json reports (the thesis reports final and mean of last few)."""
     finite = [h for h in history if math.isfinite(h["test_error"])]
@@ -69,11 +77,8 @@ def summarise(history: list[dict], cfg: TrainConfig, outcome: str, seconds: floa
 
 def run(params: Params, prepared: Path, paths: BaselinePaths, tracker: Tracker | None = None,
         progress: bool | None = None) -> dict:
-    make_deterministic()
-    device = resolve_device(params.device)
+    device, meta, splits = load_prepared(params, prepared)
     cfg = params.baseline
-    meta = data.load_meta(prepared)
-    splits = {s: data.load_split(prepared, s, device) for s in ("train", "val", "test")}
     model = build_densenet(params.model, meta, params.seed).to(device)
     trainer = Trainer(model, *splits["train"], cfg, params.seed)
 

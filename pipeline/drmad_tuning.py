@@ -18,8 +18,8 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from pipeline import data, io, plots
-from pipeline.baseline import Tracker, build_densenet
+from pipeline import io, plots
+from pipeline.baseline import Tracker, build_densenet, load_prepared
 from pipeline.checkpoint import Checkpoint, fingerprint
 from pipeline.config import ConfigError, Params
 from pipeline.hyper import HyperSpace
@@ -28,8 +28,7 @@ from pipeline.hypergrad.drmad import Drmad2Path, LinePath, heuristic_steps, step
 from pipeline.hypergrad.hvp import HVP_METHODS, default_hvp
 from pipeline.hypergrad.reverse import reverse
 from pipeline.meta import epochs_at, layer_summary, sign_step, zero_momentum
-from pipeline.training import (Trainer, epoch_metrics, finite_losses, make_deterministic, resolve_device,
-                               train_epoch)
+from pipeline.training import Trainer, epoch_metrics, finite_losses, train_epoch
 
 
 @dataclass(frozen=True)
@@ -174,11 +173,8 @@ def _log_meta_iteration(tracker: Tracker, run: Run, i: int) -> None:
 
 def run(params: Params, prepared: Path, init: float, paths: DrmadPaths, tracker: Tracker | None = None,
         progress: bool | None = None) -> dict:
-    make_deterministic()
-    device = resolve_device(params.device)
+    device, meta, splits = load_prepared(params, prepared)
     cfg = params.drmad
-    meta = data.load_meta(prepared)
-    splits = {s: data.load_split(prepared, s, device) for s in ("train", "val", "test")}
     template = build_densenet(params.model, meta, params.seed)
     state = Run(HyperSpace.l2(template, init, cfg.sharing, bounds=tuple(cfg.bounds), device=device))
 
