@@ -9,6 +9,7 @@ import torch
 from pipeline.hyper import HyperSpace
 from pipeline.hypergrad import ExactPath, FixedPointOverflow, FloatPath, Problem, hypergradient, validation_loss
 from pipeline.hypergrad.hvp import double_backward, forward_over_reverse
+from pipeline.hypergrad.reverse import reversal_drift
 from pipeline.models import MLP, DenseNet
 
 F64 = torch.float64
@@ -77,6 +78,30 @@ def test_float_reversal_drifts_where_exact_does_not():
         drift[steps] = rel(path.w(), problem.w0)
     assert drift[10] < 1e-12
     assert drift[400] > 1e3 * drift[10] and drift[400] > 1e-8, drift
+
+
+def test_reversal_drift_records_fig_3_6_distances():
+    problem = make_problem(steps=300, beta=0.9)
+    l2 = HyperSpace.l2(problem.model, -2.0, "unit")
+    exact = ExactPath.train(problem, problem.l2_coefficients(l2))
+    plain = FloatPath(problem, exact.w(), exact.v())  # the same endpoint, undone in floats
+    drift = reversal_drift(problem, exact, plain, l2, double_backward)
+    assert drift["step"][0] == 299 and drift["step"][-1] == 0
+    assert drift["w"][0] < 1e-10  # one float step back: apart only by the fixed-point grid
+    assert drift["cos_d_l2"][10] > 0.999999
+    assert drift["w"][-1] > 1.0 and drift["cos_d_l2"][-1] < 0.9  # |w_0| ~ 3: float reversal is lost
+    assert all(len(v) == 300 for v in drift.values())
+    assert torch.equal(exact.w_int, ExactPath(problem).w_int)  # exact made it back to w_0
+
+
+def test_record_traces_norms_per_reverse_step():
+    problem = make_problem(steps=20)
+    got = hypergradient(problem, HyperSpace.l2(problem.model, -2.0, "parameter"), "exact", record=True)
+    trace = got["trace"]
+    assert trace["step"] == list(range(19, -1, -1))
+    final = torch.cat([g.reshape(-1) for g in got["log10_l2"].values()]).norm().item()
+    assert trace["l2_norm"][-1] == pytest.approx(final, rel=1e-12)  # per-weight sharing: the same norm
+    assert trace["dw_norm"][-1] == pytest.approx(got["w0"].norm().item(), rel=1e-12)
 
 
 # -- exact vs unrolled ----------------------------------------------------------------------------
