@@ -3,11 +3,14 @@
 `unrolled` is plain autograd through the stored training graph; finite differences probe
 the seeded training + validation loss. Both share the problem's rational momenta n / 2^16.
 """
+import math
+
 import pytest
 import torch
 
 from pipeline.hyper import HyperSpace
-from pipeline.hypergrad import ExactPath, FixedPointOverflow, FloatPath, Problem, hypergradient, validation_loss
+from pipeline.hypergrad import (ExactPath, FixedPointOverflow, FloatPath, Problem, hypergradient, log_lr_hypergradient,
+                                validation_loss)
 from pipeline.hypergrad.hvp import double_backward, forward_over_reverse
 from pipeline.hypergrad.reverse import reversal_drift
 from pipeline.models import MLP, DenseNet
@@ -192,3 +195,40 @@ def test_a_diverging_run_raises_instead_of_wrapping():
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match="exact, float, unrolled"):
         hypergradient(make_problem(steps=2), None, "magic")
+
+
+# -- stored stretches (the adaptive method's core) ----------------------------------------------
+
+def per_parameter_alphas(problem, lr, steps):
+    """alpha_t = e^eta for each step, flat [T, P]."""
+    return torch.cat([lr.value(n).reshape(-1) for n in problem.names]).expand(steps, -1).clone()
+
+
+@pytest.mark.parametrize("sharing", ["unit", "parameter"])
+def test_stored_path_matches_unrolled_for_per_parameter_lrs_and_l2(sharing):
+    steps = 5
+    problem = make_problem("mlp", steps=steps, beta=0.9)
+    lr = HyperSpace.create(dict(zip(problem.names, problem.shapes)), "log_lr", math.log(0.3), sharing,
+                           base=math.e, select=lambda name: True)
+    first = next(iter(lr.values))
+    lr.values[first] += torch.linspace(-0.2, 0.2, lr.values[first].numel(), dtype=F64).reshape(lr.values[first].shape)
+    problem.alpha = per_parameter_alphas(problem, lr, steps)
+    l2 = HyperSpace.l2(problem.model, -2.0, sharing)
+    stored, reference = hypergradient(problem, l2, "stored"), hypergradient(problem, l2, "unrolled")
+    d_eta = log_lr_hypergradient(problem, stored, lr)
+    assert rel(flat(stored["log10_l2"]), flat(reference["log10_l2"])) <= 1e-10
+    assert rel(flat(d_eta), flat(log_lr_hypergradient(problem, reference, lr))) <= 1e-10
+
+    # ... and against central finite differences along a random direction in eta
+    eps = 1e-6
+    direction = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(6), dtype=F64)
+                 for k, v in lr.values.items()}
+    analytic = sum((d_eta[k] * direction[k]).sum() for k in direction).item()
+    losses = []
+    for sign in (1, -1):
+        moved = lr.clone()
+        for k in moved.values:
+            moved.values[k] += sign * eps * direction[k]
+        problem.alpha = per_parameter_alphas(problem, moved, steps)
+        losses.append(validation_loss(problem, l2))
+    assert (losses[0] - losses[1]) / (2 * eps) == pytest.approx(analytic, rel=1e-5)

@@ -5,24 +5,28 @@
     hypergradient(problem, l2, method="unrolled")  # autograd through the stored graph (small T)
     hypergradient(problem, l2, method="drmad")     # straight line w_T -> w_0 (S steps: heuristic)
     hypergradient(problem, l2, method="drmad2")    # float reversal of the last K steps, then the line
+    hypergradient(problem, l2, method="stored")    # states kept in memory (short stretches: adaptive)
+    log_lr_hypergradient(problem, result, lr)      # per-parameter log learning rates from d alpha
     validation_loss(problem, l2)                   # train, then f(w_T): for finite differences
 
 Each returns {"log10_l2": {key: tensor}, "alpha": ..., "beta": ..., "w0": ..., "val_loss": ...}.
 """
 from __future__ import annotations
 
+import torch
+
 from pipeline.hyper import HyperSpace
 from pipeline.hypergrad import unrolled
 from pipeline.hypergrad.drmad import Drmad2Path, drmad_path, heuristic_steps
 from pipeline.hypergrad.hvp import HVP_METHODS, default_hvp
-from pipeline.hypergrad.paths import ExactPath, FixedPointOverflow, FloatPath
+from pipeline.hypergrad.paths import ExactPath, FixedPointOverflow, FloatPath, StoredPath
 from pipeline.hypergrad.problem import Problem
 from pipeline.hypergrad.reverse import reverse
 
-METHODS = ("exact", "float", "unrolled", "drmad", "drmad2")
+METHODS = ("exact", "float", "unrolled", "drmad", "drmad2", "stored")
 
-__all__ = ["METHODS", "ExactPath", "FixedPointOverflow", "FloatPath", "Problem", "hypergradient",
-           "validation_loss"]
+__all__ = ["METHODS", "ExactPath", "FixedPointOverflow", "FloatPath", "Problem", "StoredPath", "hypergradient",
+           "log_lr_hypergradient", "validation_loss"]
 
 
 def hypergradient(problem: Problem, l2: HyperSpace | None = None, method: str = "exact", *,
@@ -37,6 +41,8 @@ def hypergradient(problem: Problem, l2: HyperSpace | None = None, method: str = 
     coef = problem.l2_coefficients(l2)
     if method == "exact":
         path = ExactPath.train(problem, coef, **bits)
+    elif method == "stored":
+        path = StoredPath.train(problem, coef)
     else:
         path = FloatPath.train(problem, coef)
     if method == "drmad":
@@ -51,3 +57,11 @@ def hypergradient(problem: Problem, l2: HyperSpace | None = None, method: str = 
 
 
 validation_loss = unrolled.validation_loss
+
+
+def log_lr_hypergradient(problem: Problem, result: dict, lr: HyperSpace) -> dict[str, torch.Tensor]:
+    """Hypergradient of per-parameter log learning rates eta (alpha_t = schedule_t * e^eta, so
+    d eta = sum_t d alpha_t * alpha_t), from a result with per-parameter "alpha" [T, P]."""
+    per_element = (result["alpha"] * problem.alpha.to(result["alpha"].dtype)).sum(0)
+    named = problem.unflatten(per_element)
+    return lr.reduce({n: named[n].to(torch.float64) for n in lr.shapes})

@@ -138,3 +138,37 @@ class ExactPath(_ForwardStepsOneToOne):
 
     def undo_velocity(self, t: int, g: torch.Tensor) -> None:
         self.v_int = self.buffer.divide(self.v_int + self._gradient_integer(t, g), self.problem.n[t])
+
+
+class StoredPath(_ForwardStepsOneToOne):
+    """A short stretch of training kept in memory (the adaptive method's last M steps): undoing
+    a step just restores the stored state, so the reverse pass is exact by construction.
+
+    `ws[t]` is w_t for t = 0..M and `vs[t]` is v_{t-1} for t = 0..M (vs[0] = v before the stretch)."""
+
+    def __init__(self, problem: Problem, ws: list[torch.Tensor], vs: list[torch.Tensor]):
+        assert len(ws) == len(vs) == problem.steps + 1, "one state more than steps"
+        self.problem, self.ws, self.vs = problem, ws, vs
+        self._w = self._v = problem.steps  # at w_T and v_{T-1}
+
+    @classmethod
+    def train(cls, problem: Problem, l2_coef: torch.Tensor) -> "StoredPath":
+        ws, vs = [problem.w0], [torch.zeros_like(problem.w0)]
+        for t in range(problem.steps):
+            g = problem.train_grad(ws[-1], t) + l2_coef * ws[-1]
+            beta = problem.beta[t].item()
+            vs.append(beta * vs[-1] - (1 - beta) * g)
+            ws.append(ws[-1] + problem.alpha_at(t) * vs[-1])
+        return cls(problem, ws, vs)
+
+    def w(self) -> torch.Tensor:
+        return self.ws[self._w]
+
+    def v(self) -> torch.Tensor:
+        return self.vs[self._v]
+
+    def undo_position(self, t: int) -> None:
+        self._w = t
+
+    def undo_velocity(self, t: int, g: torch.Tensor) -> None:
+        self._v = t
