@@ -118,6 +118,7 @@ class Trainer:
         self.l2_coefficients = [coefs[n].to(p) if n in coefs else torch.full_like(p, 2 * 10.0 ** cfg.log10_l2)
                                 for n, p in zip(self.names, self.params) if is_regularised(n)]
         self.w0 = [p.detach().clone() for p in self.params] if track_distance else None
+        self.lr_scales: list[torch.Tensor] | None = None  # per-parameter alpha multipliers (e^eta)
         self.distances: list[torch.Tensor] = []
         self.batches = BatchSchedule(len(x), cfg.batch_size, seed)
         self.steps_per_epoch = self.batches.steps_per_epoch
@@ -151,6 +152,8 @@ class Trainer:
         if self.cfg.nesterov:
             torch._foreach_add_(self.params, v, alpha=alpha * beta)
             torch._foreach_add_(self.params, grads, alpha=-alpha * (1 - beta))
+        elif self.lr_scales is not None:
+            torch._foreach_addcmul_(self.params, v, torch._foreach_mul(self.lr_scales, alpha))
         else:
             torch._foreach_add_(self.params, v, alpha=alpha)
         if self.cfg.weight_clip is not None:

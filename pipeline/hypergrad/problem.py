@@ -41,6 +41,9 @@ class Problem:
     batch_size: int
     seed: int
     w0: torch.Tensor = field(default=None)  # flat initial weights (default: the model's)
+    v0: torch.Tensor = field(default=None)  # velocity before step 0 (default: zeros)
+    first_step: int = 0  # global index of step 0: batches and masks are those of first_step + t
+    exact_beta: bool = True  # False: keep beta as given (paths that never divide by it)
     n: list[int] = field(init=False)
 
     def __post_init__(self):
@@ -51,8 +54,13 @@ class Problem:
         self.dtype = self.x.dtype
         if self.w0 is None:
             self.w0 = torch.cat([p.detach().reshape(-1) for p in self.model.parameters()]).to(self.dtype)
-        self.n = [rational_beta(float(b)) for b in self.beta]
-        self.beta = torch.tensor([n / D for n in self.n], dtype=torch.float64)
+        if self.v0 is None:
+            self.v0 = torch.zeros_like(self.w0)
+        if self.exact_beta:
+            self.n = [rational_beta(float(b)) for b in self.beta]
+            self.beta = torch.tensor([n / D for n in self.n], dtype=torch.float64)
+        else:
+            self.n, self.beta = [], self.beta.to(torch.float64)
         self.alpha = self.alpha.to(self.x.device, torch.float64)
         self.batches = BatchSchedule(len(self.x), self.batch_size, self.seed)
         self._dropout = [m for m in self.model.modules() if isinstance(m, MaskedDropout)]
@@ -73,7 +81,7 @@ class Problem:
 
     # -- losses ------------------------------------------------------------------------------
     def batch(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = self.batches.indices(t).to(self.x.device)
+        idx = self.batches.indices(self.first_step + t).to(self.x.device)
         return self.x[idx], self.y[idx]
 
     def train_loss(self, w: torch.Tensor, t: int, batch: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -82,7 +90,7 @@ class Problem:
         order is cached, and a cache filled inside a transform would leak its tensors."""
         x, y = batch if batch is not None else self.batch(t)
         self.model.train()
-        with dropout_masks(self.model, generator(self.seed, MASK_STREAM, t, self.x.device)):
+        with dropout_masks(self.model, generator(self.seed, MASK_STREAM, self.first_step + t, self.x.device)):
             logits = functional_call(self.model, self.unflatten(w), (x,))
         return F.cross_entropy(logits, y)
 

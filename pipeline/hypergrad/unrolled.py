@@ -22,7 +22,7 @@ def l2_penalty(problem: Problem, w: torch.Tensor, l2: HyperSpace | None) -> torc
 def train(problem: Problem, l2: HyperSpace | None, alpha: torch.Tensor, beta: torch.Tensor,
           w0: torch.Tensor, create_graph: bool) -> torch.Tensor:
     """w_T of classical-momentum SGD; differentiable in every input when `create_graph`."""
-    w, v = w0, torch.zeros_like(w0)
+    w, v = w0, problem.v0
     for t in range(problem.steps):
         loss = problem.train_loss(w, t) + l2_penalty(problem, w, l2)
         g = torch.autograd.grad(loss, w, create_graph=create_graph)[0]

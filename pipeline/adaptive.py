@@ -1,0 +1,92 @@
+"""The adaptive (online) method: hyperparameters that change during one training run (DESIGN §7).
+
+Every `every` (K) steps the validation loss of a validation batch is back-propagated through
+the last `window` (M) steps, whose states are kept in memory (exact by storage), giving the
+hypergradients of per-parameter log10 L2 and log learning rates eta (alpha = alpha_t * e^eta,
+applied elementwise in w += alpha * v); both move by sign steps, then log10 L2 is clipped into
+its bounds and eta to eta <= eta_max.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.hyper import HyperSpace
+from pipeline.hypergrad import Problem, StoredPath, log_lr_hypergradient
+from pipeline.hypergrad.hvp import HVP_METHODS, default_hvp
+from pipeline.hypergrad.reverse import reverse
+from pipeline.meta import sign_step, zero_momentum
+from pipeline.training import Trainer
+
+
+@dataclass(frozen=True)
+class AdaptiveSettings:
+    every: int = 100  # K: elementary steps between hyperparameter updates
+    window: int = 5  # M: steps the validation loss is back-propagated through
+    l2_step: float = 0.01  # sign step of log10 L2
+    lr_step: float = 0.2  # sign step of eta = ln(learning-rate multiplier)
+    val_batch_size: int = 500  # validation batches cycle through the validation split
+
+
+def flat(tensors) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+class AdaptiveTrainer(Trainer):
+    """Classical-momentum SGD whose per-parameter L2 and learning rates follow hypergradients."""
+
+    def __init__(self, model, x, y, val_x, val_y, cfg, seed: int, l2: HyperSpace, lr: HyperSpace,
+                 settings: AdaptiveSettings):
+        if cfg.nesterov:
+            raise ValueError("the adaptive method reverses classical momentum: set nesterov false")
+        super().__init__(model, x, y, cfg, seed)
+        self.val_x, self.val_y, self.l2, self.lr, self.settings = val_x, val_y, l2, lr, settings
+        self.recent: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=settings.window)
+        self.updates = 0
+        self._zero = (zero_momentum(l2), zero_momentum(lr))
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Push the current hyperparameters into the update rule."""
+        self.l2_coefficients = [2 * self.l2.value(n).to(p) for n, p in zip(self.names, self.params)
+                                if n in self.l2.shapes]
+        self.lr_scales = [self.lr.value(n).to(p) for n, p in zip(self.names, self.params)]
+
+    def update(self, step: int, grads: list[torch.Tensor]) -> None:
+        self.recent.append((flat(self.params), flat(self.state.velocity)))  # w_t, v_{t-1}
+        super().update(step, grads)
+        if (step + 1) % self.settings.every == 0 and len(self.recent) == self.settings.window:
+            self.hyper_step(step)
+
+    def validation_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        size = min(self.settings.val_batch_size, len(self.val_x))
+        start = (self.updates * size) % len(self.val_x)
+        idx = torch.arange(start, start + size, device=self.val_x.device) % len(self.val_x)
+        return self.val_x[idx], self.val_y[idx]
+
+    def problem(self, step: int) -> tuple[Problem, StoredPath]:
+        """The last M steps (ending with `step`) as a problem, and their stored path."""
+        m = self.settings.window
+        first = step - m + 1
+        ws = [w for w, _ in self.recent] + [flat(self.params)]
+        vs = [v for _, v in self.recent] + [flat(self.state.velocity)]
+        scales = flat(self.lr_scales)
+        alphas = torch.stack([self.alpha(first + s) * scales for s in range(m)])
+        problem = Problem(self.model, self.x, self.y, *self.validation_batch(), alpha=alphas,
+                          beta=torch.full((m,), self.cfg.momentum), batch_size=self.cfg.batch_size,
+                          seed=self.seed, w0=ws[0], v0=vs[0], first_step=first, exact_beta=False)
+        return problem, StoredPath(problem, ws, vs)
+
+    def hypergradients(self, step: int) -> tuple[dict, dict]:
+        problem, path = self.problem(step)
+        result = reverse(problem, path, self.l2, HVP_METHODS[default_hvp(self.x.device)])
+        return result["log10_l2"], log_lr_hypergradient(problem, result, self.lr)
+
+    def hyper_step(self, step: int) -> None:
+        d_l2, d_eta = self.hypergradients(step)
+        sign_step(self.l2, d_l2, self._zero[0], self.settings.l2_step, 0.0)
+        sign_step(self.lr, d_eta, self._zero[1], self.settings.lr_step, 0.0)
+        self.updates += 1
+        self.refresh()
