@@ -8,6 +8,7 @@ its bounds and eta to eta <= eta_max.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -44,7 +45,7 @@ class AdaptiveTrainer(Trainer):
         super().__init__(model, x, y, cfg, seed)
         self.val_x, self.val_y, self.l2, self.lr, self.settings = val_x, val_y, l2, lr, settings
         self.recent: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=settings.window)
-        self.updates = 0
+        self.updates, self.hyper_seconds, self.finite = 0, 0.0, True
         self._zero = (zero_momentum(l2), zero_momentum(lr))
         self.refresh()
 
@@ -85,8 +86,13 @@ class AdaptiveTrainer(Trainer):
         return result["log10_l2"], log_lr_hypergradient(problem, result, self.lr)
 
     def hyper_step(self, step: int) -> None:
+        start = time.perf_counter()
         d_l2, d_eta = self.hypergradients(step)
-        sign_step(self.l2, d_l2, self._zero[0], self.settings.l2_step, 0.0)
-        sign_step(self.lr, d_eta, self._zero[1], self.settings.lr_step, 0.0)
-        self.updates += 1
-        self.refresh()
+        if all(bool(torch.isfinite(g).all()) for g in (*d_l2.values(), *d_eta.values())):
+            sign_step(self.l2, d_l2, self._zero[0], self.settings.l2_step, 0.0)
+            sign_step(self.lr, d_eta, self._zero[1], self.settings.lr_step, 0.0)
+            self.updates += 1
+            self.refresh()
+        else:
+            self.finite = False  # the caller records the divergence; hyperparameters stay finite
+        self.hyper_seconds += time.perf_counter() - start

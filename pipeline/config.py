@@ -131,6 +131,55 @@ class DrmadConfig(Section):
                            eval_batch_size=self.eval_batch_size)
 
 
+class AdaptiveVariant(Section):
+    """One configuration of the adaptive method (thesis 3.2.2 ran two)."""
+    every: int = Field(default=100, ge=1)  # K: steps between hyperparameter updates
+    window: int = Field(default=5, ge=1)  # M: steps the validation loss goes back through
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    l2_step: float = Field(default=0.01, ge=0.0)  # sign step of log10 L2
+    lr_step: float = Field(default=0.2, ge=0.0)  # sign step of ln learning rate
+    val_size: Optional[int] = Field(default=None, ge=1)  # re-split train+val; None: the prepared split
+
+
+class AdaptiveConfig(Section):
+    """Online hypergradients tuning per-parameter L2 and learning rates (DESIGN §7)."""
+    variants: dict[str, AdaptiveVariant] = Field(default_factory=lambda: {
+        "k100": AdaptiveVariant(), "k131": AdaptiveVariant(every=131, window=4, momentum=0.95, l2_step=0.02,
+                                                           lr_step=0.1)})
+    epochs: int = Field(default=6, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    alpha: float = Field(default=1.0, gt=0.0)  # alpha_t = alpha * schedule * e^eta per parameter
+    schedule: ScheduleConfig = ScheduleConfig(milestones=[])
+    init_log10_l2: float = -4.0
+    init_log_lr: float = Field(default=0.0, le=0.0)
+    eta_max: float = 0.0  # learning-rate multipliers e^eta <= e^eta_max (thesis: 0)
+    lr_floor: bool = False  # keep alpha_t * e^eta >= the baseline schedule's alpha_t * floor_factor
+    floor_factor: float = Field(default=0.1, gt=0.0, le=1.0)
+    l2_bounds: list[float] = Field(default_factory=lambda: [-12.0, 0.0], min_length=2, max_length=2)
+    sharing: Literal["parameter", "unit", "layer", "global", "thesis"] = "thesis"
+    val_batch_size: int = Field(default=100, ge=1)
+    weight_clip: Optional[float] = Field(default=None, gt=0.0)
+    eval_batch_size: int = Field(default=500, ge=1)
+    last_n: int = Field(default=3, ge=1)
+
+    @model_validator(mode="after")
+    def _checks(self):
+        if not self.variants:
+            raise ValueError("variants: at least one configuration")
+        if self.l2_bounds[0] >= self.l2_bounds[1]:
+            raise ValueError(f"l2_bounds: [low, high] with low < high, got {self.l2_bounds}")
+        if not self.l2_bounds[0] <= self.init_log10_l2 <= self.l2_bounds[1]:
+            raise ValueError(f"init_log10_l2: must lie within l2_bounds {self.l2_bounds}")
+        if self.init_log_lr > self.eta_max:
+            raise ValueError(f"init_log_lr: must be <= eta_max ({self.eta_max})")
+        return self
+
+    def train_config(self, momentum: float) -> TrainConfig:
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, alpha=self.alpha, momentum=momentum,
+                           nesterov=False, schedule=self.schedule, weight_clip=self.weight_clip,
+                           eval_batch_size=self.eval_batch_size, last_n=self.last_n)
+
+
 class TrackingConfig(Section):
     experiment: str = Field(default="gbhpo", min_length=1)
 
@@ -142,6 +191,7 @@ class Params(Section):
     model: ModelConfig = ModelConfig()
     baseline: TrainConfig = TrainConfig()
     drmad: DrmadConfig = DrmadConfig()
+    adaptive: AdaptiveConfig = AdaptiveConfig()
     tracking: TrackingConfig = TrackingConfig()
 
 

@@ -7,6 +7,7 @@ rates) and is shared in one of four ways:
     unit        one per output unit / output channel, broadcast over the rest
     layer       one per parameter tensor
     global      one for every parameter that carries this kind of hyperparameter
+    thesis      dense (2-D) weights per output unit, everything else per weight (thesis 3.2.2)
 
 Hypergradients come back shaped like the hyperparameters: per-element sensitivities are
 summed over each sharing group (`reduce`).
@@ -21,11 +22,13 @@ import torch
 
 from pipeline.training import is_regularised
 
-Sharing = Literal["parameter", "unit", "layer", "global"]
+Sharing = Literal["parameter", "unit", "layer", "global", "thesis"]
 GLOBAL = "global"
 
 
 def _group_shape(shape: torch.Size, sharing: Sharing) -> tuple[int, ...]:
+    if sharing == "thesis":
+        sharing = "unit" if len(shape) == 2 else "parameter"
     if sharing == "parameter":
         return tuple(shape)
     if sharing == "unit":

@@ -9,7 +9,7 @@ import uuid
 import click
 
 from pipeline.config import load_params
-from stages import baseline, drmad, prepare
+from stages import adaptive, baseline, drmad, prepare
 from stages.common import params_option, user_errors_exit_2
 
 
@@ -39,6 +39,7 @@ def validate(params_file: str) -> None:
 main.add_command(prepare.main, "prepare")
 main.add_command(baseline.main, "baseline")
 main.add_command(drmad.main, "drmad")
+main.add_command(adaptive.main, "adaptive")
 
 if __name__ == "__main__":
     main()

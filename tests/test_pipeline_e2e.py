@@ -15,8 +15,10 @@ TINY = {
     "model": {"depth": 7, "growth_rate": 4, "init_maps": 4},
     "baseline": {"epochs": 2, "batch_size": 32},
     "drmad": {"inits": [-4.0], "meta_iterations": 1, "epochs_cap": 1, "batch_size": 32, "reverse_steps": 2},
+    "adaptive": {"variants": {"k100": {"every": 2, "window": 2}, "k131": {"every": 3, "window": 2, "val_size": 50}},
+                 "epochs": 1, "batch_size": 32, "val_batch_size": 20},
 }
-STAGES = ("prepare", "baseline", "drmad@-4.0")
+STAGES = ("prepare", "baseline", "drmad@-4.0", "adaptive@k100", "adaptive@k131")
 pytestmark = pytest.mark.slow
 
 
@@ -68,14 +70,15 @@ def test_repro_runs_what_changed_and_records_it(tmp_path):
     assert ran(sh(repo, sys.executable, "-m", "stages.cli", "run")) == set(STAGES)
     for out in ("data/prepared/train.pt", "data/prepared/meta.json", "models/baseline.pt",
                 "metrics/baseline.json", "plots/baseline/errors.csv", "results/drmad/-4.0/hypers.pt",
-                "metrics/drmad_-4.0.json", "plots/drmad/-4.0/meta.csv", "plots/drmad/-4.0/layers.csv"):
+                "metrics/drmad_-4.0.json", "plots/drmad/-4.0/meta.csv", "plots/drmad/-4.0/layers.csv",
+                "metrics/adaptive_k100.json", "plots/adaptive/k131/epochs.csv", "results/adaptive/k131/hypers.pt"):
         assert (repo / out).exists(), out
     assert ran(sh(repo, "dvc", "repro")) == set()
     assert "baseline.json" in sh(repo, "dvc", "metrics", "show")
 
     db = sqlite3.connect(repo / "mlflow.db")
     runs = dict(db.execute("select name, status from runs").fetchall())
-    assert runs["prepare"] == runs["baseline"] == runs["drmad:-4.0"] == "FINISHED"
+    assert runs["prepare"] == runs["baseline"] == runs["drmad:-4.0"] == runs["adaptive:k131"] == "FINISHED"
     parents = db.execute("select count(*) from runs where name like 'pipeline%'").fetchone()[0]
     assert parents == 1  # all stage runs grouped under one parent
     baseline_id = db.execute("select run_uuid from runs where name = 'baseline'").fetchone()[0]
@@ -88,6 +91,8 @@ def test_repro_runs_what_changed_and_records_it(tmp_path):
     # Changing one value reruns exactly the stages that depend on it.
     set_params(repo, {"baseline": {"epochs": 3}})
     assert ran(sh(repo, "dvc", "repro")) == {"baseline"}
+    set_params(repo, {"adaptive": {"variants": {"k131": {"every": 4}}}})
+    assert ran(sh(repo, "dvc", "repro")) == {"adaptive@k131"}
     set_params(repo, {"data": {"val_size": 50}})
     assert ran(sh(repo, "dvc", "repro")) == set(STAGES)
     sh(repo, "dvc", "plots", "show", "-o", "dvc_plots")

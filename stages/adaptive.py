@@ -1,0 +1,33 @@
+"""DVC stage `adaptive`: online hypergradients tuning per-parameter L2 and learning rates."""
+from pathlib import Path
+
+import click
+
+from pipeline import adaptive_run, data
+from pipeline.config import load_params
+from pipeline.tracking import stage_run
+from stages.common import params_option, user_errors_exit_2
+
+
+@click.command(help="Train DenseNet once with the adaptive method of the configuration VARIANT (a key of "
+                    "`adaptive.variants`): every K steps a sign step on per-parameter log10 L2 and log learning "
+                    "rates from the hypergradient through the last M steps. Writes results/adaptive/VARIANT/, "
+                    "metrics/adaptive_VARIANT.json and plots/adaptive/VARIANT/*.csv; resumes after an "
+                    "interruption; a NaN ends the run as outcome `diverged` (exit 0).")
+@params_option
+@click.option("--variant", required=True, help="Configuration name, e.g. --variant=k100.")
+@click.option("--prepared", default="data/prepared", show_default=True, type=click.Path(file_okay=False))
+@user_errors_exit_2
+def main(params_file: str, variant: str, prepared: str) -> None:
+    params = load_params(params_file)
+    meta = data.load_meta(Path(prepared))
+    adaptive_run.variant(params, variant, meta)  # a bad name or size fails before any run is recorded
+    with stage_run("adaptive", params, variant=variant, dataset_digest=meta["digest"]) as run:
+        metrics = adaptive_run.run(params, Path(prepared), variant, adaptive_run.AdaptivePaths.for_variant(variant),
+                                   tracker=run)
+    click.echo(f"adaptive {variant} {metrics['outcome']}: test error {metrics['final_test_error']}, mean of last "
+               f"{metrics['last_n']} {metrics['mean_last_n_test_error']}")
+
+
+if __name__ == "__main__":
+    main()

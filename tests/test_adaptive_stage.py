@@ -1,0 +1,78 @@
+"""The adaptive stage runner: resume after an interruption, divergence as an outcome."""
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from pipeline import adaptive_run, data
+from pipeline.config import ConfigError, parse_params
+
+TINY = {"device": "cpu", "data": {"val_size": 60, "test_size": 60, "train_size": 96},
+        "model": {"depth": 7, "growth_rate": 4, "init_maps": 4},
+        "adaptive": {"variants": {"a": {"every": 2, "window": 2, "l2_step": 0.5, "lr_step": 0.5},
+                                  "b": {"every": 3, "window": 2, "val_size": 50}},
+                     "epochs": 3, "batch_size": 32, "val_batch_size": 20, "last_n": 2}}
+
+
+class Interrupt(Exception):
+    pass
+
+
+class StopAt:
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def log_metrics(self, metrics, step=None):
+        if step == self.epoch:
+            raise Interrupt
+
+    def log_artifact(self, path):
+        pass
+
+    def log_figure(self, figure, name):
+        pass
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared")
+    data.prepare(parse_params(TINY).data, out)
+    return out
+
+
+@pytest.mark.parametrize("name", ["a", "b"])
+def test_interrupted_run_resumes_to_identical_numbers(prepared, tmp_path, name):
+    params = parse_params(TINY)
+    straight = adaptive_run.AdaptivePaths.for_variant(name, tmp_path / "straight")
+    resumed = adaptive_run.AdaptivePaths.for_variant(name, tmp_path / "resumed")
+    expected = adaptive_run.run(params, prepared, name, straight)
+    with pytest.raises(Interrupt):
+        adaptive_run.run(params, prepared, name, resumed, tracker=StopAt(epoch=3))
+    assert resumed.checkpoint.exists() and not resumed.metrics.exists()
+    got = adaptive_run.run(params, prepared, name, resumed)
+    untimed = lambda m: {k: v for k, v in m.items() if k not in ("wall_time_s", "hypergradient_time_share")}
+    assert untimed(got) == untimed(expected) and got["hyper_updates"] > 0
+    pd.testing.assert_frame_equal(pd.read_csv(straight.epochs_csv), pd.read_csv(resumed.epochs_csv))
+    ours, theirs = torch.load(resumed.hypers, weights_only=False), torch.load(straight.hypers, weights_only=False)
+    for kind in ("log10_l2", "log_lr"):
+        assert all(torch.equal(ours[kind][k], theirs[kind][k]) for k in theirs[kind])
+    layers = pd.read_csv(straight.layers_csv)
+    assert set(layers["kind"]) == {"log10_l2", "log10_lr"} and (layers["mean"][layers["kind"] == "log10_lr"] <= 0).all()
+
+
+def test_divergence_is_an_outcome(prepared, tmp_path):
+    params = parse_params({**TINY, "adaptive": {**TINY["adaptive"], "alpha": 1e30}})
+    paths = adaptive_run.AdaptivePaths.for_variant("a", tmp_path)
+    metrics = adaptive_run.run(params, prepared, "a", paths)
+    assert metrics["outcome"] == "diverged"
+    assert json.loads(paths.metrics.read_text())["outcome"] == "diverged"
+    values = torch.load(paths.hypers, weights_only=False)
+    assert all(bool(torch.isfinite(v).all()) for kind in ("log10_l2", "log_lr") for v in values[kind].values())
+
+
+def test_unknown_variant_or_oversized_split_is_a_config_error():
+    with pytest.raises(ConfigError, match="--variant"):
+        adaptive_run.variant(parse_params(TINY), "c")
+    with pytest.raises(ConfigError, match="adaptive.variants.b.val_size"):
+        adaptive_run.variant(parse_params(TINY), "b", {"sizes": {"train": 30, "val": 20}})
