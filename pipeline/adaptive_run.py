@@ -73,7 +73,7 @@ def hyperspaces(params: Params, model) -> tuple[HyperSpace, HyperSpace]:
     device = next(model.parameters()).device
     l2 = HyperSpace.l2(model, cfg.init_log10_l2, cfg.sharing, bounds=tuple(cfg.l2_bounds), device=device)
     low = math.log(cfg.floor_factor) if cfg.lr_floor else -math.inf
-    lr = HyperSpace.create(shapes, "log_lr", cfg.init_log_lr, cfg.sharing, base=math.e,
+    lr = HyperSpace.create(shapes, "log_lr", cfg.init_log_lr, cfg.lr_sharing, base=math.e,
                            bounds=(low, cfg.eta_max), select=lambda name: True, device=device)
     return l2, lr
 

@@ -156,7 +156,8 @@ class AdaptiveConfig(Section):
     lr_floor: bool = False  # keep alpha_t * e^eta >= the baseline schedule's alpha_t * floor_factor
     floor_factor: float = Field(default=0.1, gt=0.0, le=1.0)
     l2_bounds: list[float] = Field(default_factory=lambda: [-12.0, 0.0], min_length=2, max_length=2)
-    sharing: Literal["parameter", "unit", "layer", "global", "thesis"] = "thesis"
+    sharing: Literal["parameter", "unit", "layer", "global", "thesis"] = "thesis"  # of log10 L2
+    lr_sharing: Literal["parameter", "unit", "layer", "global", "thesis"] = "thesis"  # of learning rates
     val_batch_size: int = Field(default=100, ge=1)
     weight_clip: Optional[float] = Field(default=None, gt=0.0)
     eval_batch_size: int = Field(default=500, ge=1)
