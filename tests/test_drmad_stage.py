@@ -95,7 +95,7 @@ def test_sigkill_then_dvc_repro_resumes_to_the_uninterrupted_result(prepared, tm
     assert not paths.metrics.exists()
     assert 1 <= torch.load(paths.checkpoint, weights_only=False)["state"]["iteration"] < 3
 
-    assert "Running stage 'drmad@-4.0'" in sh(repo, "dvc", "repro")
+    assert "Running stage 'drmad@-4.0'" in sh(repo, "dvc", "repro", "drmad@-4.0")
     got = json.loads(paths.metrics.read_text())
     untimed = lambda m: {k: v for k, v in m.items() if "seconds" not in k and "time" not in k}
     assert untimed(got) == untimed(expected)
