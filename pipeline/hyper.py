@@ -71,6 +71,13 @@ class HyperSpace:
         """log10 L2 coefficients on conv/linear weights and BatchNorm scales (not on biases/shifts)."""
         return cls.create({n: p.shape for n, p in model.named_parameters()}, "log10_l2", init, sharing, **kw)
 
+    @classmethod
+    def scales(cls, model: torch.nn.Module, init: float = 0.0, **kw) -> "HyperSpace":
+        """The scaled MLP's per-unit log scales s (w = e^s * z, DESIGN §8): hyperparameters held
+        in model buffers named `*.s`, natural log, one per output unit."""
+        shapes = {n: b.shape for n, b in model.named_buffers() if n.endswith(".s")}
+        return cls.create(shapes, "log_scale", init, "parameter", base=math.e, select=lambda n: True, **kw)
+
     def key(self, name: str) -> str:
         return self._keys[name]
 

@@ -91,8 +91,8 @@ def test_reversal_drift_records_fig_3_6_distances():
     drift = reversal_drift(problem, exact, plain, l2, double_backward)
     assert drift["step"][0] == 299 and drift["step"][-1] == 0
     assert drift["w"][0] < 1e-10  # one float step back: apart only by the fixed-point grid
-    assert drift["cos_d_l2"][10] > 0.999999
-    assert drift["w"][-1] > 1.0 and drift["cos_d_l2"][-1] < 0.9  # |w_0| ~ 3: float reversal is lost
+    assert drift["cos_d_theta"][10] > 0.999999
+    assert drift["w"][-1] > 1.0 and drift["cos_d_theta"][-1] < 0.9  # |w_0| ~ 3: float reversal is lost
     assert all(len(v) == 300 for v in drift.values())
     assert torch.equal(exact.w_int, ExactPath(problem).w_int)  # exact made it back to w_0
 
@@ -103,7 +103,7 @@ def test_record_traces_norms_per_reverse_step():
     trace = got["trace"]
     assert trace["step"] == list(range(19, -1, -1))
     final = torch.cat([g.reshape(-1) for g in got["log10_l2"].values()]).norm().item()
-    assert trace["l2_norm"][-1] == pytest.approx(final, rel=1e-12)  # per-weight sharing: the same norm
+    assert trace["theta_norm"][-1] == pytest.approx(final, rel=1e-12)  # per-weight sharing: the same norm
     assert trace["dw_norm"][-1] == pytest.approx(got["w0"].norm().item(), rel=1e-12)
 
 
@@ -157,8 +157,8 @@ def test_hvp_implementations_agree_and_match_differences_of_gradients():
     problem = make_problem("densenet", steps=3)
     w = problem.w0
     dv = torch.randn(w.shape, generator=torch.Generator().manual_seed(5), dtype=F64)
-    g1, h1 = double_backward(problem, w, 2, dv)
-    g2, h2 = forward_over_reverse(problem, w, 2, dv)
+    g1, h1, _ = double_backward(problem, w, 2, dv)
+    g2, h2, _ = forward_over_reverse(problem, w, 2, dv)
     assert rel(g2, g1) <= 1e-12 and rel(h2, h1) <= 1e-10
     eps = 1e-6
     finite = (problem.train_grad(w + eps * dv, 2) - problem.train_grad(w - eps * dv, 2)) / (2 * eps)
@@ -232,3 +232,55 @@ def test_stored_path_matches_unrolled_for_per_parameter_lrs_and_l2(sharing):
         problem.alpha = per_parameter_alphas(problem, moved, steps)
         losses.append(validation_loss(problem, l2))
     assert (losses[0] - losses[1]) / (2 * eps) == pytest.approx(analytic, rel=1e-5)
+
+
+# -- buffer hyperparameters: the scaled MLP's log scales s (w = e^s * z) ------------------------
+
+def scaled_problem(steps=30, method_seed=0):
+    torch.manual_seed(method_seed)
+    model = MLP((12, 10, 10, 4), scaled=True).to(F64)
+    base = make_problem("mlp", steps=steps)
+    scales = HyperSpace.scales(model, 0.0)
+    gen = torch.Generator().manual_seed(9)
+    for v in scales.values.values():  # distinct per-unit values, so a mix-up of units shows
+        v.copy_(0.3 * torch.randn(v.shape, generator=gen, dtype=F64))
+    return Problem(model, base.x, base.y, base.val_x, base.val_y, alpha=base.alpha, beta=base.beta,
+                   batch_size=16, seed=0, scales=scales)
+
+
+def test_scale_mixed_products_agree_between_hvp_implementations():
+    problem = scaled_problem()
+    dv = torch.randn(problem.w0.shape, generator=torch.Generator().manual_seed(5), dtype=F64)
+    _, h1, m1 = double_backward(problem, problem.w0, 3, dv)
+    _, h2, m2 = forward_over_reverse(problem, problem.w0, 3, dv)
+    assert rel(h2, h1) <= 1e-10 and rel(flat(m2), flat(m1)) <= 1e-10
+    assert set(m1) == {"layers.0.s", "layers.1.s", "layers.2.s"} and flat(m1).norm() > 0
+
+
+@pytest.mark.parametrize("method", ["exact", "float", "stored"])
+def test_scale_hypergradient_matches_unrolled(method):
+    problem = scaled_problem()
+    l2 = HyperSpace.l2(problem.model, -2.0, "global")  # the fixed c ||z||^2 term
+    got, reference = hypergradient(problem, l2, method), hypergradient(problem, l2, "unrolled")
+    assert rel(flat(got["scale"]), flat(reference["scale"])) <= 1e-6
+    assert rel(flat(got["log10_l2"]), flat(reference["log10_l2"])) <= 1e-6
+
+
+def test_scale_hypergradient_matches_central_finite_differences():
+    problem = scaled_problem(steps=30)
+    l2 = HyperSpace.l2(problem.model, -2.0, "global")
+    grad = hypergradient(problem, l2, "exact")["scale"]
+    gen, eps = torch.Generator().manual_seed(4), 1e-5
+    base = problem.scales.clone()
+    for _ in range(3):
+        direction = {k: torch.randn(v.shape, generator=gen, dtype=F64) for k, v in base.values.items()}
+        losses = []
+        for sign in (1, -1):
+            for k, v in problem.scales.values.items():
+                v.copy_(base.values[k] + sign * eps * direction[k])
+            losses.append(validation_loss(problem, l2))
+        for k, v in problem.scales.values.items():
+            v.copy_(base.values[k])
+        finite = (losses[0] - losses[1]) / (2 * eps)
+        analytic = sum((grad[k] * direction[k]).sum() for k in grad).item()
+        assert analytic == pytest.approx(finite, rel=1e-4)

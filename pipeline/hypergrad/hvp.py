@@ -1,6 +1,7 @@
 """Gradient and Hessian-vector product of one training step's cross-entropy, in one pass.
 
-Both implementations return `(g, H @ dv)` for the loss of step t at weights w:
+Both implementations return `(g, H @ dv, B)` for the loss of step t at weights w, where B holds,
+per buffer hyperparameter theta (the MLP's log scales), the mixed product d(dv . g)/d theta:
   - `double_backward`: reverse-over-reverse, one backward through the gradient with
     grad_outputs=dv;
   - `forward_over_reverse`: `torch.func.jvp` of `torch.func.grad`.
@@ -20,22 +21,27 @@ from torch.func import grad, jvp
 
 from pipeline.hypergrad.problem import Problem
 
-HVP = Callable[[Problem, torch.Tensor, int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+Products = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
+HVP = Callable[[Problem, torch.Tensor, int, torch.Tensor], Products]
 
 
-def double_backward(problem: Problem, w: torch.Tensor, t: int, dv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def double_backward(problem: Problem, w: torch.Tensor, t: int, dv: torch.Tensor) -> Products:
     w = w.detach().requires_grad_()
-    g = torch.autograd.grad(problem.train_loss(w, t), w, create_graph=True)[0]
-    if not g.requires_grad:  # a loss linear in w: its Hessian is zero
-        return g.detach(), torch.zeros_like(dv)
-    hdv = torch.autograd.grad(g, w, grad_outputs=dv, materialize_grads=True)[0]
-    return g.detach(), hdv
+    theta = {n: b.detach().requires_grad_() for n, b in problem.buffers().items()}
+    g = torch.autograd.grad(problem.train_loss(w, t, buffers=theta), w, create_graph=True)[0]
+    if not g.requires_grad:  # a loss linear in w and theta: no second derivatives
+        return g.detach(), torch.zeros_like(dv), {n: torch.zeros_like(b) for n, b in theta.items()}
+    hdv, *mixed = torch.autograd.grad(g, [w, *theta.values()], grad_outputs=dv, materialize_grads=True)
+    return g.detach(), hdv, dict(zip(theta, mixed))
 
 
-def forward_over_reverse(problem: Problem, w: torch.Tensor, t: int, dv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    batch = problem.batch(t)
-    g, hdv = jvp(grad(lambda u: problem.train_loss(u, t, batch)), (w.detach(),), (dv,))
-    return g, hdv
+def forward_over_reverse(problem: Problem, w: torch.Tensor, t: int, dv: torch.Tensor) -> Products:
+    batch, theta = problem.batch(t), problem.buffers()
+    g, hdv = jvp(grad(lambda u: problem.train_loss(u, t, batch, theta)), (w.detach(),), (dv,))
+    mixed = {}
+    if theta:  # forward mode gives H dv only: the mixed product is one more reverse pass
+        mixed = grad(lambda th: torch.dot(dv, grad(lambda u: problem.train_loss(u, t, batch, th))(w.detach())))(theta)
+    return g, hdv, mixed
 
 
 HVP_METHODS: dict[str, HVP] = {"double_backward": double_backward, "forward_over_reverse": forward_over_reverse}

@@ -115,7 +115,9 @@ class ExactPath(_ForwardStepsOneToOne):
 
     @classmethod
     def train(cls, problem: Problem, l2_coef: torch.Tensor, **bits: int) -> "ExactPath":
+        """Fixed-point SGD from w_0; records distances[t-1] = |w_t - w_0| like FloatPath."""
         path = cls(problem, **bits)
+        distances = []
         for t in range(problem.steps):
             w = path.w()
             g = problem.train_grad(w, t) + l2_coef * w
@@ -125,6 +127,8 @@ class ExactPath(_ForwardStepsOneToOne):
             path._flag(path.w_int)
             if bool(path._overflow):
                 raise FixedPointOverflow(path._range_message(f"weights or velocities at step {t}"))
+            distances.append(torch.linalg.vector_norm(path.w() - problem.w0))
+        path.distances = torch.stack(distances).double().cpu() if distances else torch.zeros(0, dtype=torch.float64)
         return path
 
     def w(self) -> torch.Tensor:

@@ -7,6 +7,10 @@ cross-entropy with dropout off. BatchNorm always normalises with the statistics 
 it sees (for validation: the whole, fixed validation set), so no running statistics enter a
 hypergradient and none are touched (DESIGN §3).
 
+Hyperparameters that live in model buffers (`scales`: the MLP's per-unit log scales s of
+w = e^s * z, DESIGN §8) enter every loss through `functional_call`; their hypergradients come
+from the same passes as the weights' (`buffers` makes them differentiable leaves).
+
 Momenta are stored as the rationals n / 2^16 that exact reversal uses, so every method
 (exact, float, unrolled, finite differences) follows the same trajectory.
 """
@@ -44,6 +48,7 @@ class Problem:
     v0: torch.Tensor = field(default=None)  # velocity before step 0 (default: zeros)
     first_step: int = 0  # global index of step 0: batches and masks are those of first_step + t
     exact_beta: bool = True  # False: keep beta as given (paths that never divide by it)
+    scales: HyperSpace | None = None  # hyperparameters held in model buffers, keyed by buffer name
     n: list[int] = field(init=False)
 
     def __post_init__(self):
@@ -84,21 +89,31 @@ class Problem:
         idx = self.batches.indices(self.first_step + t).to(self.x.device)
         return self.x[idx], self.y[idx]
 
-    def train_loss(self, w: torch.Tensor, t: int, batch: tuple[torch.Tensor, torch.Tensor] | None = None
-                   ) -> torch.Tensor:
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """The buffer hyperparameters' current values by buffer name (empty without `scales`)."""
+        if self.scales is None:
+            return {}
+        return {n: self.scales.log_value(n).to(self.dtype) for n in self.scales.shapes}
+
+    def _tensors(self, w: torch.Tensor, buffers: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        return {**self.unflatten(w), **(self.buffers() if buffers is None else buffers)}
+
+    def train_loss(self, w: torch.Tensor, t: int, batch: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   buffers: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Pass `batch` (= self.batch(t)) when calling inside a torch.func transform: the batch
-        order is cached, and a cache filled inside a transform would leak its tensors."""
+        order is cached, and a cache filled inside a transform would leak its tensors.
+        `buffers` overrides the buffer hyperparameters (to differentiate through them)."""
         x, y = batch if batch is not None else self.batch(t)
         self.model.train()
         with dropout_masks(self.model, generator(self.seed, MASK_STREAM, self.first_step + t, self.x.device)):
-            logits = functional_call(self.model, self.unflatten(w), (x,))
+            logits = functional_call(self.model, self._tensors(w, buffers), (x,))
         return F.cross_entropy(logits, y)
 
-    def val_loss(self, w: torch.Tensor) -> torch.Tensor:
+    def val_loss(self, w: torch.Tensor, buffers: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         self.model.train()
         for m in self._dropout:
             m.eval()  # dropout off, BatchNorm on the validation set's own statistics
-        logits = functional_call(self.model, self.unflatten(w), (self.val_x,))
+        logits = functional_call(self.model, self._tensors(w, buffers), (self.val_x,))
         return F.cross_entropy(logits, self.val_y)
 
     def train_grad(self, w: torch.Tensor, t: int) -> torch.Tensor:

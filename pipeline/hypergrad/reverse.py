@@ -15,7 +15,10 @@ alpha/beta hypergradients.
         d beta_t = dv . (v_{t-1} + g_t)
         dw      -= (1 - beta_t) (H + diag c) dv          c = 2 * 10^lambda (the L2 Hessian)
         d lambda -= (1 - beta_t) ln10 * c * w_t * dv      (mixed product, closed form)
+        d s      -= (1 - beta_t) d(dv . g_t)/d s          (buffer hyperparameters, by autograd)
         dv      *= beta_t
+
+with d s starting from the validation loss's own derivative df/ds at w_T.
 """
 from __future__ import annotations
 
@@ -37,10 +40,13 @@ class ReversiblePath(Protocol):
     def undo_velocity(self, s: int, g: torch.Tensor) -> None: ...
 
 
-def validation_gradient(problem: Problem, w: torch.Tensor) -> tuple[torch.Tensor, float]:
+def validation_gradient(problem: Problem, w: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
+    """df/dw and df/d(buffer hyperparameters) at w, and f(w)."""
     w = w.detach().requires_grad_()
-    loss = problem.val_loss(w)
-    return torch.autograd.grad(loss, w)[0], loss.item()
+    theta = {n: b.detach().requires_grad_() for n, b in problem.buffers().items()}
+    loss = problem.val_loss(w, theta)
+    dw, *d_theta = torch.autograd.grad(loss, [w, *theta.values()], materialize_grads=True)
+    return dw, dict(zip(theta, d_theta)), loss.item()
 
 
 class Reversal:
@@ -49,7 +55,7 @@ class Reversal:
     def __init__(self, problem: Problem, path: ReversiblePath, l2: HyperSpace | None, hvp: HVP):
         self.problem, self.path, self.l2, self.hvp = problem, path, l2, hvp
         self.c = problem.l2_coefficients(l2)
-        self.dw, self.val_loss = validation_gradient(problem, path.w())
+        self.dw, self.d_scale, self.val_loss = validation_gradient(problem, path.w())
         self.dv = torch.zeros_like(self.dw)
         self.d_l2 = torch.zeros_like(self.dw)
         self.per_param_alpha = problem.alpha.dim() == 2
@@ -67,14 +73,23 @@ class Reversal:
         path.undo_position(s)
         w = path.w()
         self.dv = self.dv + alpha * self.dw
-        g, hdv = self.hvp(problem, w, t, self.dv)
+        g, hdv, mixed = self.hvp(problem, w, t, self.dv)
         g = g + c * w
         path.undo_velocity(s, g)
         if self.has_velocity:
             self.d_beta[t] += torch.dot(self.dv, path.v() + g)
         self.dw = self.dw - (1 - beta) * (hdv + c * self.dv)
         self.d_l2 = self.d_l2 - (1 - beta) * LN10 * c * w * self.dv
+        for name, m in mixed.items():
+            self.d_scale[name] = self.d_scale[name] - (1 - beta) * m
         self.dv = beta * self.dv
+
+    def d_theta(self) -> torch.Tensor:
+        """The tuned hyperparameters' accumulated hypergradient, per element, as one vector:
+        the buffer hyperparameters' where the problem has them, else the L2 one's."""
+        if self.d_scale:
+            return torch.cat([d.reshape(-1) for d in self.d_scale.values()])
+        return self.d_l2
 
     def result(self) -> dict:
         out = {"w0": self.dw, "v0": self.dv, "val_loss": self.val_loss, "reverse_steps": self.path.reverse_steps}
@@ -82,6 +97,8 @@ class Reversal:
             out.update(alpha=self.d_alpha, beta=self.d_beta)
         if self.l2 is not None:
             out["log10_l2"] = self.problem.reduce_l2(self.l2, self.d_l2)
+        if self.problem.scales is not None:
+            out["scale"] = self.problem.scales.reduce(self.d_scale)
         return out
 
 
@@ -90,15 +107,16 @@ def reverse(problem: Problem, path: ReversiblePath, l2: HyperSpace | None, hvp: 
     """Walk `path` back from w_T to w_0 and return the hypergradients, keyed like the
     hyperparameters: {"log10_l2": {key: tensor}, "alpha": [T] (or [T, P]), "beta": [T],
     "w0": flat dL/dw_0, "v0": dL/dv_{-1}, "val_loss": f(w_T)}; with `record`, also "trace":
-    per reverse step (in reverse order) the norms of the accumulated per-element d lambda
-    and of dw (thesis figs 3.4-3.5)."""
+    per reverse step (in reverse order) the norms of the accumulated per-element d theta
+    (`Reversal.d_theta`) and of dw (thesis figs 3.4-3.5). Buffer hyperparameters' hypergradients
+    come back as "scale"."""
     state = Reversal(problem, path, l2, hvp)
-    trace = {"step": [], "l2_norm": [], "dw_norm": []}
+    trace = {"step": [], "theta_norm": [], "dw_norm": []}
     for s in reversed(range(path.reverse_steps)):
         state.step(s)
         if record:
             trace["step"].append(s)
-            trace["l2_norm"].append(state.d_l2.norm().item())
+            trace["theta_norm"].append(state.d_theta().norm().item())
             trace["dw_norm"].append(state.dw.norm().item())
     out = state.result()
     if record:
@@ -106,24 +124,34 @@ def reverse(problem: Problem, path: ReversiblePath, l2: HyperSpace | None, hvp: 
     return out
 
 
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (torch.dot(a, b) / (a.norm() * b.norm())).item() if a.norm() > 0 and b.norm() > 0 else float("nan")
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """cos(a, b); NaN when either is zero (no direction to compare)."""
+    na, nb = a.norm(), b.norm()
+    return (torch.dot(a, b) / (na * nb)).item() if na > 0 and nb > 0 else float("nan")
+
+
+def lockstep(problem: Problem, exact_path: ReversiblePath, float_path: ReversiblePath,
+             l2: HyperSpace | None, hvp: HVP) -> tuple[dict, dict, dict[str, list[float]]]:
+    """Walk one trajectory back with exact arithmetic and with floats side by side (both from
+    the same w_T, v_T): both methods' results, and per reverse step (thesis figs 3.4-3.6) the
+    norms of the exact d theta and dw, the distances between the two reversals' w, v, d theta
+    and dw, and the cosine of their d theta."""
+    exact, plain = Reversal(problem, exact_path, l2, hvp), Reversal(problem, float_path, l2, hvp)
+    keys = ("step", "theta_norm", "dw_norm", "w", "v", "d_theta", "dw", "cos_d_theta")
+    out = {k: [] for k in keys}
+    for s in reversed(range(exact_path.reverse_steps)):
+        exact.step(s)
+        plain.step(s)
+        d_exact, d_float = exact.d_theta(), plain.d_theta()
+        row = (s, d_exact.norm(), exact.dw.norm(), (exact_path.w() - float_path.w()).norm(),
+               (exact_path.v() - float_path.v()).norm(), (d_exact - d_float).norm(),
+               (exact.dw - plain.dw).norm(), cosine(d_exact, d_float))
+        for key, value in zip(keys, row):
+            out[key].append(float(value))
+    return exact.result(), plain.result(), out
 
 
 def reversal_drift(problem: Problem, exact_path: ReversiblePath, float_path: ReversiblePath,
                    l2: HyperSpace | None, hvp: HVP) -> dict[str, list[float]]:
-    """Thesis fig. 3.6: walk one trajectory back with exact arithmetic and with floats in
-    lockstep (both from the same w_T, v_T) and record, per reverse step, the distances between
-    their w, v, d lambda and dw, and the cosine of their d lambda."""
-    exact, plain = Reversal(problem, exact_path, l2, hvp), Reversal(problem, float_path, l2, hvp)
-    out = {k: [] for k in ("step", "w", "v", "d_l2", "dw", "cos_d_l2")}
-    for s in reversed(range(exact_path.reverse_steps)):
-        exact.step(s)
-        plain.step(s)
-        out["step"].append(s)
-        out["w"].append((exact_path.w() - float_path.w()).norm().item())
-        out["v"].append((exact_path.v() - float_path.v()).norm().item())
-        out["d_l2"].append((exact.d_l2 - plain.d_l2).norm().item())
-        out["dw"].append((exact.dw - plain.dw).norm().item())
-        out["cos_d_l2"].append(_cosine(exact.d_l2, plain.d_l2))
-    return out
+    """Thesis fig. 3.6: the per-step trace of `lockstep`."""
+    return lockstep(problem, exact_path, float_path, l2, hvp)[2]

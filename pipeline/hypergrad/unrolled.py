@@ -20,11 +20,11 @@ def l2_penalty(problem: Problem, w: torch.Tensor, l2: HyperSpace | None) -> torc
 
 
 def train(problem: Problem, l2: HyperSpace | None, alpha: torch.Tensor, beta: torch.Tensor,
-          w0: torch.Tensor, create_graph: bool) -> torch.Tensor:
+          w0: torch.Tensor, create_graph: bool, buffers: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """w_T of classical-momentum SGD; differentiable in every input when `create_graph`."""
     w, v = w0, problem.v0
     for t in range(problem.steps):
-        loss = problem.train_loss(w, t) + l2_penalty(problem, w, l2)
+        loss = problem.train_loss(w, t, buffers=buffers) + l2_penalty(problem, w, l2)
         g = torch.autograd.grad(loss, w, create_graph=create_graph)[0]
         v = beta[t] * v - (1 - beta[t]) * g
         w = w + alpha[t] * v
@@ -40,13 +40,18 @@ def hypergradient(problem: Problem, l2: HyperSpace | None) -> dict:
     alpha = problem.alpha.to(dtype).clone().requires_grad_()
     beta = problem.beta.to(dtype).clone().requires_grad_()
     w0 = problem.w0.clone().requires_grad_()
-    for leaf in leaves:
+    scales = problem.scales.clone() if problem.scales is not None else None
+    scale_leaves = list(scales.values.values()) if scales is not None else []
+    for leaf in leaves + scale_leaves:
         leaf.requires_grad_()
-    f = problem.val_loss(train(problem, l2, alpha, beta, w0, create_graph=True))
-    grads = torch.autograd.grad(f, [alpha, beta, w0, *leaves])
+    buffers = {n: scales.log_value(n).to(dtype) for n in scales.shapes} if scales is not None else None
+    f = problem.val_loss(train(problem, l2, alpha, beta, w0, create_graph=True, buffers=buffers), buffers)
+    grads = torch.autograd.grad(f, [alpha, beta, w0, *leaves, *scale_leaves], materialize_grads=True)
     out = {"alpha": grads[0], "beta": grads[1], "w0": grads[2], "val_loss": f.item()}
     if l2 is not None:
-        out["log10_l2"] = dict(zip(l2.values, grads[3:]))
+        out["log10_l2"] = dict(zip(l2.values, grads[3:3 + len(leaves)]))
+    if scales is not None:
+        out["scale"] = dict(zip(scales.values, grads[3 + len(leaves):]))
     return out
 
 
