@@ -181,6 +181,47 @@ class AdaptiveConfig(Section):
                            eval_batch_size=self.eval_batch_size, last_n=self.last_n)
 
 
+class QualityConfig(Section):
+    """How good are DrMAD hypergradients? The MNIST MLP study of thesis 3.1 (DESIGN §8)."""
+    data: DataConfig = DataConfig(source="mnist5k", train_size=3000, val_size=1000, test_size=1000)
+    lengths: list[int] = Field(default_factory=lambda: [200, 2000, 20000], min_length=1)  # forward steps T
+    hidden: list[int] = Field(default_factory=lambda: [50, 50, 50], min_length=1)  # MLP 784-50-50-50-10
+    batch_size: int = Field(default=100, ge=1)
+    alpha: float = Field(default=1.0, gt=0.0)  # w += alpha * v, v = m v - (1 - m) g
+    momentum: float = Field(default=0.9, ge=0.5, lt=1.0)  # classical; >= 0.5 for exact reversal
+    log10_l2: float = -4.0  # the fixed c of c ||z||^2 (the scales s carry the tuning)
+    init_scale: float = 0.0  # initial ln scale s of every unit
+    scale_bounds: list[float] = Field(default_factory=lambda: [-3.0, 3.0], min_length=2, max_length=2)
+    meta_iterations: int = Field(default=3, ge=1)
+    hyper_step: float = Field(default=0.1, gt=0.0)  # sign step of s, following DrMAD (thesis)
+    hyper_momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
+    drmad_steps: int = Field(default=200, ge=1)  # DrMAD with a fixed S, next to the heuristic's
+    multiplier: float = Field(default=1.0, gt=0.0)  # heuristic S = 1 / (multiplier * gamma)
+    max_reverse_steps: int = Field(default=100_000, ge=1)
+    step_map: Literal["same", "stride", "nearest"] = "same"
+    last: int = Field(default=100, ge=1)  # DrMAD2: float reversal of the last K steps
+    trace_points: int = Field(default=400, ge=2)  # reverse-pass rows kept per meta-iteration
+    dtype: Literal["float64", "float32"] = "float64"
+
+    @model_validator(mode="after")
+    def _checks(self):
+        low, high = self.scale_bounds
+        if low >= high:
+            raise ValueError(f"scale_bounds: [low, high] with low < high, got {self.scale_bounds}")
+        if not low <= self.init_scale <= high:
+            raise ValueError(f"init_scale: must lie within scale_bounds {self.scale_bounds}")
+        if any(t < 1 for t in self.lengths) or len(set(self.lengths)) != len(self.lengths):
+            raise ValueError(f"lengths: distinct forward lengths >= 1, got {self.lengths}")
+        return self
+
+
+class PathsConfig(Section):
+    """Parameter paths of the quality MLP (thesis figs 2.1-2.2)."""
+    steps: int = Field(default=2000, ge=2)
+    every: int = Field(default=10, ge=1)  # keep every n-th iterate
+    coordinates: int = Field(default=3, ge=1)  # random single coordinates plotted against the iteration
+
+
 class TrackingConfig(Section):
     experiment: str = Field(default="gbhpo", min_length=1)
 
@@ -193,6 +234,8 @@ class Params(Section):
     baseline: TrainConfig = TrainConfig()
     drmad: DrmadConfig = DrmadConfig()
     adaptive: AdaptiveConfig = AdaptiveConfig()
+    quality: QualityConfig = QualityConfig()
+    paths: PathsConfig = PathsConfig()
     tracking: TrackingConfig = TrackingConfig()
 
 

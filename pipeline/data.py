@@ -169,8 +169,8 @@ def digest(splits: dict[str, dict[str, Tensor]]) -> str:
     return h.hexdigest()
 
 
-def prepare(cfg: DataConfig, out_dir: str | Path) -> dict:
-    """Load `cfg.source`, split, normalise with train statistics, write out_dir atomically."""
+def build(cfg: DataConfig) -> tuple[dict[str, dict[str, Tensor]], dict]:
+    """Load `cfg.source`, split, normalise with train statistics: the splits and their meta."""
     pool, own_test = _SOURCES[cfg.source](cfg)
     idx = split_indices(cfg, len(pool), len(own_test) if own_test is not None else 0)
     raw = {s: (own_test if s == "test" and own_test is not None else pool).take(idx[s]) for s in SPLITS}
@@ -188,6 +188,12 @@ def prepare(cfg: DataConfig, out_dir: str | Path) -> dict:
         "mean": mean.tolist(), "std": std.tolist(),
         "digest": digest(splits),
     }
+    return splits, meta
+
+
+def prepare(cfg: DataConfig, out_dir: str | Path) -> dict:
+    """`build`, then write the splits and meta.json to out_dir atomically."""
+    splits, meta = build(cfg)
     with atomic_dir(out_dir) as tmp:
         for s in SPLITS:
             torch.save(splits[s], tmp / f"{s}.pt")

@@ -41,3 +41,101 @@ def meta_curves(per_meta: pd.DataFrame, title: str) -> Figure:
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def save(figure: Figure, path) -> None:
+    """Write a PNG and free the figure."""
+    figure.savefig(path, format="png", dpi=110)
+    plt.close(figure)
+
+
+LABELS = {"exact": "exact", "float": "float reversal", "drmad": "DrMAD (heuristic S)",
+          "drmad_fixed": "DrMAD (fixed S)", "drmad2": "DrMAD2"}
+
+
+def _by_method(ax, table: pd.DataFrame, column: str, methods) -> None:
+    for method in methods:
+        rows = table[table["method"] == method]
+        ax.plot(rows["meta_iteration"], rows[column], marker="o", label=LABELS.get(method, method))
+
+
+def quality_figures(frames: dict[str, pd.DataFrame], title: str) -> dict[str, Figure]:
+    """The quality stage's figures, named after the thesis figures they reproduce."""
+    hyper, errors, trace = frames["hypergrads"], frames["errors"], frames["reverse"]
+    out = {}
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    _by_method(ax, hyper, "norm", LABELS)
+    ax.set(yscale="log", xlabel="meta-iteration", ylabel="hypergradient norm", title=f"Fig 3.1 norms, {title}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    out["fig3_1_norms.png"] = fig
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, column, name in zip(axes, ("cos_exact", "sign_cos_exact"), ("hypergradients", "their signs")):
+        _by_method(ax, hyper, column, ("float", "drmad", "drmad_fixed", "drmad2"))
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set(xlabel="meta-iteration", ylabel="cosine with exact", title=f"Fig 3.2 cosine of {name}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    out["fig3_2_cosines.png"] = fig
+
+    wide = errors.pivot(index="meta_iteration", columns="split", values="error").reset_index()
+    out["fig3_3_errors.png"] = meta_curves(wide.rename(columns={s: f"{s}_error" for s in ("train", "val", "test")}),
+                                           f"Fig 3.3 errors, {title}")
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, quantity, name in zip(axes, ("theta_norm", "dw_norm"), ("|d theta| (d s)", "|dw|")):
+        for i, rows in trace[trace["quantity"] == quantity].groupby("meta_iteration"):
+            ax.plot(rows["steps_back"], rows["value"], label=f"meta-iteration {i}")
+        ax.set(yscale="log", xlabel="reverse steps from w_T", ylabel=name, title=f"Figs 3.4-3.5 exact {name}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    out["fig3_4_reverse_norms.png"] = fig
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    first = trace[trace["meta_iteration"] == trace["meta_iteration"].min()]
+    for quantity in ("w", "v", "d_theta", "dw"):
+        rows = first[first["quantity"] == quantity]
+        axes[0].plot(rows["steps_back"], rows["value"].clip(lower=1e-300), label=quantity)
+    axes[0].set(yscale="log", xlabel="reverse steps from w_T", ylabel="|exact - float|",
+                title="Fig 3.6 float vs exact reversal")
+    axes[0].legend(fontsize=8)
+    rows = first[first["quantity"] == "cos_d_theta"]
+    axes[1].plot(rows["steps_back"], rows["value"])
+    axes[1].set(xlabel="reverse steps from w_T", ylabel="cosine", title="cos(d theta exact, d theta float)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{title}, first meta-iteration")
+    out["fig3_6_drift.png"] = fig
+    for figure in out.values():
+        figure.tight_layout()
+    return out
+
+
+def parameter_paths(path: pd.DataFrame, coordinates: pd.DataFrame, explained: list[float]) -> dict[str, Figure]:
+    """Thesis figs 2.1-2.2: the stored iterates on two random coordinates and on the top-2
+    principal components, and single coordinates against the iteration."""
+    out = {}
+    for projection, name, labels in (("random", "fig2_1_random_coordinates.png", ("coordinate a", "coordinate b")),
+                                     ("pca", "fig2_2_pca.png", (f"PC1 ({100 * explained[0]:.1f}%)",
+                                                                 f"PC2 ({100 * explained[1]:.1f}%)"))):
+        rows = path[path["projection"] == projection]
+        fig, ax = plt.subplots(figsize=(5, 5))
+        points = ax.scatter(rows["x"], rows["y"], c=rows["iteration"], s=6, cmap="viridis")
+        ax.plot(rows["x"], rows["y"], lw=0.5, color="grey")
+        ax.set(xlabel=labels[0], ylabel=labels[1], title=f"Parameter path: {projection}")
+        fig.colorbar(points, ax=ax, label="iteration")
+        fig.tight_layout()
+        out[name] = fig
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for coordinate, rows in coordinates.groupby("coordinate"):
+        ax.plot(rows["iteration"], rows["value"], label=f"w[{coordinate}]")
+    ax.set(xlabel="iteration", ylabel="value", title="Single coordinates along training")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out["fig2_2_coordinates.png"] = fig
+    return out

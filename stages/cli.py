@@ -9,7 +9,7 @@ import uuid
 import click
 
 from pipeline.config import load_params
-from stages import adaptive, baseline, drmad, prepare
+from stages import adaptive, baseline, drmad, paths, prepare, quality
 from stages.common import params_option, user_errors_exit_2
 
 
@@ -40,6 +40,8 @@ main.add_command(prepare.main, "prepare")
 main.add_command(baseline.main, "baseline")
 main.add_command(drmad.main, "drmad")
 main.add_command(adaptive.main, "adaptive")
+main.add_command(quality.main, "quality")
+main.add_command(paths.main, "paths")
 
 if __name__ == "__main__":
     main()

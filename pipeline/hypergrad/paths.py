@@ -41,16 +41,19 @@ class FloatPath(_ForwardStepsOneToOne):
         self.problem, self._w, self._v = problem, w.clone(), v.clone()
 
     @classmethod
-    def train(cls, problem: Problem, l2_coef: torch.Tensor) -> "FloatPath":
-        """Float SGD from w_0; records distances[t-1] = |w_t - w_0| (DrMAD's step heuristic)."""
+    def train(cls, problem: Problem, l2_coef: torch.Tensor, keep_every: int | None = None) -> "FloatPath":
+        """Float SGD from w_0; records distances[t-1] = |w_t - w_0| (DrMAD's step heuristic) and,
+        with `keep_every`, the iterates w_0, w_k, w_2k, ... on the CPU (parameter-path figures)."""
         path = cls(problem, problem.w0, torch.zeros_like(problem.w0))
-        distances = []
+        distances, path.iterates = [], [problem.w0.cpu()] if keep_every else []
         for t in range(problem.steps):
             g = problem.train_grad(path._w, t) + l2_coef * path._w
             beta = problem.beta[t].item()
             path._v = beta * path._v - (1 - beta) * g
             path._w = path._w + problem.alpha_at(t) * path._v
             distances.append(torch.linalg.vector_norm(path._w - problem.w0))
+            if keep_every and (t + 1) % keep_every == 0:
+                path.iterates.append(path._w.cpu())
         path.distances = torch.stack(distances).double().cpu()
         return path
 

@@ -95,7 +95,8 @@ class Problem:
             return {}
         return {n: self.scales.log_value(n).to(self.dtype) for n in self.scales.shapes}
 
-    def _tensors(self, w: torch.Tensor, buffers: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    def named(self, w: torch.Tensor, buffers: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """What `functional_call` needs: the weights' named views and the buffer hyperparameters."""
         return {**self.unflatten(w), **(self.buffers() if buffers is None else buffers)}
 
     def train_loss(self, w: torch.Tensor, t: int, batch: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -105,15 +106,17 @@ class Problem:
         `buffers` overrides the buffer hyperparameters (to differentiate through them)."""
         x, y = batch if batch is not None else self.batch(t)
         self.model.train()
+        if not self._dropout:  # no masks to draw: skip the per-step generator
+            return F.cross_entropy(functional_call(self.model, self.named(w, buffers), (x,)), y)
         with dropout_masks(self.model, generator(self.seed, MASK_STREAM, self.first_step + t, self.x.device)):
-            logits = functional_call(self.model, self._tensors(w, buffers), (x,))
+            logits = functional_call(self.model, self.named(w, buffers), (x,))
         return F.cross_entropy(logits, y)
 
     def val_loss(self, w: torch.Tensor, buffers: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         self.model.train()
         for m in self._dropout:
             m.eval()  # dropout off, BatchNorm on the validation set's own statistics
-        logits = functional_call(self.model, self._tensors(w, buffers), (self.val_x,))
+        logits = functional_call(self.model, self.named(w, buffers), (self.val_x,))
         return F.cross_entropy(logits, self.val_y)
 
     def train_grad(self, w: torch.Tensor, t: int) -> torch.Tensor:

@@ -132,16 +132,24 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def lockstep(problem: Problem, exact_path: ReversiblePath, float_path: ReversiblePath,
              l2: HyperSpace | None, hvp: HVP) -> tuple[dict, dict, dict[str, list[float]]]:
-    """Walk one trajectory back with exact arithmetic and with floats side by side (both from
-    the same w_T, v_T): both methods' results, and per reverse step (thesis figs 3.4-3.6) the
+    """Walk a trajectory back with exact arithmetic and with floats side by side (the float
+    path from the same w_T, v_T, or from its own float run of the same seed): both results, and per reverse step (thesis figs 3.4-3.6) the
     norms of the exact d theta and dw, the distances between the two reversals' w, v, d theta
-    and dw, and the cosine of their d theta."""
+    and dw, and the cosine of their d theta. Float reversal that overflows is stopped and its
+    hypergradient is NaN from there on (it has no finite value to report)."""
     exact, plain = Reversal(problem, exact_path, l2, hvp), Reversal(problem, float_path, l2, hvp)
     keys = ("step", "theta_norm", "dw_norm", "w", "v", "d_theta", "dw", "cos_d_theta")
     out = {k: [] for k in keys}
+    lost = False  # once float reversal is not finite it stays so: stop paying for its steps
     for s in reversed(range(exact_path.reverse_steps)):
         exact.step(s)
-        plain.step(s)
+        if not lost:
+            plain.step(s)
+            lost = not (bool(torch.isfinite(plain.dw).all()) and bool(torch.isfinite(float_path.w()).all()))
+            if lost:
+                plain.dw = torch.full_like(plain.dw, float("nan"))
+                plain.d_l2 = torch.full_like(plain.d_l2, float("nan"))
+                plain.d_scale = {k: torch.full_like(v, float("nan")) for k, v in plain.d_scale.items()}
         d_exact, d_float = exact.d_theta(), plain.d_theta()
         row = (s, d_exact.norm(), exact.dw.norm(), (exact_path.w() - float_path.w()).norm(),
                (exact_path.v() - float_path.v()).norm(), (d_exact - d_float).norm(),

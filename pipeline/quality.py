@@ -1,0 +1,257 @@
+"""The `quality` stage: how good are DrMAD hypergradients? (thesis 3.1, DESIGN §8)
+
+The MNIST MLP in the form w = e^s * z trains z on CE(e^s * z) + c ||z||^2 from a fixed seeded
+z_0; the per-unit log scales s are the hyperparameters. Each meta-iteration trains with one
+seed (batches, z_0) in exact arithmetic and in floats, and takes five hypergradients of the
+validation loss: exact, float reversal (walked back side by side with exact: figs 3.4-3.6), DrMAD with
+the heuristic S and with a fixed S, and DrMAD2. Then s follows the sign of the heuristic
+DrMAD's hypergradient, as the thesis did. A checkpoint after each meta-iteration lets an
+interrupted run resume; leaving the fixed-point range or a non-finite value ends the run as
+the outcome `diverged`.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch.func import functional_call
+from tqdm import tqdm
+
+from pipeline import data, io, plots
+from pipeline.baseline import Tracker
+from pipeline.checkpoint import Checkpoint, fingerprint
+from pipeline.config import Params, QualityConfig
+from pipeline.hyper import HyperSpace
+from pipeline.hypergrad import ExactPath, FixedPointOverflow, FloatPath, Problem
+from pipeline.hypergrad.drmad import Drmad2Path, LinePath, heuristic_steps, step_map
+from pipeline.hypergrad.hvp import HVP, HVP_METHODS, default_hvp
+from pipeline.hypergrad.reverse import cosine, lockstep, reverse
+from pipeline.meta import layer_summary, sign_step, zero_momentum
+from pipeline.models import MLP
+from pipeline.training import INIT_STREAM, derive_seed, make_deterministic, resolve_device
+
+METHODS = ("exact", "float", "drmad", "drmad_fixed", "drmad2")
+FOLLOWED = "drmad"  # the hypergradient whose sign the meta-iterations follow
+TRACE = ("theta_norm", "dw_norm", "w", "v", "d_theta", "dw", "cos_d_theta")
+
+
+@dataclass(frozen=True)
+class QualityPaths:
+    metrics: Path
+    hypergrads_csv: Path
+    errors_csv: Path
+    reverse_csv: Path
+    figures: Path
+    checkpoint: Path
+
+    @classmethod
+    def for_length(cls, steps: int, root: Path = Path(".")) -> "QualityPaths":
+        return cls(root / f"metrics/quality_{steps}.json", root / f"plots/quality/{steps}/hypergrads.csv",
+                   root / f"plots/quality/{steps}/errors.csv", root / f"plots/quality/{steps}/reverse.csv",
+                   root / f"figures/quality/{steps}", root / f"checkpoints/quality_{steps}.pt")
+
+
+def build_mlp(cfg: QualityConfig, seed: int, in_features: int, num_classes: int) -> MLP:
+    """The scaled MLP with z_0 drawn from `seed` alone (on the CPU, so every device starts equal)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, INIT_STREAM))
+        return MLP((in_features, *cfg.hidden, num_classes), scaled=True)
+
+
+def build_problem(cfg: QualityConfig, seed: int, steps: int, splits: dict, meta: dict,
+                  device: torch.device) -> Problem:
+    dtype = getattr(torch, cfg.dtype)
+    x, y = (splits["train"][k].to(device) for k in ("x", "y"))
+    model = build_mlp(cfg, seed, x[0].numel(), meta["num_classes"]).to(device, dtype)
+    scales = HyperSpace.scales(model, cfg.init_scale, bounds=tuple(cfg.scale_bounds), device=device)
+    return Problem(model, x.flatten(1).to(dtype), y, splits["val"]["x"].flatten(1).to(device, dtype),
+                   splits["val"]["y"].to(device), alpha=torch.full((steps,), cfg.alpha),
+                   beta=torch.full((steps,), cfg.momentum), batch_size=cfg.batch_size, seed=seed, scales=scales)
+
+
+def flat(named: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in named.values()])
+
+
+def error_rate(problem: Problem, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        logits = functional_call(problem.model, problem.named(w), (x.flatten(1).to(problem.dtype),))
+    return (logits.argmax(1) != y).double().mean().item()
+
+
+def hypergradients(problem: Problem, l2: HyperSpace, cfg: QualityConfig, hvp: HVP) -> dict:
+    """The five hypergradients of s (flat, by method) of one seeded training, the reverse-pass
+    trace of exact vs float reversal, w_T and the reverse steps DrMAD took.
+
+    Exact reversal undoes the fixed-point run; the float methods use the float run of the same
+    seed (the two differ by rounding only). Float reversal must undo its own run: undoing the
+    fixed-point one in floats would miss the bits the buffer restores (up to 2^-32 in v per
+    step) and so overstate its error."""
+    coef = problem.l2_coefficients(l2)
+    path, floats = ExactPath.train(problem, coef), FloatPath.train(problem, coef)
+    w_T, v_T, distances = floats.w(), floats.v(), floats.distances  # what the float methods see
+
+    def line(steps: int) -> LinePath:
+        return LinePath(problem.w0, w_T, steps, step_map(cfg.step_map, steps, problem.steps, distances))
+
+    def heuristic(d: torch.Tensor) -> int:
+        return min(heuristic_steps(d, cfg.multiplier), cfg.max_reverse_steps)
+
+    exact_w_T = path.w()
+    tail = FloatPath(problem, w_T, v_T)  # DrMAD2's copy: lockstep walks `floats` back to w_0
+    exact, plain, trace = lockstep(problem, path, floats, l2, hvp)
+    steps = heuristic(distances)
+    k = min(cfg.last, problem.steps)
+    tail.distances = distances
+    head = problem.steps - k
+    drmad2_path = Drmad2Path(problem, tail, k, heuristic(distances[:head]) if head else 0, cfg.step_map)
+    results = (exact, plain, reverse(problem, line(steps), l2, hvp), reverse(problem, line(cfg.drmad_steps), l2, hvp),
+               reverse(problem, drmad2_path, l2, hvp))
+    return {"grads": {m: flat(r["scale"]) for m, r in zip(METHODS, results)}, "named": results[2]["scale"],
+            "trace": trace, "w_T": exact_w_T, "reverse_steps": steps, "val_loss": exact["val_loss"]}
+
+
+def compare(grads: dict[str, torch.Tensor]) -> list[dict]:
+    """Per method: its norm, and the cosines of it and of its sign vector with the exact one's."""
+    exact = grads["exact"]
+    return [{"method": m, "norm": g.norm().item(), "norm_ratio": (g.norm() / exact.norm()).item(),
+             "cos_exact": cosine(g, exact), "sign_cos_exact": cosine(torch.sign(g), torch.sign(exact))}
+            for m, g in grads.items()]
+
+
+def thin(trace: dict[str, list[float]], points: int) -> list[int]:
+    """Evenly spread row indices of a reverse trace, first and last always kept."""
+    n = len(trace["step"])
+    return sorted({round(i * (n - 1) / (points - 1)) for i in range(points)}) if n > points else list(range(n))
+
+
+class Study:
+    """State of one forward length's meta-iterations (what a checkpoint holds)."""
+
+    def __init__(self, scales: HyperSpace):
+        self.scales, self.momentum = scales, zero_momentum(scales)
+        self.iteration, self.outcome = 0, "finished"
+        self.rows: dict[str, list[dict]] = {"hypergrads": [], "errors": [], "reverse": [], "layers": [], "meta": []}
+
+    def state(self) -> dict:
+        return {"values": self.scales.values, "momentum": self.momentum, "iteration": self.iteration,
+                "outcome": self.outcome, "rows": self.rows}
+
+    def restore(self, state: dict) -> None:
+        for key, value in state["values"].items():
+            self.scales.values[key].copy_(value)
+            self.momentum[key].copy_(state["momentum"][key])
+        self.iteration, self.outcome, self.rows = state["iteration"], state["outcome"], state["rows"]
+
+
+def meta_iteration(study: Study, problem: Problem, l2: HyperSpace, cfg: QualityConfig, splits: dict,
+                   hvp: HVP, tracker: Tracker | None) -> bool:
+    """Five hypergradients, their comparison, errors, a sign step. False when it diverged."""
+    i, start = study.iteration, time.perf_counter()
+    study.rows["layers"] += [{"meta_iteration": i, "layer": n, **s} for n, s in layer_summary(study.scales).items()]
+    try:
+        got = hypergradients(problem, l2, cfg, hvp)
+    except FixedPointOverflow:
+        return False
+    if not all(bool(torch.isfinite(got["grads"][m]).all()) for m in ("exact", FOLLOWED)):
+        return False  # the others may overflow (float reversal does, for long T): recorded as NaN
+    compared = compare(got["grads"])
+    errors = {s: error_rate(problem, got["w_T"], *(splits[s][k].to(problem.x.device) for k in ("x", "y")))
+              for s in ("train", "val", "test")}
+    sign_step(study.scales, got["named"], study.momentum, cfg.hyper_step, cfg.hyper_momentum)
+
+    study.rows["hypergrads"] += [{"meta_iteration": i, **row} for row in compared]
+    study.rows["errors"] += [{"meta_iteration": i, "split": s, "error": e} for s, e in errors.items()]
+    trace = got["trace"]
+    study.rows["reverse"] += [{"meta_iteration": i, "steps_back": j + 1, "quantity": q, "value": trace[q][j]}
+                              for j in thin(trace, cfg.trace_points) for q in TRACE]
+    study.rows["meta"].append({"meta_iteration": i, "reverse_steps": got["reverse_steps"], "val_loss": got["val_loss"],
+                               "seconds": time.perf_counter() - start, **{f"{s}_error": e for s, e in errors.items()}})
+    if tracker:
+        metrics = {f"meta/error/{s}": e for s, e in errors.items()}
+        for row in compared:
+            metrics.update({f"hypergrad/norm/{row['method']}": row["norm"],
+                            f"hypergrad/cos_exact/{row['method']}": row["cos_exact"],
+                            f"hypergrad/sign_cos_exact/{row['method']}": row["sign_cos_exact"]})
+        for row in (r for r in study.rows["layers"] if r["meta_iteration"] == i):
+            metrics[f"hyper/log_scale/{row['layer']}/mean"] = row["mean"]
+        tracker.log_metrics({**metrics, "drmad/reverse_steps": got["reverse_steps"]}, step=i)
+    return True
+
+
+def run(params: Params, steps: int, paths: QualityPaths, tracker: Tracker | None = None,
+        progress: bool | None = None) -> dict:
+    """`quality.meta_iterations` meta-iterations at forward length `steps`; writes every output."""
+    cfg = params.quality
+    make_deterministic()
+    device = resolve_device(params.device)
+    splits, meta = data.build(cfg.data)
+    problem = build_problem(cfg, params.seed, steps, splits, meta, device)
+    l2 = HyperSpace.l2(problem.model, cfg.log10_l2, "global", device=device)
+    study = Study(problem.scales)
+    checkpoint = Checkpoint(paths.checkpoint, fingerprint(steps, params.seed, cfg.model_dump(), meta["digest"]))
+    if (saved := checkpoint.load(device)) is not None:
+        study.restore(saved)
+    hvp = HVP_METHODS[default_hvp(device)]
+    started = time.perf_counter()
+    bar = tqdm(range(study.iteration, cfg.meta_iterations), desc=f"quality T={steps}", unit="meta-it",
+               initial=study.iteration, total=cfg.meta_iterations,
+               disable=not (sys.stderr.isatty() if progress is None else progress))
+    for _ in bar:
+        if study.outcome == "diverged":
+            break
+        if meta_iteration(study, problem, l2, cfg, splits, hvp, tracker):
+            study.iteration += 1
+        else:
+            study.outcome = "diverged"  # s keeps its last finite values
+            if tracker:
+                tracker.set_tag("outcome", "diverged")
+        checkpoint.save(study.state())
+    metrics = summarise(study, steps, time.perf_counter() - started)
+    write_outputs(paths, study, metrics, steps, tracker)
+    checkpoint.clear()
+    return metrics
+
+
+def summarise(study: Study, steps: int, seconds: float) -> dict:
+    """Per compared method, lists over meta-iterations of the norm ratio and cosines to exact."""
+    table = pd.DataFrame(study.rows["hypergrads"])
+    out = {"forward_steps": steps, "outcome": study.outcome, "meta_iterations_completed": study.iteration,
+           "wall_time_s": round(seconds, 1),
+           "reverse_steps": [r["reverse_steps"] for r in study.rows["meta"]]}
+    for method in METHODS[1:]:
+        rows = table[table["method"] == method] if len(table) else table
+        for key in ("norm_ratio", "cos_exact", "sign_cos_exact"):
+            out[f"{method}/{key}"] = [number(v) for v in rows[key]] if len(rows) else []
+    errors = study.rows["meta"][-1] if study.rows["meta"] else {}
+    out.update({f"final_{s}_error": errors.get(f"{s}_error") for s in ("train", "val", "test")})
+    return out
+
+
+def number(value: float) -> float | None:
+    """6 significant digits for JSON; None for NaN/inf (not JSON, and not a measurement)."""
+    return float(f"{value:.6g}") if math.isfinite(value) else None
+
+
+def write_outputs(paths: QualityPaths, study: Study, metrics: dict, steps: int, tracker: Tracker | None) -> None:
+    frames = {name: pd.DataFrame(study.rows[name]) for name in ("hypergrads", "errors", "reverse")}
+    for path, name in ((paths.hypergrads_csv, "hypergrads"), (paths.errors_csv, "errors"),
+                       (paths.reverse_csv, "reverse")):
+        with io.atomic_path(path) as tmp:
+            frames[name].to_csv(tmp, index=False)
+    figures = plots.quality_figures(frames, f"T = {steps:,}") if study.rows["meta"] else {}
+    with io.atomic_dir(paths.figures) as tmp:
+        for name, figure in figures.items():
+            plots.save(figure, tmp / name)
+    io.write_json(paths.metrics, metrics)
+    if tracker:
+        tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None})
+        for path in (paths.metrics, paths.hypergrads_csv, paths.errors_csv, paths.reverse_csv):
+            tracker.log_artifact(path)
+        for png in sorted(paths.figures.glob("*.png")):
+            tracker.log_artifact(png, "figures")

@@ -1,0 +1,24 @@
+"""DVC stage `paths`: the quality MLP's parameter path (thesis figs 2.1-2.2)."""
+import click
+
+from pipeline import param_paths
+from pipeline.config import load_params
+from pipeline.tracking import stage_run
+from stages.common import params_option, user_errors_exit_2
+
+
+@click.command(help="Train the quality stage's MLP for `paths.steps` steps, keep every `paths.every`-th iterate "
+                    "and draw the path on two random coordinates, single coordinates against the iteration, and "
+                    "the top-2 principal components. Writes metrics/paths.json, plots/paths/*.csv and "
+                    "figures/paths/*.png.")
+@params_option
+@user_errors_exit_2
+def main(params_file: str) -> None:
+    params = load_params(params_file)
+    with stage_run("paths", params) as run:
+        metrics = param_paths.run(params, tracker=run)
+    click.echo(f"paths: straightness {metrics['straightness']}, top-2 PCA share {metrics['pca_explained_top2']}")
+
+
+if __name__ == "__main__":
+    main()

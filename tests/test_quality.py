@@ -1,0 +1,146 @@
+"""The quality and paths stages: the five hypergradients agree where theory says they must,
+the comparison code is right on hand-made vectors, outputs are valid files, runs resume."""
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from pipeline import data, param_paths, quality
+from pipeline.config import parse_params
+from pipeline.hyper import HyperSpace
+from pipeline.hypergrad.hvp import double_backward
+
+TINY = {"device": "cpu",
+        "quality": {"data": {"source": "mnist5k", "train_size": 200, "val_size": 100, "test_size": 100},
+                    "hidden": [10, 10], "batch_size": 20, "alpha": 0.3, "meta_iterations": 2,
+                    "drmad_steps": 5, "last": 3, "trace_points": 7},
+        "paths": {"steps": 40, "every": 4, "coordinates": 2}}
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny(**quality_overrides):
+    return parse_params({**TINY, "quality": {**TINY["quality"], **quality_overrides}})
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return data.build(tiny().quality.data)
+
+
+def five(params, steps, splits):
+    built, meta = splits
+    problem = quality.build_problem(params.quality, params.seed, steps, built, meta, torch.device("cpu"))
+    l2 = HyperSpace.l2(problem.model, params.quality.log10_l2, "global")
+    return quality.hypergradients(problem, l2, params.quality, double_backward)
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_float_reversal_is_exact_to_rounding_for_short_runs_and_drifts_with_t(splits):
+    short = five(tiny(), 10, splits)["grads"]
+    assert rel(short["float"], short["exact"]) <= 1e-8
+    long = five(tiny(), 400, splits)
+    assert rel(long["grads"]["float"], long["grads"]["exact"]) > 10 * rel(short["float"], short["exact"])
+    w = long["trace"]["w"]  # fig. 3.6: float reversal walks away from the exact one
+    assert w[-1] > 100 * w[0]
+
+
+def test_drmad2_with_k_equal_t_is_float_reversal(splits):
+    got = five(tiny(last=30), 30, splits)["grads"]
+    assert rel(got["drmad2"], got["float"]) <= 1e-12
+
+
+def test_drmad_on_a_straight_path_is_exact(splits):
+    """One forward step is a straight line: DrMAD with S = T = 1 walks the true path."""
+    got = five(tiny(drmad_steps=1), 1, splits)
+    assert got["reverse_steps"] == 1
+    assert rel(got["grads"]["drmad"], got["grads"]["exact"]) <= 1e-6
+    assert rel(got["grads"]["drmad_fixed"], got["grads"]["exact"]) <= 1e-6
+
+
+def test_compare_on_hand_made_vectors():
+    exact = torch.tensor([1.0, 0.0, -2.0, 0.0])
+    rows = {r["method"]: r for r in quality.compare({
+        "exact": exact, "same": 3 * exact, "opposite": -exact,
+        "orthogonal": torch.tensor([0.0, 5.0, 0.0, 0.0]), "half": torch.tensor([1.0, 1.0, 0.0, 0.0])})}
+    assert rows["same"]["cos_exact"] == pytest.approx(1.0) and rows["same"]["norm_ratio"] == pytest.approx(3.0)
+    assert rows["opposite"]["cos_exact"] == pytest.approx(-1.0) and rows["opposite"]["sign_cos_exact"] == pytest.approx(-1.0)
+    assert rows["orthogonal"]["cos_exact"] == 0.0 and rows["orthogonal"]["sign_cos_exact"] == 0.0
+    assert rows["half"]["cos_exact"] == pytest.approx(1 / math.sqrt(10))
+    assert rows["half"]["sign_cos_exact"] == pytest.approx(1 / 2)  # signs (1,1,0,0) vs (1,0,-1,0)
+
+
+def test_stage_writes_long_tables_figures_and_metrics(tmp_path):
+    paths = quality.QualityPaths.for_length(20, tmp_path)
+    metrics = quality.run(tiny(), 20, paths)
+    assert metrics["outcome"] == "finished" and metrics["meta_iterations_completed"] == 2
+    assert len(metrics["drmad/cos_exact"]) == 2 and all(-1 <= c <= 1 for c in metrics["drmad/cos_exact"])
+    assert json.loads(paths.metrics.read_text()) == metrics
+    hyper = pd.read_csv(paths.hypergrads_csv)
+    assert set(hyper["method"]) == set(quality.METHODS) and len(hyper) == 2 * len(quality.METHODS)
+    assert hyper[hyper["method"] == "exact"]["cos_exact"].tolist() == pytest.approx([1.0, 1.0])
+    reverse = pd.read_csv(paths.reverse_csv)
+    assert set(reverse["quantity"]) == set(quality.TRACE) and reverse["steps_back"].max() == 20
+    assert len(reverse) == 2 * 7 * len(quality.TRACE)  # thinned to trace_points per meta-iteration
+    assert set(pd.read_csv(paths.errors_csv)["split"]) == {"train", "val", "test"}
+    names = sorted(p.name for p in paths.figures.iterdir())
+    assert names == ["fig3_1_norms.png", "fig3_2_cosines.png", "fig3_3_errors.png", "fig3_4_reverse_norms.png",
+                     "fig3_6_drift.png"]
+    assert all((paths.figures / n).read_bytes().startswith(PNG) for n in names)
+    assert not paths.checkpoint.exists()
+
+
+def test_interrupted_run_resumes_to_the_same_numbers(tmp_path, monkeypatch):
+    straight = quality.run(tiny(), 20, quality.QualityPaths.for_length(20, tmp_path / "a"))
+    paths = quality.QualityPaths.for_length(20, tmp_path / "b")
+    real, calls = quality.meta_iteration, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed during the second meta-iteration
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(quality, "meta_iteration", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        quality.run(tiny(), 20, paths)
+    assert paths.checkpoint.exists() and not paths.metrics.exists()
+    monkeypatch.setattr(quality, "meta_iteration", real)
+    resumed = quality.run(tiny(), 20, paths)
+    assert {k: v for k, v in resumed.items() if k != "wall_time_s"} == \
+        {k: v for k, v in straight.items() if k != "wall_time_s"}
+    assert paths.hypergrads_csv.read_text() == (tmp_path / "a/plots/quality/20/hypergrads.csv").read_text()
+
+
+def test_leaving_the_fixed_point_range_is_an_outcome(tmp_path):
+    paths = quality.QualityPaths.for_length(20, tmp_path)
+    metrics = quality.run(tiny(alpha=1e9), 20, paths)
+    assert metrics["outcome"] == "diverged" and metrics["meta_iterations_completed"] == 0
+    assert json.loads(paths.metrics.read_text())["outcome"] == "diverged"
+
+
+def test_paths_stage_projections_and_figures(tmp_path):
+    paths = param_paths.PathsPaths().under(tmp_path)
+    metrics = param_paths.run(tiny(), paths)
+    assert metrics["iterates_kept"] == 11  # w_0 and every 4th of 40 steps
+    assert 0 < metrics["straightness"] <= 1
+    top2 = metrics["pca_explained_top2"]
+    assert top2[0] >= top2[1] > 0 and sum(top2) <= 1 + 1e-12
+    path = pd.read_csv(paths.path_csv)
+    assert set(path["projection"]) == {"random", "pca"} and len(path) == 22
+    assert pd.read_csv(paths.coordinates_csv)["coordinate"].nunique() == 2
+    assert all(p.read_bytes().startswith(PNG) for p in paths.figures.iterdir())
+    assert len(list(paths.figures.iterdir())) == 3
+
+
+def test_projections_recover_a_straight_line():
+    direction = torch.randn(50, dtype=torch.float64)
+    iterates = torch.stack([k * direction for k in range(6)])
+    frame, explained = param_paths.projections(iterates, list(range(6)), torch.tensor([3, 7]))
+    assert explained[0] == pytest.approx(1.0) and explained[1] == pytest.approx(0.0, abs=1e-12)
+    random = frame[frame["projection"] == "random"]
+    assert random["x"].tolist() == pytest.approx([k * direction[3].item() for k in range(6)])
