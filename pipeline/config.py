@@ -187,7 +187,7 @@ class QualityConfig(Section):
     lengths: list[int] = Field(default_factory=lambda: [200, 2000, 20000], min_length=1)  # forward steps T
     hidden: list[int] = Field(default_factory=lambda: [50, 50, 50], min_length=1)  # MLP 784-50-50-50-10
     batch_size: int = Field(default=100, ge=1)
-    alpha: float = Field(default=1.0, gt=0.0)  # w += alpha * v, v = m v - (1 - m) g
+    alpha: float = Field(default=0.3, gt=0.0)  # w += alpha * v, v = m v - (1 - m) g
     momentum: float = Field(default=0.9, ge=0.5, lt=1.0)  # classical; >= 0.5 for exact reversal
     log10_l2: float = -4.0  # the fixed c of c ||z||^2 (the scales s carry the tuning)
     init_scale: float = 0.0  # initial ln scale s of every unit
@@ -222,6 +222,10 @@ class PathsConfig(Section):
     coordinates: int = Field(default=3, ge=1)  # random single coordinates plotted against the iteration
 
 
+class ReportConfig(Section):
+    last_n: int = Field(default=3, ge=1)  # DrMAD rows: mean test error of the last n meta-iterations
+
+
 class TrackingConfig(Section):
     experiment: str = Field(default="gbhpo", min_length=1)
 
@@ -236,6 +240,7 @@ class Params(Section):
     adaptive: AdaptiveConfig = AdaptiveConfig()
     quality: QualityConfig = QualityConfig()
     paths: PathsConfig = PathsConfig()
+    report: ReportConfig = ReportConfig()
     tracking: TrackingConfig = TrackingConfig()
 
 
@@ -290,10 +295,15 @@ def parse_params(raw: object) -> Params:
         raise ConfigError(f"{PARAMS_FILE}: {_describe(exc.errors()[0], Params)}") from None
 
 
+def read_yaml(text: str) -> object:
+    """YAML with 1.2 floats (`1e-4` is a number), as params.yaml is read."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
     path = Path(path)
     try:
-        raw = yaml.load(path.read_text(), Loader=_Loader)
+        raw = read_yaml(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: not found; run from the repository root") from None
     except yaml.YAMLError as exc:

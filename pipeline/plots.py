@@ -139,3 +139,33 @@ def parameter_paths(path: pd.DataFrame, coordinates: pd.DataFrame, explained: li
     fig.tight_layout()
     out["fig2_2_coordinates.png"] = fig
     return out
+
+
+def runs_test_error(curves: dict[str, pd.DataFrame]) -> Figure:
+    """Test error per epoch of every run on one plot."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, frame in curves.items():
+        ax.plot(frame["epoch"], 100 * frame["test_error"], marker=".", label=name)
+    ax.set(xlabel="epoch", ylabel="test error (%)", title="Test error per epoch (DrMAD: last meta-iteration)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def layer_trajectories(trajectories: dict[str, pd.DataFrame]) -> Figure:
+    """Per-layer mean hyperparameters over meta-iterations or epochs, one panel per run and kind."""
+    n = len(trajectories)
+    cols = min(3, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.5 * rows), squeeze=False)
+    for ax, (title, frame) in zip(axes.flat, trajectories.items()):
+        for _, layer in frame.groupby("layer"):
+            ax.plot(layer["step"], layer["mean"], lw=0.8)
+        ax.set(title=title, xlabel="step", ylabel="mean (log10)")
+        ax.title.set_fontsize(9)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig

@@ -75,6 +75,7 @@ class StageRun:
     """What a stage logs to: the stage's MLflow run."""
     client: MlflowClient
     run_id: str
+    parent_id: str | None = None  # the pipeline execution's run (the report puts its summary there)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         now = int(time.time() * 1000)
@@ -86,6 +87,9 @@ class StageRun:
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_parent_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.parent_id or self.run_id, str(path), artifact_path)
 
     def log_figure(self, figure, name: str) -> None:
         from matplotlib import pyplot as plt  # the caller already chose the backend
@@ -124,7 +128,7 @@ def stage_run(stage: str, params: Params, *, variant: str | None = None,
             tags=resolve_tags({**tags, MLFLOW_PARENT_RUN_ID: parent_id})).info.run_id
     except MlflowException as exc:  # bad URI, unwritable DB, deleted experiment
         raise TrackingError(f"tracking at {_redact(uri)}: {_first_line(exc.message)}") from exc
-    run, status = StageRun(client, run_id), "FAILED"
+    run, status = StageRun(client, run_id, parent_id), "FAILED"
     try:
         client.log_batch(run_id, params=[Param(key, str(value)) for key, value in flatten(params).items()])
         if (workspace / PARAMS_FILE).is_file():

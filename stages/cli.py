@@ -5,11 +5,13 @@ import os
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import click
 
+from pipeline import scale as scale_module
 from pipeline.config import load_params
-from stages import adaptive, baseline, drmad, paths, prepare, quality
+from stages import adaptive, baseline, drmad, paths, prepare, quality, report
 from stages.common import params_option, user_errors_exit_2
 
 
@@ -36,12 +38,24 @@ def validate(params_file: str) -> None:
     click.echo(f"{params_file}: ok")
 
 
+@main.command(help="Merge scales/NAME.yaml into params.yaml (e.g. `pipeline scale paper`: CIFAR-10, DenseNet-40, "
+                   "300 epochs, the thesis' DrMAD/adaptive/quality settings). Validated first; `git checkout "
+                   "params.yaml` returns to the embedded default.")
+@click.argument("name")
+@params_option
+@user_errors_exit_2
+def scale(name: str, params_file: str) -> None:
+    scale_module.apply(name, Path(params_file))
+    click.echo(f"{params_file}: scale {name} applied; `dvc params diff` shows the changes")
+
+
 main.add_command(prepare.main, "prepare")
 main.add_command(baseline.main, "baseline")
 main.add_command(drmad.main, "drmad")
 main.add_command(adaptive.main, "adaptive")
 main.add_command(quality.main, "quality")
 main.add_command(paths.main, "paths")
+main.add_command(report.main, "report")
 
 if __name__ == "__main__":
     main()

@@ -17,8 +17,12 @@ TINY = {
     "drmad": {"inits": [-4.0], "meta_iterations": 1, "epochs_cap": 1, "batch_size": 32, "reverse_steps": 2},
     "adaptive": {"variants": {"k100": {"every": 2, "window": 2}, "k131": {"every": 3, "window": 2, "val_size": 50}},
                  "epochs": 1, "batch_size": 32, "val_batch_size": 20},
+    "quality": {"data": {"train_size": 200, "val_size": 100, "test_size": 100}, "lengths": [10, 20], "hidden": [8],
+                "batch_size": 20, "meta_iterations": 1, "drmad_steps": 3, "last": 3, "trace_points": 5},
+    "paths": {"steps": 20, "every": 5},
 }
-STAGES = ("prepare", "baseline", "drmad@-4.0", "adaptive@k100", "adaptive@k131")
+DENSENET_STAGES = ("prepare", "baseline", "drmad@-4.0", "adaptive@k100", "adaptive@k131")
+STAGES = DENSENET_STAGES + ("quality@10", "quality@20", "paths", "report")
 pytestmark = pytest.mark.slow
 
 
@@ -73,12 +77,20 @@ def test_repro_runs_what_changed_and_records_it(tmp_path):
                 "metrics/drmad_-4.0.json", "plots/drmad/-4.0/meta.csv", "plots/drmad/-4.0/layers.csv",
                 "metrics/adaptive_k100.json", "plots/adaptive/k131/epochs.csv", "results/adaptive/k131/hypers.pt"):
         assert (repo / out).exists(), out
+    for out in ("metrics/quality_20.json", "plots/quality/10/hypergrads.csv", "figures/quality/20/fig3_6_drift.png",
+                "figures/paths/fig2_2_pca.png", "reports/summary.csv", "reports/figures/test_error_per_epoch.png"):
+        assert (repo / out).exists(), out
+    summary = (repo / "reports/summary.md").read_text()
+    for row in ("| baseline |", "| drmad -4.0 |", "| adaptive k100 |", "| adaptive k131 |", "| 10 | drmad |",
+                "| 20 | drmad2 |"):
+        assert row in summary, row
     assert ran(sh(repo, "dvc", "repro")) == set()
     assert "baseline.json" in sh(repo, "dvc", "metrics", "show")
 
     db = sqlite3.connect(repo / "mlflow.db")
     runs = dict(db.execute("select name, status from runs").fetchall())
     assert runs["prepare"] == runs["baseline"] == runs["drmad:-4.0"] == runs["adaptive:k131"] == "FINISHED"
+    assert runs["quality:10"] == runs["paths"] == runs["report"] == "FINISHED"
     parents = db.execute("select count(*) from runs where name like 'pipeline%'").fetchone()[0]
     assert parents == 1  # all stage runs grouped under one parent
     baseline_id = db.execute("select run_uuid from runs where name = 'baseline'").fetchone()[0]
@@ -89,11 +101,19 @@ def test_repro_runs_what_changed_and_records_it(tmp_path):
     assert layers > 0  # per-layer hyperparameter summaries of the drmad run
 
     # Changing one value reruns exactly the stages that depend on it.
+    parent = db.execute("select run_uuid from runs where name like 'pipeline%'").fetchone()[0]
+    from mlflow import MlflowClient
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    assert "summary.md" in {Path(f.path).name for f in client.list_artifacts(parent, "report")}
+
+    # Changing one value reruns exactly the stages that depend on it, and the report.
     set_params(repo, {"baseline": {"epochs": 3}})
-    assert ran(sh(repo, "dvc", "repro")) == {"baseline"}
+    assert ran(sh(repo, "dvc", "repro")) == {"baseline", "report"}
     set_params(repo, {"adaptive": {"variants": {"k131": {"every": 4}}}})
-    assert ran(sh(repo, "dvc", "repro")) == {"adaptive@k131"}
+    assert ran(sh(repo, "dvc", "repro")) == {"adaptive@k131", "report"}
+    set_params(repo, {"quality": {"hyper_step": 0.2}})
+    assert ran(sh(repo, "dvc", "repro")) == {"quality@10", "quality@20", "report"}
     set_params(repo, {"data": {"val_size": 50}})
-    assert ran(sh(repo, "dvc", "repro")) == set(STAGES)
+    assert ran(sh(repo, "dvc", "repro")) == set(DENSENET_STAGES) | {"report"}
     sh(repo, "dvc", "plots", "show", "-o", "dvc_plots")
     assert (repo / "dvc_plots" / "index.html").exists()

@@ -1,0 +1,172 @@
+"""The `report` stage: did gradient-based tuning beat the baseline, at what cost, and how
+trustworthy were its hypergradients? Reads every stage's metrics and per-epoch tables and
+writes reports/summary.md, reports/summary.csv (one row per run), reports/quality.csv and
+comparison figures.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline import io, plots
+from pipeline.baseline import Tracker
+
+COLUMNS = ("run", "final_test_error", "mean_last_n_test_error", "last_n", "best_val_error", "val_test_gap",
+           "wall_time_s", "hypergradient_cost_share", "outcome")
+QUALITY_METHODS = ("float", "drmad", "drmad_fixed", "drmad2")
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    summary_md: Path = Path("reports/summary.md")
+    summary_csv: Path = Path("reports/summary.csv")
+    quality_csv: Path = Path("reports/quality.csv")
+    figures: Path = Path("reports/figures")
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _tag(path: Path, prefix: str) -> str:
+    return path.stem.removeprefix(prefix)
+
+
+def baseline_row(root: Path) -> dict | None:
+    path = root / "metrics/baseline.json"
+    if not path.exists():
+        return None
+    m, epochs = _json(path), pd.read_csv(root / "plots/baseline/errors.csv")
+    return {"run": "baseline", "final_test_error": m["final_test_error"], "mean_last_n_test_error":
+            m["mean_last_n_test_error"], "last_n": m["last_n"], "best_val_error": m["best_val_error"],
+            "val_test_gap": epochs["val_error"].iloc[-1] - epochs["test_error"].iloc[-1],
+            "wall_time_s": m["wall_time_s"], "hypergradient_cost_share": 0.0, "outcome": m["outcome"]}
+
+
+def drmad_rows(root: Path, last_n: int) -> list[dict]:
+    rows = []
+    for path in sorted((root / "metrics").glob("drmad_*.json"), key=lambda p: -float(_tag(p, "drmad_"))):
+        tag, m = _tag(path, "drmad_"), _json(path)
+        meta = pd.read_csv(root / f"plots/drmad/{tag}/meta.csv") if m["meta_iterations_completed"] else None
+        ratio = m["reverse_over_forward_time"]
+        rows.append({
+            "run": f"drmad {tag}", "final_test_error": m["final_test_error"],
+            "mean_last_n_test_error": meta["test_error"].tail(last_n).mean() if meta is not None else None,
+            "last_n": last_n, "best_val_error": m["best_val_error"],
+            "val_test_gap": m["final_val_error"] - m["final_test_error"] if meta is not None else None,
+            "wall_time_s": meta["seconds"].sum() if meta is not None else None,
+            "hypergradient_cost_share": ratio / (1 + ratio) if ratio is not None else None,
+            "outcome": m["outcome"]})
+    return rows
+
+
+def adaptive_rows(root: Path) -> list[dict]:
+    rows = []
+    for path in sorted((root / "metrics").glob("adaptive_*.json")):
+        m = _json(path)
+        rows.append({"run": f"adaptive {_tag(path, 'adaptive_')}", **{k: m.get(k) for k in COLUMNS[1:]},
+                     "val_test_gap": m["final_val_test_gap"],
+                     "hypergradient_cost_share": m["hypergradient_time_share"]})
+    return rows
+
+
+def quality_rows(root: Path) -> list[dict]:
+    """Per forward length and method: cosine with exact and norm ratio, per meta-iteration."""
+    rows = []
+    for path in sorted((root / "metrics").glob("quality_*.json"), key=lambda p: int(_tag(p, "quality_"))):
+        m = _json(path)
+        for method in QUALITY_METHODS:
+            cos, ratio = m[f"{method}/cos_exact"], m[f"{method}/norm_ratio"]
+            finite = [c for c in cos if c is not None]
+            rows.append({"forward_steps": m["forward_steps"], "method": method,
+                         "cos_exact": " / ".join(_fmt(c, ".3f") for c in cos),
+                         "sign_cos_exact": " / ".join(_fmt(c, ".3f") for c in m[f"{method}/sign_cos_exact"]),
+                         "norm_ratio": " / ".join(_fmt(r, ".3g") for r in ratio),
+                         "mean_cos_exact": sum(finite) / len(finite) if finite else None,
+                         "reverse_steps": " / ".join(str(s) for s in m["reverse_steps"]) if method == "drmad" else "",
+                         "outcome": m["outcome"], "wall_time_s": m["wall_time_s"]})
+    return rows
+
+
+def _fmt(value, spec: str) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
+
+
+def markdown(table: pd.DataFrame, percent: tuple[str, ...] = ()) -> str:
+    """A GitHub table; error columns in percent, missing values as n/a."""
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    for _, row in table.iterrows():
+        cells = []
+        for col, value in row.items():
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                cells.append("n/a")
+            elif col in percent:
+                cells.append(f"{100 * value:.2f}%")
+            elif isinstance(value, float):
+                cells.append(f"{value:.3g}")
+            else:
+                cells.append(str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def test_error_curves(root: Path) -> dict[str, pd.DataFrame]:
+    """Per run, test error per epoch (DrMAD: the epochs of its last meta-iteration)."""
+    curves = {}
+    if (path := root / "plots/baseline/errors.csv").exists():
+        curves["baseline"] = pd.read_csv(path)[["epoch", "test_error"]]
+    for path in sorted((root / "plots/drmad").glob("*/epochs.csv")):
+        epochs = pd.read_csv(path)
+        if len(epochs):
+            curves[f"drmad {path.parent.name}"] = epochs[epochs["meta_iteration"] == epochs["meta_iteration"].max()]
+    for path in sorted((root / "plots/adaptive").glob("*/epochs.csv")):
+        curves[f"adaptive {path.parent.name}"] = pd.read_csv(path)
+    return curves
+
+
+def layer_trajectories(root: Path) -> dict[str, pd.DataFrame]:
+    """Per run and hyperparameter kind: (step, layer, mean), step = meta-iteration or epoch."""
+    out = {}
+    for path in sorted((root / "plots/drmad").glob("*/layers.csv")):
+        frame = pd.read_csv(path).rename(columns={"meta_iteration": "step"})
+        out[f"drmad {path.parent.name}: log10 L2 per meta-iteration"] = frame
+    for path in sorted((root / "plots/adaptive").glob("*/layers.csv")):
+        frame = pd.read_csv(path).rename(columns={"epoch": "step"})
+        for kind, rows in frame.groupby("kind"):
+            out[f"adaptive {path.parent.name}: {kind} per epoch"] = rows
+    return out
+
+
+def run(root: Path = Path("."), last_n: int = 3, paths: ReportPaths = ReportPaths(),
+        tracker: Tracker | None = None) -> pd.DataFrame:
+    rows = [r for r in (baseline_row(root),) if r] + drmad_rows(root, last_n) + adaptive_rows(root)
+    summary = pd.DataFrame(rows, columns=list(COLUMNS))
+    quality = pd.DataFrame(quality_rows(root))
+    errors = ("final_test_error", "mean_last_n_test_error", "best_val_error", "val_test_gap")
+    text = ["# Summary\n", "Did gradient-based tuning beat the baseline, and at what cost? Errors on the test "
+            "split; `hypergradient_cost_share` is the share of wall time spent on hypergradients.\n",
+            markdown(summary, percent=errors)]
+    if len(quality):
+        text += ["\n## Hypergradient quality (MNIST MLP, scales s)\n",
+                 "Per meta-iteration: cosine with the exact hypergradient, of the hypergradients and of their "
+                 "signs, and the norm ratio to exact (thesis figs 3.1-3.2).\n",
+                 markdown(quality.drop(columns=["mean_cos_exact"]))]
+    paths.summary_md.parent.mkdir(parents=True, exist_ok=True)
+    io.write_text(paths.summary_md, "\n".join(text))
+    for target, frame in ((paths.summary_csv, summary), (paths.quality_csv, quality)):
+        with io.atomic_path(target) as tmp:
+            frame.to_csv(tmp, index=False)
+    with io.atomic_dir(paths.figures) as tmp:
+        plots.save(plots.runs_test_error(test_error_curves(root)), tmp / "test_error_per_epoch.png")
+        trajectories = layer_trajectories(root)
+        if trajectories:
+            plots.save(plots.layer_trajectories(trajectories), tmp / "hyperparameters_per_layer.png")
+    if tracker:
+        for target in (paths.summary_md, paths.summary_csv, paths.quality_csv, *sorted(paths.figures.glob("*.png"))):
+            tracker.log_artifact(target)
+            tracker.log_parent_artifact(target, "report")
+    return summary

@@ -1,0 +1,35 @@
+"""A sweep as the README shows it: queued `dvc exp run`s log into the repository's MLflow DB."""
+import sqlite3
+import time
+
+import pytest
+
+from test_pipeline_e2e import TINY, make_repo, sh
+
+pytestmark = pytest.mark.slow
+
+
+def test_queued_experiments_land_in_mlflow_and_dvc_exp_show(tmp_path):
+    repo = make_repo(tmp_path / "repo", {**TINY, "baseline": {**TINY["baseline"], "epochs": 1}})
+    for epochs in (1, 2):
+        sh(repo, "dvc", "exp", "run", "--queue", "-S", f"baseline.epochs={epochs}", "-n", f"epochs{epochs}", "baseline")
+    sh(repo, "dvc", "queue", "start", "-j", "2")
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        status = sh(repo, "dvc", "queue", "status")
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(3)
+    assert "Success" in status and "Failed" not in status, status
+    shown = sh(repo, "dvc", "exp", "show", "--no-pager")
+    assert "epochs1" in shown and "epochs2" in shown, shown
+
+    db = sqlite3.connect(repo / "mlflow.db")  # the repository's DB, not the experiments' temp copies
+    epochs = {value for (value,) in db.execute(
+        "select p.value from params p join runs r on r.run_uuid = p.run_uuid "
+        "where r.name = 'baseline' and r.status = 'FINISHED' and p.key = 'baseline.epochs'")}
+    assert epochs == {"1", "2"}
+    experiments = {name for (name,) in db.execute(
+        "select t.value from tags t join runs r on r.run_uuid = t.run_uuid "
+        "where r.name = 'baseline' and t.key = 'dvc.exp_name'")}
+    assert experiments == {"epochs1", "epochs2"} or not experiments
