@@ -16,6 +16,11 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; parallel first runs may race
+    fcntl = None
+
 import requests
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
@@ -118,14 +123,15 @@ def stage_run(stage: str, params: Params, *, variant: str | None = None,
         _check_reachable(uri)
     tags = _run_tags(stage, workspace, dataset_digest)
     try:
-        # A client bound to `uri`, not mlflow.set_tracking_uri: that would export
-        # MLFLOW_TRACKING_URI and so override tracking_uri() for the rest of the process.
-        client = MlflowClient(uri)
-        experiment_id = _experiment_id(client, params.tracking.experiment, uri)
-        parent_id = _parent_run(client, experiment_id, tags)
-        run_id = client.create_run(
-            experiment_id, run_name=f"{stage}:{variant}" if variant else stage,
-            tags=resolve_tags({**tags, MLFLOW_PARENT_RUN_ID: parent_id})).info.run_id
+        with _setup_lock(uri):
+            # A client bound to `uri`, not mlflow.set_tracking_uri: that would export
+            # MLFLOW_TRACKING_URI and so override tracking_uri() for the rest of the process.
+            client = MlflowClient(uri)
+            experiment_id = _experiment_id(client, params.tracking.experiment, uri)
+            parent_id = _parent_run(client, experiment_id, tags)
+            run_id = client.create_run(
+                experiment_id, run_name=f"{stage}:{variant}" if variant else stage,
+                tags=resolve_tags({**tags, MLFLOW_PARENT_RUN_ID: parent_id})).info.run_id
     except MlflowException as exc:  # bad URI, unwritable DB, deleted experiment
         raise TrackingError(f"tracking at {_redact(uri)}: {_first_line(exc.message)}") from exc
     run, status = StageRun(client, run_id, parent_id), "FAILED"
@@ -139,6 +145,23 @@ def stage_run(stage: str, params: Params, *, variant: str | None = None,
         client.set_terminated(run_id, status)
         # Later stages find the parent by its tag, whatever its status.
         client.set_terminated(parent_id, status)
+
+
+@contextmanager
+def _setup_lock(uri: str) -> Iterator[None]:
+    """One process at a time creates the SQLite schema, the experiment and the parent run:
+    parallel stages (`dvc queue start -j 2`) would otherwise race to create the same tables."""
+    if not uri.startswith("sqlite:///") or fcntl is None:
+        yield
+        return
+    lock_path = Path(uri.removeprefix("sqlite:///") + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _check_reachable(uri: str) -> None:
