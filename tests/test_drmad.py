@@ -18,10 +18,10 @@ class ConstantGradient(Problem):
     """Training loss a.w: every step moves by the same vector, so the path is a straight line
     of equally spaced iterates; the validation loss is curved so dw_0 is not trivial."""
 
-    def train_loss(self, w, t, batch=None):
+    def train_loss(self, w, t, batch=None, buffers=None):
         return (self.direction * w).sum()
 
-    def val_loss(self, w):
+    def val_loss(self, w, buffers=None):
         return torch.log1p((w - 0.3).pow(2)).sum() + (w[:-1] * w[1:]).sum()
 
 
