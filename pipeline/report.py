@@ -151,9 +151,10 @@ def run(root: Path = Path("."), last_n: int = 3, paths: ReportPaths = ReportPath
             "split; `hypergradient_cost_share` is the share of wall time spent on hypergradients.\n",
             markdown(summary, percent=errors)]
     if len(quality):
-        text += ["\n## Hypergradient quality (MNIST MLP, scales s)\n",
+        text += ["\n## Hypergradient quality (MNIST MLP)\n",
                  "Per meta-iteration: cosine with the exact hypergradient, of the hypergradients and of their "
-                 "signs, and the norm ratio to exact (thesis figs 3.1-3.2).\n",
+                 "signs, and the norm ratio to exact (thesis figs 3.1-3.2); n/a where that hypergradient was "
+                 "not finite (float reversal overflows on long runs). `wall_time_s` is the whole stage's.\n",
                  markdown(quality.drop(columns=["mean_cos_exact"]))]
     paths.summary_md.parent.mkdir(parents=True, exist_ok=True)
     io.write_text(paths.summary_md, "\n".join(text))
