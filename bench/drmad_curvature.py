@@ -2,9 +2,9 @@
 
 The reverse recursion multiplies (dw, dv) by the adjoint of one momentum step per reverse step.
 For curvature lambda that map has eigenvalues mu with mu^2 - (1 + beta - a lambda) mu + beta = 0,
-a = alpha (1 - beta): |mu| > 1 (growth) when a lambda > 2 (1 + beta) or lambda < 0. Training
-keeps its own path near that edge; points on the straight line w_0 -> w_T need not be. This
-script measures, for the embedded quality stage's first meta-iteration at forward length T:
+a = alpha (1 - beta): |mu| > 1 (growth) when a lambda > 2 (1 + beta) (the stability edge) or
+lambda < 0. Which of the two makes DrMAD's straight line w_0 -> w_T grow where the real path
+does not? This script measures, for the embedded quality stage's first meta-iteration at forward length T:
   - the extreme Hessian eigenvalues of step t's loss (power iteration on HVPs) at the real
     iterate w_t and at the line point (t / T) w_T + (1 - t / T) w_0 that DrMAD with S = T uses;
   - |dw| along the reverse pass of exact reversal and of DrMAD with S = T.
@@ -13,7 +13,6 @@ script measures, for the embedded quality stage's first meta-iteration at forwar
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -44,10 +43,9 @@ def extreme_eigenvalues(problem, w, t, coef, iterations: int = 50) -> tuple[floa
             v = v / v.norm()
         return torch.dot(v, op(v)).item()
 
-    top = power(hess)
-    if top < 0:  # the largest magnitude was negative: it is the smallest
-        return power(lambda v: hess(v) - top * v) + top, top
-    return top, power(lambda v: hess(v) - top * v) + top
+    top = power(hess)  # the largest magnitude; shifted by it, the spectrum's other end is largest
+    other = power(lambda v: hess(v) - top * v) + top
+    return max(top, other), min(top, other)
 
 
 def growth(lam: float, alpha: float, beta: float) -> float:
