@@ -2,14 +2,15 @@
 
   buffer     bits per element per step of the bits-back buffer vs the minimum log2(d/n),
              MNIST MLP 784-50-50-50-10, T = 20,000, beta 0.9 and 0.95 (goal <= 1.05x)
-  reverse    one exact reverse step / one float reverse step (goal <= 1.25), and one reverse
-             step / one forward step for the MLP and DenseNet-40 (goal <= 4 on GPU)
+  reverse    one exact reverse step / one float reverse step (goal <= 1.25), one reverse
+             step / one forward step for the MLP and DenseNet-40 (goal <= 4 on GPU), and the
+             exact pass's round-trip check as a share of the pass (goal < 1%)
   unrolled   exact vs unrolled at T = 2,000 on the MNIST MLP: peak memory (goal >= 10x less)
              and time (goal <= 1.5x), each measured in a fresh process
-  hvp        double backward vs forward-over-reverse per model: the faster is recorded in
-             pipeline/hypergrad/hvp_choice.json for this device type
+  hvp        double backward vs forward-over-reverse per model: the faster one is what to
+             set as `hvp` in params.yaml on this device (the benchmark changes no setting)
 
-    python bench/hypergrad.py [--device auto] [--quick]
+    python bench/hypergrad.py [--device auto] [--quick] [--hvp double_backward]
 """
 from __future__ import annotations
 
@@ -30,10 +31,10 @@ from pipeline.config import DataConfig
 from pipeline.hyper import HyperSpace
 from pipeline.hypergrad import ExactPath, FloatPath, Problem, hypergradient
 from pipeline.hypergrad.bitsback import D
-from pipeline.hypergrad.hvp import CHOICE_FILE, HVP_METHODS, default_hvp
+from pipeline.hypergrad.hvp import DEFAULT_HVP, HVP_METHODS
 from pipeline.hypergrad.reverse import reverse
 from pipeline.models import MLP, DenseNet
-from pipeline.training import make_deterministic, resolve_device
+from pipeline.training import setup_device
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -85,18 +86,21 @@ def bench_buffer(device: torch.device, steps: int) -> list[dict]:
     return out
 
 
-def bench_reverse(device: torch.device, problem: Problem, name: str) -> dict:
+def bench_reverse(device: torch.device, problem: Problem, name: str, hvp_name: str) -> dict:
     coef = problem.l2_coefficients(None)
     forward = timed(lambda: ExactPath.train(problem, coef), device) / problem.steps
     float_forward = timed(lambda: FloatPath.train(problem, coef), device) / problem.steps
-    hvp = HVP_METHODS[default_hvp(device)]
+    hvp = HVP_METHODS[hvp_name]
     exact_path, float_path = ExactPath.train(problem, coef), FloatPath.train(problem, coef)
     exact = timed(lambda: reverse(problem, exact_path, None, hvp), device) / problem.steps
     plain = timed(lambda: reverse(problem, float_path, None, hvp), device) / problem.steps
+    check = statistics.median(timed(exact_path.verify_round_trip, device) for _ in range(5))  # back at w_0 now
     return {"model": name, "steps": problem.steps, "params": problem.numel,
             "exact_forward_step_ms": round(1e3 * forward, 3), "float_forward_step_ms": round(1e3 * float_forward, 3),
             "exact_reverse_step_ms": round(1e3 * exact, 3), "float_reverse_step_ms": round(1e3 * plain, 3),
-            "exact_over_float_reverse": round(exact / plain, 3),
+            "exact_over_float_reverse": round(exact / plain, 3), "hvp": hvp_name,
+            "round_trip_check_ms": round(1e3 * check, 3),
+            "round_trip_check_share_of_pass": round(check / (exact * problem.steps), 6),
             "reverse_over_forward": round(exact / forward, 3)}
 
 
@@ -117,7 +121,7 @@ def _unrolled_child(method: str, steps: int, device: str, queue) -> None:
         path = ExactPath.train(problem, problem.l2_coefficients(l2))
         buf = path.buffer  # what exact reversal keeps besides the model: the buffer and w, v
         held["bytes"] = 2 * buf.stack.numel() + 8 * (buf.x.numel() + buf.top.numel()) + 16 * problem.numel
-        reverse(problem, path, l2, HVP_METHODS[default_hvp(dev)])
+        reverse(problem, path, l2, HVP_METHODS[DEFAULT_HVP])
 
     seconds = timed(work, dev)
     peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
@@ -153,33 +157,28 @@ def bench_hvp(device: torch.device, problem: Problem, name: str, repeats: int = 
             "fastest": min(times, key=times.get)}
 
 
-def record_choice(device: torch.device, method: str) -> None:
-    choice = json.loads(CHOICE_FILE.read_text()) if CHOICE_FILE.exists() else {}
-    CHOICE_FILE.write_text(json.dumps({**choice, device.type: method}, indent=2, sort_keys=True) + "\n")
-
-
 @click.command(help=__doc__)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--quick", is_flag=True, help="Shorter runs (smoke test of the script).")
 @click.option("--only", type=click.Choice(["all", "hvp", "buffer", "reverse", "unrolled"]), default="all",
               show_default=True, help="Run one part (its results replace that part in the JSON).")
+@click.option("--hvp", "hvp_name", type=click.Choice(list(HVP_METHODS)), default=DEFAULT_HVP, show_default=True,
+              help="Hessian-vector product of the timed reverse passes.")
 @click.option("--out", default="bench/results/hypergrad.json", show_default=True)
-def main(device: str, quick: bool, only: str, out: str) -> None:
-    make_deterministic()
-    dev = resolve_device(device)
+def main(device: str, quick: bool, only: str, hvp_name: str, out: str) -> None:
+    dev = setup_device(device)
     scale = 10 if quick else 1
     results = json.loads(Path(out).read_text()) if only != "all" and Path(out).exists() else {}
     results.update({"device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads()})
     if only in ("all", "hvp"):
         hvp = [bench_hvp(dev, mnist_problem(2, 0.9, dev), "mnist_mlp"),
                bench_hvp(dev, densenet_problem(2, dev), "densenet40")]
-        record_choice(dev, hvp[1]["fastest"])  # DenseNet-40: where the stages spend their time
-        results.update(hvp=hvp, hvp_choice=json.loads(CHOICE_FILE.read_text()))
+        results.update(hvp=hvp, hvp_setting_for_this_device=hvp[1]["fastest"])  # DenseNet-40: where stages spend time
     if only in ("all", "buffer"):
         results["buffer"] = bench_buffer(dev, 20_000 // scale)
     if only in ("all", "reverse"):
-        results["reverse"] = [bench_reverse(dev, mnist_problem(200 // scale, 0.9, dev), "mnist_mlp"),
-                              bench_reverse(dev, densenet_problem(4, dev), "densenet40")]
+        results["reverse"] = [bench_reverse(dev, mnist_problem(200 // scale, 0.9, dev), "mnist_mlp", hvp_name),
+                              bench_reverse(dev, densenet_problem(4, dev), "densenet40", hvp_name)]
     if only in ("all", "unrolled"):
         results["unrolled_vs_exact"] = bench_unrolled(dev, 2_000 // scale)
     Path(out).parent.mkdir(parents=True, exist_ok=True)

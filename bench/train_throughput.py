@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from pipeline.config import TrainConfig
 from pipeline.models import DenseNet, dropout_masks
-from pipeline.training import Trainer, make_deterministic, resolve_device
+from pipeline.training import Trainer, setup_device
 
 
 def sync(device: torch.device) -> None:
@@ -69,8 +69,7 @@ def measure(shape: tuple[int, int, int], batch: int, steps: int, device: torch.d
 @click.option("--steps", default=8, show_default=True, help="Timed steps per input shape.")
 @click.option("--out", default="bench/results/train_throughput.json", show_default=True)
 def main(device: str, steps: int, out: str) -> None:
-    make_deterministic()
-    dev = resolve_device(device)
+    dev = setup_device(device)
     results = {"device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
                "machine": platform.processor() or platform.machine(),
                "cuda": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,

@@ -16,7 +16,7 @@ import torch
 
 from pipeline.hyper import HyperSpace
 from pipeline.hypergrad import Problem, StoredPath, log_lr_hypergradient
-from pipeline.hypergrad.hvp import HVP_METHODS, default_hvp
+from pipeline.hypergrad.hvp import DEFAULT_HVP, HVP_METHODS
 from pipeline.hypergrad.reverse import reverse
 from pipeline.meta import sign_step, zero_momentum
 from pipeline.training import Trainer
@@ -29,6 +29,7 @@ class AdaptiveSettings:
     l2_step: float = 0.01  # sign step of log10 L2
     lr_step: float = 0.2  # sign step of eta = ln(learning-rate multiplier)
     val_batch_size: int = 500  # validation batches cycle through the validation split
+    hvp: str = DEFAULT_HVP  # Hessian-vector product implementation (params.yaml `hvp`)
 
 
 def flat(tensors) -> torch.Tensor:
@@ -82,7 +83,7 @@ class AdaptiveTrainer(Trainer):
 
     def hypergradients(self, step: int) -> tuple[dict, dict]:
         problem, path = self.problem(step)
-        result = reverse(problem, path, self.l2, HVP_METHODS[default_hvp(self.x.device)])
+        result = reverse(problem, path, self.l2, HVP_METHODS[self.settings.hvp])
         return result["log10_l2"], log_lr_hypergradient(problem, result, self.lr)
 
     def hyper_step(self, step: int) -> None:

@@ -85,7 +85,7 @@ def run(params: Params, prepared: Path, name: str, paths: AdaptivePaths, tracker
     splits = resplit(splits, var.val_size, params.seed)
     model = build_densenet(params.model, meta, params.seed).to(device)
     l2, lr = hyperspaces(params, model)
-    settings = AdaptiveSettings(var.every, var.window, var.l2_step, var.lr_step, cfg.val_batch_size)
+    settings = AdaptiveSettings(var.every, var.window, var.l2_step, var.lr_step, cfg.val_batch_size, params.hvp)
     trainer = AdaptiveTrainer(model, *splits["train"], *splits["val"], cfg.train_config(var.momentum),
                               params.seed, l2, lr, settings)
 

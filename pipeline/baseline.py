@@ -21,8 +21,8 @@ from pipeline import data, io, plots
 from pipeline.checkpoint import Checkpoint, fingerprint
 from pipeline.config import ModelConfig, Params, TrainConfig
 from pipeline.models import DenseNet
-from pipeline.training import (INIT_STREAM, Trainer, derive_seed, epoch_metrics, finite_losses, make_deterministic,
-                               resolve_device, train_epoch)
+from pipeline.training import (INIT_STREAM, Trainer, derive_seed, epoch_metrics, finite_losses, setup_device,
+                               train_epoch)
 
 
 class Tracker(Protocol):
@@ -52,8 +52,7 @@ def build_densenet(cfg: ModelConfig, meta: dict, seed: int) -> DenseNet:
 
 def load_prepared(params: Params, prepared: Path) -> tuple[torch.device, dict, dict]:
     """Deterministic mode on, the device, the dataset's meta and its splits on that device."""
-    make_deterministic()
-    device = resolve_device(params.device)
+    device = setup_device(params.device)
     splits = {s: data.load_split(prepared, s, device) for s in ("train", "val", "test")}
     return device, data.load_meta(prepared), splits
 

@@ -233,6 +233,8 @@ class TrackingConfig(Section):
 class Params(Section):
     seed: int = Field(default=0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Hessian-vector products of the reverse passes: bench/hypergrad.py times both per device.
+    hvp: Literal["double_backward", "forward_over_reverse"] = "double_backward"
     data: DataConfig = DataConfig(test_size=360)
     model: ModelConfig = ModelConfig()
     baseline: TrainConfig = TrainConfig()

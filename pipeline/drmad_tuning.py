@@ -25,7 +25,7 @@ from pipeline.config import ConfigError, Params
 from pipeline.hyper import HyperSpace
 from pipeline.hypergrad import FloatPath, Problem
 from pipeline.hypergrad.drmad import Drmad2Path, LinePath, heuristic_steps, step_map
-from pipeline.hypergrad.hvp import HVP_METHODS, default_hvp
+from pipeline.hypergrad.hvp import HVP_METHODS
 from pipeline.hypergrad.reverse import reverse
 from pipeline.meta import epochs_at, layer_summary, sign_step, zero_momentum
 from pipeline.training import Trainer, epoch_metrics, finite_losses, train_epoch
@@ -139,7 +139,7 @@ def meta_iteration(params: Params, run: Run, splits: dict, meta: dict, device: t
     path = reverse_path(params, problem, trainer, distances)
     if not finite(flat(trainer.params), distances):
         return False
-    grads = reverse(problem, path, run.hypers, HVP_METHODS[default_hvp(device)])
+    grads = reverse(problem, path, run.hypers, HVP_METHODS[params.hvp])
     grad = grads["log10_l2"]
     if not finite(*grad.values()):
         return False

@@ -20,7 +20,7 @@ from pipeline.config import Params
 from pipeline.hyper import HyperSpace
 from pipeline.hypergrad import FloatPath
 from pipeline.quality import build_problem
-from pipeline.training import make_deterministic, resolve_device
+from pipeline.training import setup_device
 
 PICK_STREAM = 7  # seed stream of the random coordinates
 
@@ -52,10 +52,9 @@ def projections(iterates: torch.Tensor, iterations: list[int], picks: torch.Tens
 
 def run(params: Params, paths: PathsPaths = PathsPaths(), tracker: Tracker | None = None) -> dict:
     cfg, q = params.paths, params.quality
-    make_deterministic()
     start = time.perf_counter()
     splits, meta = data.build(q.data)
-    problem = build_problem(q, params.seed, cfg.steps, splits, meta, resolve_device(params.device))
+    problem = build_problem(q, params.seed, cfg.steps, splits, meta, setup_device(params.device))
     l2 = HyperSpace.l2(problem.model, q.log10_l2, "global", device=problem.x.device)
     trained = FloatPath.train(problem, problem.l2_coefficients(l2), keep_every=cfg.every)
     iterates = torch.stack(trained.iterates).double()

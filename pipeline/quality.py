@@ -29,11 +29,11 @@ from pipeline.config import Params, QualityConfig
 from pipeline.hyper import HyperSpace
 from pipeline.hypergrad import ExactPath, FixedPointOverflow, FloatPath, Problem
 from pipeline.hypergrad.drmad import Drmad2Path, LinePath, heuristic_steps, step_map
-from pipeline.hypergrad.hvp import HVP, HVP_METHODS, default_hvp
+from pipeline.hypergrad.hvp import HVP, HVP_METHODS
 from pipeline.hypergrad.reverse import cosine, lockstep, reverse
 from pipeline.meta import layer_summary, sign_step, zero_momentum
 from pipeline.models import MLP
-from pipeline.training import INIT_STREAM, derive_seed, make_deterministic, resolve_device
+from pipeline.training import INIT_STREAM, derive_seed, setup_device
 
 METHODS = ("exact", "float", "drmad", "drmad_fixed", "drmad2")
 FOLLOWED = "drmad"  # the hypergradient whose sign the meta-iterations follow
@@ -188,8 +188,7 @@ def run(params: Params, steps: int, paths: QualityPaths, tracker: Tracker | None
         progress: bool | None = None) -> dict:
     """`quality.meta_iterations` meta-iterations at forward length `steps`; writes every output."""
     cfg = params.quality
-    make_deterministic()
-    device = resolve_device(params.device)
+    device = setup_device(params.device)
     splits, meta = data.build(cfg.data)
     problem = build_problem(cfg, params.seed, steps, splits, meta, device)
     l2 = HyperSpace.l2(problem.model, cfg.log10_l2, "global", device=device)
@@ -197,7 +196,7 @@ def run(params: Params, steps: int, paths: QualityPaths, tracker: Tracker | None
     checkpoint = Checkpoint(paths.checkpoint, fingerprint(steps, params.seed, cfg.model_dump(), meta["digest"]))
     if (saved := checkpoint.load(device)) is not None:
         study.restore(saved)
-    hvp = HVP_METHODS[default_hvp(device)]
+    hvp = HVP_METHODS[params.hvp]
     started = time.perf_counter()
     bar = tqdm(range(study.iteration, cfg.meta_iterations), desc=f"quality T={steps}", unit="meta-it",
                initial=study.iteration, total=cfg.meta_iterations,

@@ -28,12 +28,21 @@ BATCH_STREAM, MASK_STREAM, INIT_STREAM = 1, 2, 3
 
 
 def make_deterministic() -> None:
-    """Same inputs, same bits (DESIGN §3). Call before any CUDA work."""
+    """Same inputs, same bits (DESIGN §3): exact reversal recomputes every gradient and needs
+    the forward one's bits. Must run before any CUDA work (cuBLAS reads its workspace setting
+    once), which is why `setup_device` calls it."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+
+
+def setup_device(name: str) -> torch.device:
+    """The one way stages and benchmarks get their device: deterministic mode first, then the
+    device (`auto`: CUDA when present)."""
+    make_deterministic()
+    return resolve_device(name)
 
 
 def resolve_device(name: str) -> torch.device:

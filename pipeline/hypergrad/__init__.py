@@ -18,24 +18,27 @@ import torch
 from pipeline.hyper import HyperSpace
 from pipeline.hypergrad import unrolled
 from pipeline.hypergrad.drmad import Drmad2Path, drmad_path, heuristic_steps
-from pipeline.hypergrad.hvp import HVP_METHODS, default_hvp
-from pipeline.hypergrad.paths import ExactPath, FixedPointOverflow, FloatPath, StoredPath
+from pipeline.hypergrad.hvp import DEFAULT_HVP, HVP_METHODS
+from pipeline.hypergrad.paths import ExactPath, FixedPointOverflow, FloatPath, ReversalError, StoredPath
 from pipeline.hypergrad.problem import Problem
 from pipeline.hypergrad.reverse import reverse
 
 METHODS = ("exact", "float", "unrolled", "drmad", "drmad2", "stored")
 
-__all__ = ["METHODS", "ExactPath", "FixedPointOverflow", "FloatPath", "Problem", "StoredPath", "hypergradient",
+__all__ = ["METHODS", "ExactPath", "FixedPointOverflow", "FloatPath", "Problem", "ReversalError", "StoredPath",
+           "hypergradient",
            "log_lr_hypergradient", "validation_loss"]
 
 
 def hypergradient(problem: Problem, l2: HyperSpace | None = None, method: str = "exact", *,
-                  hvp: str = "auto", record: bool = False, reverse_steps: int | None = None,
+                  hvp: str = DEFAULT_HVP, record: bool = False, reverse_steps: int | None = None,
                   multiplier: float = 1.0, step_map: str = "same", last: int = 100, **bits: int) -> dict:
     """`reverse_steps`, `multiplier` and `step_map` set DrMAD's line (S = None: the heuristic
     1 / (multiplier * gamma)); `last` is DrMAD2's K; `bits` the exact method's w_bits/v_bits."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)} (got {method!r})")
+    if hvp not in HVP_METHODS:
+        raise ValueError(f"hvp must be one of {', '.join(HVP_METHODS)} (got {hvp!r})")
     if method == "unrolled":
         return unrolled.hypergradient(problem, l2)
     coef = problem.l2_coefficients(l2)
@@ -52,7 +55,6 @@ def hypergradient(problem: Problem, l2: HyperSpace | None = None, method: str = 
         head = problem.steps - k
         line = 0 if head == 0 else reverse_steps or heuristic_steps(path.distances[:head], multiplier)
         path = Drmad2Path(problem, path, k, line, step_map)
-    hvp = default_hvp(problem.x.device) if hvp == "auto" else hvp
     return reverse(problem, path, l2, HVP_METHODS[hvp], record=record)
 
 

@@ -46,9 +46,11 @@ class BitsBackBuffer:
     START_BITS = WORD_BITS * SEED_WORDS + 31  # information at the start: seed words and x = 2^31
     ROUNDING_BITS = 3e-5  # a pop loses at most log2(1 / (1 - n/x)) < 2.2e-5 bits to flooring
 
+    N_START = D // 2  # the state starts at L for n = 2^15: any first n is a valid switch
+
     def __init__(self, numel: int, device: torch.device | str = "cpu"):
-        self.n_prev = D // 2  # the state starts at L for n = 2^15: any first n is a valid switch
-        self.x = torch.full((numel,), self.n_prev * D, dtype=torch.int64, device=device)
+        self.n_prev = self.N_START
+        self.x = torch.full((numel,), self.N_START * D, dtype=torch.int64, device=device)
         self.top = torch.full((numel,), self.SEED_WORDS, dtype=torch.int64, device=device)
         self.stack = torch.zeros(numel, self.SEED_WORDS, dtype=torch.int16, device=device)
         # Host-side bound on the information 16 * top + log2 x: the stack grows without a device sync.
@@ -131,6 +133,14 @@ class BitsBackBuffer:
         self._unspill_to(n_prev * D, switch=n != n_prev)
         self.n_prev = n_prev
         return ((v << WORD_BITS) | r).reshape(shape)
+
+    def elements_off_start(self) -> int:
+        """How many elements' state, stack top or seed words differ from the initial ones (0
+        after a full round trip of multiplies and divides)."""
+        if self._history or self.n_prev != self.N_START:
+            return self.x.numel()
+        off = (self.x != self.N_START * D) | (self.top != self.SEED_WORDS)
+        return int((off | (self.stack[:, :self.SEED_WORDS] != 0).any(1)).sum())
 
     # -- accounting --------------------------------------------------------------------------
     def stored_bits(self) -> float:

@@ -24,6 +24,10 @@ class FixedPointOverflow(ArithmeticError):
     """The trajectory left the range the fixed-point representation can hold exactly."""
 
 
+class ReversalError(RuntimeError):
+    """Exact reversal did not come back to where training started: its hypergradient is void."""
+
+
 class _ForwardStepsOneToOne:
     """Exact and float paths undo every forward step: reverse step s is forward step s."""
     problem: Problem
@@ -86,6 +90,7 @@ class ExactPath(_ForwardStepsOneToOne):
         self.w_scale, self.v_scale = 2.0 ** w_bits, 2.0 ** v_bits
         self.w_int = self.to_fixed(problem.w0, w_bits, "initial weights")
         self.v_int = torch.zeros_like(self.w_int)
+        self.w_start = self.w_int.clone()
         self.buffer = BitsBackBuffer(problem.numel, problem.w0.device)
         self._overflow = torch.zeros((), dtype=torch.bool, device=problem.w0.device)
 
@@ -145,6 +150,20 @@ class ExactPath(_ForwardStepsOneToOne):
 
     def undo_velocity(self, t: int, g: torch.Tensor) -> None:
         self.v_int = self.buffer.divide(self.v_int + self._gradient_integer(t, g), self.problem.n[t])
+
+    def verify_round_trip(self) -> None:
+        """After the last reverse step: w_0 and v_{-1} = 0 bit for bit and the buffer emptied.
+        Anything else means a reverse step differed from its forward step (a gradient that is
+        not the training step's bit for bit, a nondeterministic kernel, a corrupted buffer), so
+        the hypergradient accumulated along the way belongs to no trajectory."""
+        wrong = {"w": int((self.w_int != self.w_start).sum()), "v": int(self.v_int.count_nonzero()),
+                 "buffer": self.buffer.elements_off_start()}
+        if any(wrong.values()):
+            raise ReversalError(
+                "exact reversal did not return to the start (elements off: "
+                + ", ".join(f"{k} {n}" for k, n in wrong.items()) + f", of {self.problem.numel}): the reverse "
+                "pass recomputed a different step than training did (gradient not bit-identical, "
+                "nondeterministic kernel, or a corrupted buffer); no hypergradient is returned")
 
 
 class StoredPath(_ForwardStepsOneToOne):

@@ -10,7 +10,8 @@ alpha/beta hypergradients.
         d alpha_t = dw . v_t
         w_t      = w_{t+1} - alpha_t v_t
         dv      += alpha_t dw
-        g_t, H dv = one pass through step t's gradient
+        g_t      = grad L(w_t, t), by the very function the forward step used (bit for bit)
+        H dv     = Hessian-vector product at w_t (either HVP implementation)
         v_{t-1}  = (v_t + (1 - beta_t) g_t) / beta_t
         d beta_t = dv . (v_{t-1} + g_t)
         dw      -= (1 - beta_t) (H + diag c) dv          c = 2 * 10^lambda (the L2 Hessian)
@@ -18,7 +19,9 @@ alpha/beta hypergradients.
         d s      -= (1 - beta_t) d(dv . g_t)/d s          (buffer hyperparameters, by autograd)
         dv      *= beta_t
 
-with d s starting from the validation loss's own derivative df/ds at w_T.
+with d s starting from the validation loss's own derivative df/ds at w_T. A path that can
+check its round trip (exact reversal: back at w_0, v_0 and the buffer's initial state, bit for
+bit) does so before any hypergradient is returned, and raises `ReversalError` otherwise.
 """
 from __future__ import annotations
 
@@ -73,8 +76,8 @@ class Reversal:
         path.undo_position(s)
         w = path.w()
         self.dv = self.dv + alpha * self.dw
-        g, hdv, mixed = self.hvp(problem, w, t, self.dv)
-        g = g + c * w
+        g = problem.train_grad(w, t) + c * w  # exactly the forward step's expression
+        hdv, mixed = self.hvp(problem, w, t, self.dv)
         path.undo_velocity(s, g)
         if self.has_velocity:
             self.d_beta[t] += torch.dot(self.dv, path.v() + g)
@@ -92,6 +95,9 @@ class Reversal:
         return self.d_l2
 
     def result(self) -> dict:
+        verify = getattr(self.path, "verify_round_trip", None)
+        if verify is not None:
+            verify()
         out = {"w0": self.dw, "v0": self.dv, "val_loss": self.val_loss, "reverse_steps": self.path.reverse_steps}
         if self.has_velocity:
             out.update(alpha=self.d_alpha, beta=self.d_beta)
