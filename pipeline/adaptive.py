@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -30,6 +31,7 @@ class AdaptiveSettings:
     lr_step: float = 0.2  # sign step of eta = ln(learning-rate multiplier)
     val_batch_size: int = 500  # validation batches cycle through the validation split
     hvp: str = DEFAULT_HVP  # Hessian-vector product implementation (params.yaml `hvp`)
+    eta_floor: Callable[[int, int], float] | None = None  # (step, total steps) -> least eta, if scheduled
 
 
 def flat(tensors) -> torch.Tensor:
@@ -62,6 +64,14 @@ class AdaptiveTrainer(Trainer):
         if (step + 1) % self.settings.every == 0 and len(self.recent) == self.settings.window:
             self.hyper_step(step)
 
+    def raise_to_floor(self, step: int) -> None:
+        """Keep every rate at or above the floor schedule's from this step on (the floor only
+        falls with time, so clamping at each hyper-update is enough)."""
+        least = self.settings.eta_floor(step, self.total_steps)
+        for value in self.lr.values.values():
+            value.clamp_(min=least)
+        self.refresh()
+
     def validation_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         size = min(self.settings.val_batch_size, len(self.val_x))
         start = (self.updates * size) % len(self.val_x)
@@ -92,6 +102,8 @@ class AdaptiveTrainer(Trainer):
         if all(bool(torch.isfinite(g).all()) for g in (*d_l2.values(), *d_eta.values())):
             sign_step(self.l2, d_l2, self._zero[0], self.settings.l2_step, 0.0)
             sign_step(self.lr, d_eta, self._zero[1], self.settings.lr_step, 0.0)
+            if self.settings.eta_floor is not None:
+                self.raise_to_floor(step)
             self.updates += 1
             self.refresh()
         else:

@@ -24,7 +24,7 @@ from pipeline.checkpoint import Checkpoint, fingerprint
 from pipeline.config import AdaptiveVariant, ConfigError, Params
 from pipeline.hyper import HyperSpace
 from pipeline.meta import layer_summary
-from pipeline.training import INIT_STREAM, derive_seed, epoch_metrics, finite_losses, train_epoch
+from pipeline.training import INIT_STREAM, derive_seed, epoch_metrics, finite_losses, step_sizes, train_epoch
 
 LOG10_E = 1 / math.log(10)
 
@@ -72,10 +72,24 @@ def hyperspaces(params: Params, model) -> tuple[HyperSpace, HyperSpace]:
     shapes = {n: p.shape for n, p in model.named_parameters()}
     device = next(model.parameters()).device
     l2 = HyperSpace.l2(model, cfg.init_log10_l2, cfg.sharing, bounds=tuple(cfg.l2_bounds), device=device)
-    low = math.log(cfg.floor_factor) if cfg.lr_floor else -math.inf
+    low = math.log(cfg.floor_factor) if cfg.lr_floor and cfg.floor_schedule is None else -math.inf
     lr = HyperSpace.create(shapes, "log_lr", cfg.init_log_lr, cfg.lr_sharing, base=math.e,
                            bounds=(low, cfg.eta_max), select=lambda name: True, device=device)
     return l2, lr
+
+
+def eta_floor(cfg, momentum: float, total_steps: int | None = None):
+    """With a floor schedule of its own: step -> the least eta keeping alpha_t e^eta >= floor_factor *
+    alpha * floor_schedule_t (thesis 3.2.2's proposal: no rate below the baseline schedule's);
+    None otherwise (the floor is then the static bound log(floor_factor) relative to `schedule`)."""
+    if not (cfg.lr_floor and cfg.floor_schedule is not None):
+        return None
+    train = cfg.train_config(momentum)
+    floor_train = train.model_copy(update={"schedule": cfg.floor_schedule})
+
+    def floor(step: int, steps: int) -> float:
+        return math.log(cfg.floor_factor * step_sizes(floor_train, steps)(step) / step_sizes(train, steps)(step))
+    return floor
 
 
 def run(params: Params, prepared: Path, name: str, paths: AdaptivePaths, tracker: Tracker | None = None,
@@ -85,7 +99,8 @@ def run(params: Params, prepared: Path, name: str, paths: AdaptivePaths, tracker
     splits = resplit(splits, var.val_size, params.seed)
     model = build_densenet(params.model, meta, params.seed).to(device)
     l2, lr = hyperspaces(params, model)
-    settings = AdaptiveSettings(var.every, var.window, var.l2_step, var.lr_step, cfg.val_batch_size, params.hvp)
+    settings = AdaptiveSettings(var.every, var.window, var.l2_step, var.lr_step, cfg.val_batch_size, params.hvp,
+                                eta_floor(cfg, var.momentum))
     trainer = AdaptiveTrainer(model, *splits["train"], *splits["val"], cfg.train_config(var.momentum),
                               params.seed, l2, lr, settings)
 

@@ -6,6 +6,7 @@ before writing anything.
 """
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Literal, Optional
@@ -100,6 +101,8 @@ class DrmadConfig(Section):
     epochs_start: int = Field(default=1, ge=1)  # epochs of meta-iteration 0, then x growth up to cap
     epochs_growth: float = Field(default=1.4, ge=1.0)
     epochs_cap: int = Field(default=2, ge=1)
+    # epochs_start for particular inits (thesis: the bad ones, -2 and -7, start at 10, not 100)
+    epochs_start_by_init: dict[float, int] = Field(default_factory=dict)
     batch_size: int = Field(default=64, ge=1)
     alpha: float = Field(default=1.0, gt=0.0)
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)  # classical: what DrMAD is derived for
@@ -121,9 +124,15 @@ class DrmadConfig(Section):
             raise ValueError(f"bounds: [low, high] with low < high, got {list(self.bounds)}")
         if any(not self.bounds[0] <= i <= self.bounds[1] for i in self.inits):
             raise ValueError(f"inits: every initial log10 L2 must lie within bounds {list(self.bounds)}")
-        if self.epochs_cap < self.epochs_start:
-            raise ValueError(f"epochs_cap: must be >= epochs_start ({self.epochs_start})")
+        if self.epochs_cap < max([self.epochs_start, *self.epochs_start_by_init.values()]):
+            raise ValueError(f"epochs_cap: must be >= every epochs_start ({self.epochs_start}, "
+                             f"{self.epochs_start_by_init})")
+        if any(e < 1 for e in self.epochs_start_by_init.values()):
+            raise ValueError(f"epochs_start_by_init: epochs >= 1, got {self.epochs_start_by_init}")
         return self
+
+    def start_epochs(self, init: float) -> int:
+        return self.epochs_start_by_init.get(init, self.epochs_start)
 
     def train_config(self, epochs: int) -> TrainConfig:
         return TrainConfig(epochs=epochs, batch_size=self.batch_size, alpha=self.alpha, momentum=self.momentum,
@@ -153,8 +162,9 @@ class AdaptiveConfig(Section):
     init_log10_l2: float = -4.0
     init_log_lr: float = Field(default=0.0, le=0.0)
     eta_max: float = 0.0  # learning-rate multipliers e^eta <= e^eta_max (thesis: 0)
-    lr_floor: bool = False  # keep alpha_t * e^eta >= the baseline schedule's alpha_t * floor_factor
+    lr_floor: bool = False  # keep alpha_t * e^eta >= floor_factor * alpha * floor_schedule_t
     floor_factor: float = Field(default=0.1, gt=0.0, le=1.0)
+    floor_schedule: Optional[ScheduleConfig] = None  # the floor's schedule; null: `schedule` itself
     l2_bounds: list[float] = Field(default_factory=lambda: [-12.0, 0.0], min_length=2, max_length=2)
     sharing: Literal["parameter", "unit", "layer", "global", "thesis"] = "thesis"  # of log10 L2
     lr_sharing: Literal["parameter", "unit", "layer", "global", "thesis"] = "thesis"  # of learning rates
@@ -181,22 +191,42 @@ class AdaptiveConfig(Section):
                            eval_batch_size=self.eval_batch_size, last_n=self.last_n)
 
 
+class QualityProtocol(Section):
+    """How the quality study's MLP trains: one named set of settings (thesis 3.1 is `thesis`)."""
+    hidden: list[int] = Field(default_factory=lambda: [50, 50, 50], min_length=1)  # MLP 784-50-50-50-10
+    batch_size: int = Field(default=50, ge=1)
+    alpha: float = Field(default=0.05, gt=0.0)  # w += alpha * v, v = m v - (1 - m) g (the thesis' form)
+    momentum: float = Field(default=0.95, ge=0.5, lt=1.0)  # classical; >= 0.5 for exact reversal
+    log_l2: float = Field(default=-4.0, ge=-50.0, le=10.0)  # fixed c = base^log_l2 of c ||z||^2
+    l2_base: Literal["e", "10"] = "e"  # the thesis writes the penalty as e^lambda
+    init_scale: float = 0.2  # initial ln scale s_0 of every unit (w = e^s z)
+    z0_log_scale: Optional[float] = Field(default=-3.0, ge=-20.0, le=5.0)  # z_0 = e^this N(0, 1); null: N(0, 1/fan-in)
+    pixels: Literal["unit", "standardised"] = "unit"  # [0, 1], or standardised with training statistics
+    multiplier: float = Field(default=10.0, gt=0.0)  # DrMAD heuristic S = 1 / (multiplier * gamma)
+
+    @property
+    def log10_l2(self) -> float:
+        """The penalty's exponent in the project's log10 convention (HyperSpace.l2)."""
+        return self.log_l2 / math.log(10.0) if self.l2_base == "e" else self.log_l2
+
+
+class QualityRun(Section):
+    """One stage instance: a protocol at a forward length."""
+    protocol: str = Field(min_length=1)
+    steps: int = Field(ge=1)  # forward steps T
+
+
 class QualityConfig(Section):
     """How good are DrMAD hypergradients? The MNIST MLP study of thesis 3.1 (DESIGN §8)."""
     data: DataConfig = DataConfig(source="mnist5k", train_size=3000, val_size=1000, test_size=1000)
-    lengths: list[int] = Field(default_factory=lambda: [200, 2000, 20000], min_length=1)  # forward steps T
-    hidden: list[int] = Field(default_factory=lambda: [50, 50, 50], min_length=1)  # MLP 784-50-50-50-10
-    batch_size: int = Field(default=100, ge=1)
-    alpha: float = Field(default=0.3, gt=0.0)  # w += alpha * v, v = m v - (1 - m) g
-    momentum: float = Field(default=0.9, ge=0.5, lt=1.0)  # classical; >= 0.5 for exact reversal
-    log10_l2: float = -4.0  # the fixed c of c ||z||^2 (the scales s carry the tuning)
-    init_scale: float = 0.0  # initial ln scale s of every unit
+    protocols: dict[str, QualityProtocol] = Field(default_factory=lambda: {"thesis": QualityProtocol()})
+    runs: dict[str, QualityRun] = Field(default_factory=lambda: {
+        f"thesis-{t}": QualityRun(protocol="thesis", steps=t) for t in (200, 2000, 20000)})
     scale_bounds: list[float] = Field(default_factory=lambda: [-3.0, 3.0], min_length=2, max_length=2)
     meta_iterations: int = Field(default=3, ge=1)
     hyper_step: float = Field(default=0.1, gt=0.0)  # sign step of s, following DrMAD (thesis)
     hyper_momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
     drmad_steps: int = Field(default=200, ge=1)  # DrMAD with a fixed S, next to the heuristic's
-    multiplier: float = Field(default=1.0, gt=0.0)  # heuristic S = 1 / (multiplier * gamma)
     max_reverse_steps: int = Field(default=100_000, ge=1)
     step_map: Literal["same", "stride", "nearest"] = "same"
     last: int = Field(default=100, ge=1)  # DrMAD2: float reversal of the last K steps
@@ -208,15 +238,23 @@ class QualityConfig(Section):
         low, high = self.scale_bounds
         if low >= high:
             raise ValueError(f"scale_bounds: [low, high] with low < high, got {self.scale_bounds}")
-        if not low <= self.init_scale <= high:
-            raise ValueError(f"init_scale: must lie within scale_bounds {self.scale_bounds}")
-        if any(t < 1 for t in self.lengths) or len(set(self.lengths)) != len(self.lengths):
-            raise ValueError(f"lengths: distinct forward lengths >= 1, got {self.lengths}")
+        for name, protocol in self.protocols.items():
+            if not low <= protocol.init_scale <= high:
+                raise ValueError(f"protocols.{name}.init_scale: must lie within scale_bounds {self.scale_bounds}")
+        for name, run in self.runs.items():
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+                raise ValueError(f"runs.{name}: run names may hold letters, digits, '_', '.' and '-' only")
+            if run.protocol not in self.protocols:
+                raise ValueError(f"runs.{name}.protocol: one of {', '.join(self.protocols)} (got {run.protocol!r})")
         return self
+
+    def protocol(self, run: str) -> QualityProtocol:
+        return self.protocols[self.runs[run].protocol]
 
 
 class PathsConfig(Section):
     """Parameter paths of the quality MLP (thesis figs 2.1-2.2)."""
+    protocol: str = "thesis"  # which of quality.protocols trains the MLP
     steps: int = Field(default=2000, ge=2)
     every: int = Field(default=10, ge=1)  # keep every n-th iterate
     coordinates: int = Field(default=3, ge=1)  # random single coordinates plotted against the iteration
@@ -244,6 +282,12 @@ class Params(Section):
     paths: PathsConfig = PathsConfig()
     report: ReportConfig = ReportConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _paths_protocol(self):
+        if self.paths.protocol not in self.quality.protocols:
+            raise ValueError(f"paths.protocol: one of {', '.join(self.quality.protocols)} (got {self.paths.protocol!r})")
+        return self
 
 
 class _Loader(yaml.SafeLoader):

@@ -175,8 +175,9 @@ def digest(splits: dict[str, dict[str, Tensor]]) -> str:
     return h.hexdigest()
 
 
-def build(cfg: DataConfig) -> tuple[dict[str, dict[str, Tensor]], dict]:
-    """Load `cfg.source`, split, normalise with train statistics: the splits and their meta."""
+def build(cfg: DataConfig, standardise: bool = True) -> tuple[dict[str, dict[str, Tensor]], dict]:
+    """Load `cfg.source`, split, normalise with train statistics (or, without `standardise`,
+    pixels in [0, 1] as the thesis' MLP study had them): the splits and their meta."""
     pool, own_test = _SOURCES[cfg.source](cfg)
     idx = split_indices(cfg, len(pool), len(own_test) if own_test is not None else 0)
     raw = {s: (own_test if s == "test" and own_test is not None else pool).take(idx[s]) for s in SPLITS}
@@ -184,6 +185,8 @@ def build(cfg: DataConfig) -> tuple[dict[str, dict[str, Tensor]], dict]:
     if (std == 0).any():  # normalising would divide by zero
         raise DataError(f"data.train_size: a channel is constant over the {len(raw['train'])} "
                         "training images; use more")
+    if not standardise:
+        mean, std = torch.zeros_like(mean), torch.ones_like(std)
     splits = {s: {"x": normalise(r, mean, std), "y": r.y} for s, r in raw.items()}
     _, channels, height, width = splits["train"]["x"].shape
     meta = {

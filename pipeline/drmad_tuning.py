@@ -89,8 +89,8 @@ def finite(*tensors: torch.Tensor) -> bool:
 class Run:
     """State of one initialisation's meta-iterations (what a checkpoint holds)."""
 
-    def __init__(self, hypers: HyperSpace):
-        self.hypers, self.momentum = hypers, zero_momentum(hypers)
+    def __init__(self, hypers: HyperSpace, start_epochs: int):
+        self.hypers, self.momentum, self.start_epochs = hypers, zero_momentum(hypers), start_epochs
         self.iteration, self.outcome = 0, "finished"
         self.meta_rows: list[dict] = []
         self.epoch_rows: list[dict] = []
@@ -117,7 +117,7 @@ def meta_iteration(params: Params, run: Run, splits: dict, meta: dict, device: t
     model = build_densenet(params.model, meta, params.seed).to(device)
     w0 = flat(model.parameters())
     coefs = {n: 2 * run.hypers.value(n) for n in run.hypers.shapes}
-    trainer = Trainer(model, *splits["train"], cfg.train_config(epochs_at(i, cfg.epochs_start, cfg.epochs_growth,
+    trainer = Trainer(model, *splits["train"], cfg.train_config(epochs_at(i, run.start_epochs, cfg.epochs_growth,
                       cfg.epochs_cap)), params.seed, coefs, track_distance=True)
     # The hyperparameters this meta-iteration trains with, per layer (thesis fig. 3.10).
     run.layer_rows += [{"meta_iteration": i, "layer": n, **s} for n, s in layer_summary(run.hypers).items()]
@@ -176,7 +176,8 @@ def run(params: Params, prepared: Path, init: float, paths: DrmadPaths, tracker:
     device, meta, splits = load_prepared(params, prepared)
     cfg = params.drmad
     template = build_densenet(params.model, meta, params.seed)
-    state = Run(HyperSpace.l2(template, init, cfg.sharing, bounds=tuple(cfg.bounds), device=device))
+    state = Run(HyperSpace.l2(template, init, cfg.sharing, bounds=tuple(cfg.bounds), device=device),
+                cfg.start_epochs(init))
 
     checkpoint = Checkpoint(paths.checkpoint, fingerprint(init, params.seed, params.model.model_dump(),
                                                           cfg.model_dump(), meta["digest"]))

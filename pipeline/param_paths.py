@@ -17,9 +17,8 @@ import torch
 from pipeline import data, io, plots
 from pipeline.baseline import Tracker
 from pipeline.config import Params
-from pipeline.hyper import HyperSpace
 from pipeline.hypergrad import FloatPath
-from pipeline.quality import build_problem
+from pipeline.quality import build_problem, load_data, penalty
 from pipeline.training import setup_device
 
 PICK_STREAM = 7  # seed stream of the random coordinates
@@ -53,9 +52,10 @@ def projections(iterates: torch.Tensor, iterations: list[int], picks: torch.Tens
 def run(params: Params, paths: PathsPaths = PathsPaths(), tracker: Tracker | None = None) -> dict:
     cfg, q = params.paths, params.quality
     start = time.perf_counter()
-    splits, meta = data.build(q.data)
-    problem = build_problem(q, params.seed, cfg.steps, splits, meta, setup_device(params.device))
-    l2 = HyperSpace.l2(problem.model, q.log10_l2, "global", device=problem.x.device)
+    protocol = q.protocols[cfg.protocol]
+    splits, meta = load_data(q, protocol)
+    problem = build_problem(q, protocol, params.seed, cfg.steps, splits, meta, setup_device(params.device))
+    l2 = penalty(problem, protocol, problem.x.device)
     trained = FloatPath.train(problem, problem.l2_coefficients(l2), keep_every=cfg.every)
     iterates = torch.stack(trained.iterates).double()
     iterations = [k * cfg.every for k in range(len(iterates))]

@@ -7,6 +7,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def error_curves(per_epoch: pd.DataFrame, title: str) -> Figure:
@@ -37,6 +38,7 @@ def meta_curves(per_meta: pd.DataFrame, title: str) -> Figure:
     for split in ("train", "val", "test"):
         ax.plot(per_meta["meta_iteration"], 100 * per_meta[f"{split}_error"], marker="o", label=split)
     ax.set(xlabel="meta-iteration", ylabel="error (%)", title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -57,6 +59,7 @@ def _by_method(ax, table: pd.DataFrame, column: str, methods) -> None:
     for method in methods:
         rows = table[table["method"] == method]
         ax.plot(rows["meta_iteration"], rows[column], marker="o", label=LABELS.get(method, method))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # meta-iterations are whole
 
 
 def quality_figures(frames: dict[str, pd.DataFrame], title: str) -> dict[str, Figure]:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from pipeline import data, io, plots
 from pipeline.baseline import Tracker
 from pipeline.checkpoint import Checkpoint, fingerprint
-from pipeline.config import Params, QualityConfig
+from pipeline.config import Params, QualityConfig, QualityProtocol
 from pipeline.hyper import HyperSpace
 from pipeline.hypergrad import ExactPath, FixedPointOverflow, FloatPath, Problem
 from pipeline.hypergrad.drmad import Drmad2Path, LinePath, heuristic_steps, step_map
@@ -50,28 +50,44 @@ class QualityPaths:
     checkpoint: Path
 
     @classmethod
-    def for_length(cls, steps: int, root: Path = Path(".")) -> "QualityPaths":
-        return cls(root / f"metrics/quality_{steps}.json", root / f"plots/quality/{steps}/hypergrads.csv",
-                   root / f"plots/quality/{steps}/errors.csv", root / f"plots/quality/{steps}/reverse.csv",
-                   root / f"figures/quality/{steps}", root / f"checkpoints/quality_{steps}.pt")
+    def for_run(cls, name: str, root: Path = Path(".")) -> "QualityPaths":
+        return cls(root / f"metrics/quality_{name}.json", root / f"plots/quality/{name}/hypergrads.csv",
+                   root / f"plots/quality/{name}/errors.csv", root / f"plots/quality/{name}/reverse.csv",
+                   root / f"figures/quality/{name}", root / f"checkpoints/quality_{name}.pt")
 
 
-def build_mlp(cfg: QualityConfig, seed: int, in_features: int, num_classes: int) -> MLP:
-    """The scaled MLP with z_0 drawn from `seed` alone (on the CPU, so every device starts equal)."""
+def build_mlp(protocol: QualityProtocol, seed: int, in_features: int, num_classes: int) -> MLP:
+    """The scaled MLP with z_0 drawn from `seed` alone (on the CPU, so every device starts equal):
+    e^z0_log_scale * N(0, 1) (thesis), or N(0, 1/fan-in) when z0_log_scale is null."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, INIT_STREAM))
-        return MLP((in_features, *cfg.hidden, num_classes), scaled=True)
+        mlp = MLP((in_features, *protocol.hidden, num_classes), scaled=True)
+        if protocol.z0_log_scale is not None:
+            with torch.no_grad():
+                for layer in mlp.layers:
+                    layer.z.normal_().mul_(math.exp(protocol.z0_log_scale))
+        return mlp
 
 
-def build_problem(cfg: QualityConfig, seed: int, steps: int, splits: dict, meta: dict,
+def load_data(cfg: QualityConfig, protocol: QualityProtocol) -> tuple[dict, dict]:
+    return data.build(cfg.data, standardise=protocol.pixels == "standardised")
+
+
+def build_problem(cfg: QualityConfig, protocol: QualityProtocol, seed: int, steps: int, splits: dict, meta: dict,
                   device: torch.device) -> Problem:
     dtype = getattr(torch, cfg.dtype)
     x, y = (splits["train"][k].to(device) for k in ("x", "y"))
-    model = build_mlp(cfg, seed, x[0].numel(), meta["num_classes"]).to(device, dtype)
-    scales = HyperSpace.scales(model, cfg.init_scale, bounds=tuple(cfg.scale_bounds), device=device)
+    model = build_mlp(protocol, seed, x[0].numel(), meta["num_classes"]).to(device, dtype)
+    scales = HyperSpace.scales(model, protocol.init_scale, bounds=tuple(cfg.scale_bounds), device=device)
     return Problem(model, x.flatten(1).to(dtype), y, splits["val"]["x"].flatten(1).to(device, dtype),
-                   splits["val"]["y"].to(device), alpha=torch.full((steps,), cfg.alpha),
-                   beta=torch.full((steps,), cfg.momentum), batch_size=cfg.batch_size, seed=seed, scales=scales)
+                   splits["val"]["y"].to(device), alpha=torch.full((steps,), protocol.alpha),
+                   beta=torch.full((steps,), protocol.momentum), batch_size=protocol.batch_size, seed=seed,
+                   scales=scales)
+
+
+def penalty(problem: Problem, protocol: QualityProtocol, device: torch.device) -> HyperSpace:
+    """The fixed c ||z||^2 term, c = base^log_l2, as a global L2 hyperparameter (log10 inside)."""
+    return HyperSpace.l2(problem.model, protocol.log10_l2, "global", device=device)
 
 
 def flat(named: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -84,7 +100,7 @@ def error_rate(problem: Problem, w: torch.Tensor, x: torch.Tensor, y: torch.Tens
     return (logits.argmax(1) != y).double().mean().item()
 
 
-def hypergradients(problem: Problem, l2: HyperSpace, cfg: QualityConfig, hvp: HVP) -> dict:
+def hypergradients(problem: Problem, l2: HyperSpace, cfg: QualityConfig, multiplier: float, hvp: HVP) -> dict:
     """The five hypergradients of s (flat, by method) of one seeded training, the reverse-pass
     trace of exact vs float reversal, w_T and the reverse steps DrMAD took.
 
@@ -100,7 +116,7 @@ def hypergradients(problem: Problem, l2: HyperSpace, cfg: QualityConfig, hvp: HV
         return LinePath(problem.w0, w_T, steps, step_map(cfg.step_map, steps, problem.steps, distances))
 
     def heuristic(d: torch.Tensor) -> int:
-        return min(heuristic_steps(d, cfg.multiplier), cfg.max_reverse_steps)
+        return min(heuristic_steps(d, multiplier), cfg.max_reverse_steps)
 
     exact_w_T = path.w()
     tail = FloatPath(problem, w_T, v_T)  # DrMAD2's copy: lockstep walks `floats` back to w_0
@@ -149,13 +165,13 @@ class Study:
         self.iteration, self.outcome, self.rows = state["iteration"], state["outcome"], state["rows"]
 
 
-def meta_iteration(study: Study, problem: Problem, l2: HyperSpace, cfg: QualityConfig, splits: dict,
-                   hvp: HVP, tracker: Tracker | None) -> bool:
+def meta_iteration(study: Study, problem: Problem, l2: HyperSpace, cfg: QualityConfig, multiplier: float,
+                   splits: dict, hvp: HVP, tracker: Tracker | None) -> bool:
     """Five hypergradients, their comparison, errors, a sign step. False when it diverged."""
     i, start = study.iteration, time.perf_counter()
     study.rows["layers"] += [{"meta_iteration": i, "layer": n, **s} for n, s in layer_summary(study.scales).items()]
     try:
-        got = hypergradients(problem, l2, cfg, hvp)
+        got = hypergradients(problem, l2, cfg, multiplier, hvp)
     except FixedPointOverflow:
         return False
     if not all(bool(torch.isfinite(got["grads"][m]).all()) for m in ("exact", FOLLOWED)):
@@ -184,35 +200,40 @@ def meta_iteration(study: Study, problem: Problem, l2: HyperSpace, cfg: QualityC
     return True
 
 
-def run(params: Params, steps: int, paths: QualityPaths, tracker: Tracker | None = None,
+def run(params: Params, name: str, paths: QualityPaths, tracker: Tracker | None = None,
         progress: bool | None = None) -> dict:
-    """`quality.meta_iterations` meta-iterations at forward length `steps`; writes every output."""
+    """`quality.meta_iterations` meta-iterations of run `name` (a protocol at a forward length);
+    writes every output."""
     cfg = params.quality
+    protocol, steps = cfg.protocol(name), cfg.runs[name].steps
     device = setup_device(params.device)
-    splits, meta = data.build(cfg.data)
-    problem = build_problem(cfg, params.seed, steps, splits, meta, device)
-    l2 = HyperSpace.l2(problem.model, cfg.log10_l2, "global", device=device)
+    splits, meta = load_data(cfg, protocol)
+    problem = build_problem(cfg, protocol, params.seed, steps, splits, meta, device)
+    l2 = penalty(problem, protocol, device)
     study = Study(problem.scales)
-    checkpoint = Checkpoint(paths.checkpoint, fingerprint(steps, params.seed, cfg.model_dump(), meta["digest"]))
+    shared = cfg.model_dump(exclude={"protocols", "runs"})
+    checkpoint = Checkpoint(paths.checkpoint, fingerprint(name, steps, params.seed, params.hvp, shared,
+                                                          protocol.model_dump(), meta["digest"]))
     if (saved := checkpoint.load(device)) is not None:
         study.restore(saved)
     hvp = HVP_METHODS[params.hvp]
     started = time.perf_counter()
-    bar = tqdm(range(study.iteration, cfg.meta_iterations), desc=f"quality T={steps}", unit="meta-it",
+    bar = tqdm(range(study.iteration, cfg.meta_iterations), desc=f"quality {name}", unit="meta-it",
                initial=study.iteration, total=cfg.meta_iterations,
                disable=not (sys.stderr.isatty() if progress is None else progress))
     for _ in bar:
         if study.outcome == "diverged":
             break
-        if meta_iteration(study, problem, l2, cfg, splits, hvp, tracker):
+        if meta_iteration(study, problem, l2, cfg, protocol.multiplier, splits, hvp, tracker):
             study.iteration += 1
         else:
             study.outcome = "diverged"  # s keeps its last finite values
             if tracker:
                 tracker.set_tag("outcome", "diverged")
         checkpoint.save(study.state())
-    metrics = summarise(study, steps, time.perf_counter() - started)
-    write_outputs(paths, study, metrics, steps, tracker)
+    metrics = {"run": name, "protocol": cfg.runs[name].protocol,
+               **summarise(study, steps, time.perf_counter() - started)}
+    write_outputs(paths, study, metrics, f"{cfg.runs[name].protocol} protocol, T = {steps:,}", tracker)
     checkpoint.clear()
     return metrics
 
@@ -223,6 +244,8 @@ def summarise(study: Study, steps: int, seconds: float) -> dict:
     out = {"forward_steps": steps, "outcome": study.outcome, "meta_iterations_completed": study.iteration,
            "wall_time_s": round(seconds, 1),
            "reverse_steps": [r["reverse_steps"] for r in study.rows["meta"]]}
+    exact = table[table["method"] == "exact"] if len(table) else table
+    out["exact/norm"] = [number(v) for v in exact["norm"]] if len(exact) else []
     for method in METHODS[1:]:
         rows = table[table["method"] == method] if len(table) else table
         for key in ("norm_ratio", "cos_exact", "sign_cos_exact"):
@@ -237,13 +260,13 @@ def number(value: float) -> float | None:
     return float(f"{value:.6g}") if math.isfinite(value) else None
 
 
-def write_outputs(paths: QualityPaths, study: Study, metrics: dict, steps: int, tracker: Tracker | None) -> None:
+def write_outputs(paths: QualityPaths, study: Study, metrics: dict, title: str, tracker: Tracker | None) -> None:
     frames = {name: pd.DataFrame(study.rows[name]) for name in ("hypergrads", "errors", "reverse")}
     for path, name in ((paths.hypergrads_csv, "hypergrads"), (paths.errors_csv, "errors"),
                        (paths.reverse_csv, "reverse")):
         with io.atomic_path(path) as tmp:
             frames[name].to_csv(tmp, index=False)
-    figures = plots.quality_figures(frames, f"T = {steps:,}") if study.rows["meta"] else {}
+    figures = plots.quality_figures(frames, title) if study.rows["meta"] else {}
     with io.atomic_dir(paths.figures) as tmp:
         for name, figure in figures.items():
             plots.save(figure, tmp / name)

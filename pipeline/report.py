@@ -75,17 +75,23 @@ def adaptive_rows(root: Path) -> list[dict]:
 
 
 def quality_rows(root: Path) -> list[dict]:
-    """Per forward length and method: cosine with exact and norm ratio, per meta-iteration."""
+    """Per forward length, protocol and method: cosine with exact and norm ratio per
+    meta-iteration (exact's own row: its norm). Protocols of one length stand side by side."""
     rows = []
-    for path in sorted((root / "metrics").glob("quality_*.json"), key=lambda p: int(_tag(p, "quality_"))):
-        m = _json(path)
+    runs = sorted((_json(p) for p in (root / "metrics").glob("quality_*.json")),
+                  key=lambda m: (m["forward_steps"], m.get("protocol") != "thesis", m.get("protocol", "")))
+    for m in runs:
+        rows.append({"forward_steps": m["forward_steps"], "protocol": m.get("protocol"), "method": "exact",
+                     "cos_exact": "", "sign_cos_exact": "", "norm_ratio": "",
+                     "norm": " / ".join(_fmt(n, ".3g") for n in m.get("exact/norm", [])), "mean_cos_exact": None,
+                     "reverse_steps": "", "outcome": m["outcome"], "wall_time_s": m["wall_time_s"]})
         for method in QUALITY_METHODS:
             cos, ratio = m[f"{method}/cos_exact"], m[f"{method}/norm_ratio"]
             finite = [c for c in cos if c is not None]
-            rows.append({"forward_steps": m["forward_steps"], "method": method,
+            rows.append({"forward_steps": m["forward_steps"], "protocol": m.get("protocol"), "method": method,
                          "cos_exact": " / ".join(_fmt(c, ".3f") for c in cos),
                          "sign_cos_exact": " / ".join(_fmt(c, ".3f") for c in m[f"{method}/sign_cos_exact"]),
-                         "norm_ratio": " / ".join(_fmt(r, ".3g") for r in ratio),
+                         "norm_ratio": " / ".join(_fmt(r, ".3g") for r in ratio), "norm": "",
                          "mean_cos_exact": sum(finite) / len(finite) if finite else None,
                          "reverse_steps": " / ".join(str(s) for s in m["reverse_steps"]) if method == "drmad" else "",
                          "outcome": m["outcome"], "wall_time_s": m["wall_time_s"]})
@@ -153,8 +159,11 @@ def run(root: Path = Path("."), last_n: int = 3, paths: ReportPaths = ReportPath
     if len(quality):
         text += ["\n## Hypergradient quality (MNIST MLP)\n",
                  "Per meta-iteration: cosine with the exact hypergradient, of the hypergradients and of their "
-                 "signs, and the norm ratio to exact (thesis figs 3.1-3.2); n/a where that hypergradient was "
-                 "not finite (float reversal overflows on long runs). `wall_time_s` is the whole stage's.\n",
+                 "signs, and the norm ratio to exact (thesis figs 3.1-3.2); exact's rows give its own norm. "
+                 "`protocol`: `thesis` trains as thesis 3.1 did (step 0.05, momentum 0.95, batch 50, "
+                 "e^-4 ||z||^2, z_0 = e^-3 N(0, 1), s_0 = 0.2, pixels in [0, 1], S = 1 / (10 gamma)); "
+                 "`standardised` is this project's first setting (see params.yaml). n/a where that hypergradient "
+                 "was not finite (float reversal overflows on long runs). `wall_time_s` is the whole stage's.\n",
                  markdown(quality.drop(columns=["mean_cos_exact"]))]
     paths.summary_md.parent.mkdir(parents=True, exist_ok=True)
     io.write_text(paths.summary_md, "\n".join(text))

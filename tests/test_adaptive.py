@@ -81,3 +81,15 @@ def test_bounds_hold_after_every_update(monkeypatch):
     monkeypatch.setattr(AdaptiveTrainer, "hyper_step", checked_step)
     trainer.run_epoch()
     assert len(checked) == trainer.steps_per_epoch // 2
+
+
+def test_a_floor_schedule_of_its_own_bounds_eta_by_step():
+    """Thesis 3.2.2's proposal: a fixed step alpha * e^eta that never falls below the baseline
+    schedule's rate (floor_factor 1, schedule /10 at 50%)."""
+    from pipeline.adaptive_run import eta_floor
+    from pipeline.config import AdaptiveConfig
+    cfg = AdaptiveConfig(schedule={"milestones": []}, lr_floor=True, floor_factor=1.0,
+                         floor_schedule={"milestones": [0.5], "factor": 0.1})
+    floor = eta_floor(cfg, 0.9)
+    assert [floor(t, 100) for t in (0, 49, 50, 99)] == pytest.approx([0.0, 0.0, math.log(0.1), math.log(0.1)])
+    assert eta_floor(cfg.model_copy(update={"lr_floor": False}), 0.9) is None

@@ -55,6 +55,16 @@ BAD = [  # (key path, bad value, words the message must contain)
     ("device", "tpu", ["device", "auto"]),
     ("tracking.experiment", "", ["tracking.experiment"]),
     ("colour", "blue", ["colour", "unknown key", "baseline"]),
+    ("hvp", "finite_differences", ["hvp", "double_backward", "forward_over_reverse"]),
+    ("quality.runs.thesis-200.protocol", "thesys", ["quality.runs.thesis-200.protocol", "thesis", "standardised"]),
+    ("quality.runs.thesis-200.steps", 0, ["quality.runs.thesis-200.steps", ">= 1"]),
+    ("quality.protocols.thesis.l2_base", "2", ["quality.protocols.thesis.l2_base", "'e'", "'10'"]),
+    ("quality.protocols.thesis.momentum", 0.3, ["quality.protocols.thesis.momentum", ">= 0.5"]),
+    ("quality.protocols.thesis.pixels", "raw", ["quality.protocols.thesis.pixels", "unit", "standardised"]),
+    ("quality.protocols.thesis.init_scale", 9.0, ["quality.protocols.thesis.init_scale", "scale_bounds"]),
+    ("quality.lengths", [200], ["quality.lengths", "unknown key", "runs"]),
+    ("paths.protocol", "other", ["paths.protocol", "thesis"]),
+    ("drmad.epochs_start_by_init", {-2.0: 5}, ["drmad.epochs_cap", "epochs_start"]),
 ]
 
 

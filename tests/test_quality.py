@@ -9,19 +9,21 @@ import torch
 
 from pipeline import data, param_paths, quality
 from pipeline.config import parse_params
-from pipeline.hyper import HyperSpace
 from pipeline.hypergrad.hvp import double_backward
 
+PROTOCOL = {"hidden": [10, 10], "batch_size": 20, "alpha": 0.3, "momentum": 0.9, "log_l2": -4.0, "l2_base": "10",
+            "init_scale": 0.0, "z0_log_scale": None, "pixels": "standardised", "multiplier": 1.0}
 TINY = {"device": "cpu",
         "quality": {"data": {"source": "mnist5k", "train_size": 200, "val_size": 100, "test_size": 100},
-                    "hidden": [10, 10], "batch_size": 20, "alpha": 0.3, "meta_iterations": 2,
-                    "drmad_steps": 5, "last": 3, "trace_points": 7},
-        "paths": {"steps": 40, "every": 4, "coordinates": 2}}
+                    "protocols": {"p": PROTOCOL}, "runs": {"t20": {"protocol": "p", "steps": 20}},
+                    "meta_iterations": 2, "drmad_steps": 5, "last": 3, "trace_points": 7},
+        "paths": {"protocol": "p", "steps": 40, "every": 4, "coordinates": 2}}
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def tiny(**quality_overrides):
-    return parse_params({**TINY, "quality": {**TINY["quality"], **quality_overrides}})
+def tiny(protocol=None, **quality_overrides):
+    protocols = {"p": {**PROTOCOL, **(protocol or {})}}
+    return parse_params({**TINY, "quality": {**TINY["quality"], "protocols": protocols, **quality_overrides}})
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +33,10 @@ def splits():
 
 def five(params, steps, splits):
     built, meta = splits
-    problem = quality.build_problem(params.quality, params.seed, steps, built, meta, torch.device("cpu"))
-    l2 = HyperSpace.l2(problem.model, params.quality.log10_l2, "global")
-    return quality.hypergradients(problem, l2, params.quality, double_backward)
+    protocol = params.quality.protocols["p"]
+    problem = quality.build_problem(params.quality, protocol, params.seed, steps, built, meta, torch.device("cpu"))
+    l2 = quality.penalty(problem, protocol, torch.device("cpu"))
+    return quality.hypergradients(problem, l2, params.quality, protocol.multiplier, double_backward)
 
 
 def rel(a, b):
@@ -75,8 +78,8 @@ def test_compare_on_hand_made_vectors():
 
 
 def test_stage_writes_long_tables_figures_and_metrics(tmp_path):
-    paths = quality.QualityPaths.for_length(20, tmp_path)
-    metrics = quality.run(tiny(), 20, paths)
+    paths = quality.QualityPaths.for_run("t20", tmp_path)
+    metrics = quality.run(tiny(), "t20", paths)
     assert metrics["outcome"] == "finished" and metrics["meta_iterations_completed"] == 2
     assert len(metrics["drmad/cos_exact"]) == 2 and all(-1 <= c <= 1 for c in metrics["drmad/cos_exact"])
     assert json.loads(paths.metrics.read_text()) == metrics
@@ -95,8 +98,8 @@ def test_stage_writes_long_tables_figures_and_metrics(tmp_path):
 
 
 def test_interrupted_run_resumes_to_the_same_numbers(tmp_path, monkeypatch):
-    straight = quality.run(tiny(), 20, quality.QualityPaths.for_length(20, tmp_path / "a"))
-    paths = quality.QualityPaths.for_length(20, tmp_path / "b")
+    straight = quality.run(tiny(), "t20", quality.QualityPaths.for_run("t20", tmp_path / "a"))
+    paths = quality.QualityPaths.for_run("t20", tmp_path / "b")
     real, calls = quality.meta_iteration, []
 
     def interrupted(*args, **kwargs):
@@ -107,18 +110,18 @@ def test_interrupted_run_resumes_to_the_same_numbers(tmp_path, monkeypatch):
 
     monkeypatch.setattr(quality, "meta_iteration", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        quality.run(tiny(), 20, paths)
+        quality.run(tiny(), "t20", paths)
     assert paths.checkpoint.exists() and not paths.metrics.exists()
     monkeypatch.setattr(quality, "meta_iteration", real)
-    resumed = quality.run(tiny(), 20, paths)
+    resumed = quality.run(tiny(), "t20", paths)
     assert {k: v for k, v in resumed.items() if k != "wall_time_s"} == \
         {k: v for k, v in straight.items() if k != "wall_time_s"}
-    assert paths.hypergrads_csv.read_text() == (tmp_path / "a/plots/quality/20/hypergrads.csv").read_text()
+    assert paths.hypergrads_csv.read_text() == (tmp_path / "a/plots/quality/t20/hypergrads.csv").read_text()
 
 
 def test_leaving_the_fixed_point_range_is_an_outcome(tmp_path):
-    paths = quality.QualityPaths.for_length(20, tmp_path)
-    metrics = quality.run(tiny(alpha=1e9), 20, paths)
+    paths = quality.QualityPaths.for_run("t20", tmp_path)
+    metrics = quality.run(tiny({"alpha": 1e9}), "t20", paths)
     assert metrics["outcome"] == "diverged" and metrics["meta_iterations_completed"] == 0
     assert json.loads(paths.metrics.read_text())["outcome"] == "diverged"
 
@@ -144,3 +147,22 @@ def test_projections_recover_a_straight_line():
     assert explained[0] == pytest.approx(1.0) and explained[1] == pytest.approx(0.0, abs=1e-12)
     random = frame[frame["projection"] == "random"]
     assert random["x"].tolist() == pytest.approx([k * direction[3].item() for k in range(6)])
+
+
+def test_thesis_protocol_is_the_thesis_to_the_letter():
+    """Thesis 3.1 / DESIGN §8: step 0.05, momentum 0.95, batch 50, e^-4 ||z||^2 (natural log),
+    z_0 = e^-3 N(0, 1), s_0 = 0.2, pixels in [0, 1], S = 1 / (10 gamma)."""
+    thesis = parse_params({}).quality.protocols["thesis"]
+    assert (thesis.alpha, thesis.momentum, thesis.batch_size, thesis.hidden) == (0.05, 0.95, 50, [50, 50, 50])
+    assert 10 ** thesis.log10_l2 == pytest.approx(math.exp(-4), rel=1e-12)
+    assert (thesis.init_scale, thesis.z0_log_scale, thesis.pixels, thesis.multiplier) == (0.2, -3.0, "unit", 10.0)
+    mlp = quality.build_mlp(thesis, 0, 784, 10)
+    z = torch.cat([layer.z.reshape(-1) for layer in mlp.layers])
+    assert z.std().item() == pytest.approx(math.exp(-3), rel=0.02) and abs(z.mean().item()) < 1e-3
+    x = quality.load_data(tiny().quality, thesis)[0]["train"]["x"]
+    assert x.min().item() == 0.0 and x.max().item() == 1.0
+
+
+def test_the_penalty_base_changes_the_coefficient():
+    e, ten = (tiny({"l2_base": base, "log_l2": -4.0}).quality.protocols["p"] for base in ("e", "10"))
+    assert 10 ** e.log10_l2 == pytest.approx(math.exp(-4)) and ten.log10_l2 == -4.0

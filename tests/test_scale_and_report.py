@@ -27,10 +27,12 @@ def test_paper_scale_validates_and_builds_the_thesis_models(paper):
     assert paper.data.source == "cifar10" and paper.data.test_size is None and paper.data.val_size == 5000
     densenet = build_densenet(paper.model, {"channels": 3, "num_classes": 10}, paper.seed)
     assert sum(p.numel() for p in densenet.parameters()) == 1_019_722  # DenseNet-40, k = 12
-    mlp = build_mlp(paper.quality, paper.seed, 28 * 28, 10)
+    mlp = build_mlp(paper.quality.protocols["thesis"], paper.seed, 28 * 28, 10)
     assert [layer.z.shape[1] for layer in mlp.layers] + [mlp.layers[-1].z.shape[0]] == [784, 50, 50, 50, 10]
     assert paper.quality.data.source == "mnist" and paper.quality.data.train_size == 15000
-    assert 200_000 in paper.quality.lengths
+    assert paper.quality.runs["thesis-200000"].steps == 200_000 and "thesis-20000" in paper.quality.runs
+    assert [paper.drmad.start_epochs(i) for i in (-4.0, -2.0, -7.0)] == [100, 10, 10]  # thesis: bad inits at 10
+    assert paper.adaptive.schedule.milestones == [] and paper.adaptive.floor_schedule.milestones == [0.5, 0.75]
     assert paper.baseline.epochs == 300 and paper.drmad.epochs_cap == 300 and paper.adaptive.epochs == 300
     assert {k: (v.every, v.window, v.val_size) for k, v in paper.adaptive.variants.items()} == \
         {"k100": (100, 5, 10000), "k131": (131, 4, 14000)}
@@ -73,10 +75,12 @@ def test_report_rows_for_every_run_and_the_quality_table(tmp_path):
                                                     "last_n": 3, "best_val_error": 0.04, "final_val_test_gap": -0.01,
                                                     "wall_time_s": 20.0, "hypergradient_time_share": 0.25,
                                                     "outcome": "diverged"})
-    write(tmp_path / "metrics/quality_200.json", {
-        "forward_steps": 200, "outcome": "finished", "wall_time_s": 3.0, "reverse_steps": [50, 60],
-        **{f"{m}/{k}": [0.5, None] for m in report.QUALITY_METHODS for k in ("cos_exact", "sign_cos_exact",
-                                                                               "norm_ratio")}})
+    for protocol, steps in (("standardised", 200), ("thesis", 2000), ("thesis", 200)):
+        write(tmp_path / f"metrics/quality_{protocol}-{steps}.json", {
+            "forward_steps": steps, "protocol": protocol, "outcome": "finished", "wall_time_s": 3.0,
+            "reverse_steps": [50, 60], "exact/norm": [2.0, 3.0],
+            **{f"{m}/{k}": [0.5, None] for m in report.QUALITY_METHODS for k in ("cos_exact", "sign_cos_exact",
+                                                                                   "norm_ratio")}})
     paths = report.ReportPaths(*(tmp_path / p for p in ("r/summary.md", "r/summary.csv", "r/quality.csv", "r/fig")))
     summary = report.run(tmp_path, last_n=2, paths=paths).set_index("run")
     assert list(summary.index) == ["baseline", "drmad -4.0", "adaptive k100"]
@@ -86,7 +90,11 @@ def test_report_rows_for_every_run_and_the_quality_table(tmp_path):
     assert summary.loc["drmad -4.0", "wall_time_s"] == pytest.approx(11.0)
     assert summary.loc["adaptive k100", "outcome"] == "diverged"
     text = paths.summary_md.read_text()
-    assert "| drmad -4.0 | 8.00% | 14.00% |" in text and "| 200 | drmad | 0.500 / n/a |" in text
+    assert "| drmad -4.0 | 8.00% | 14.00% |" in text and "| 200 | thesis | drmad | 0.500 / n/a |" in text
+    assert "| 200 | thesis | exact |  |  |  | 2 / 3 |" in text
     assert pd.read_csv(paths.summary_csv).shape == (3, len(report.COLUMNS))
-    assert len(pd.read_csv(paths.quality_csv)) == len(report.QUALITY_METHODS)
+    table = pd.read_csv(paths.quality_csv)
+    assert len(table) == 3 * (1 + len(report.QUALITY_METHODS))
+    order = table[["forward_steps", "protocol"]].drop_duplicates().values.tolist()
+    assert order == [[200, "thesis"], [200, "standardised"], [2000, "thesis"]]  # protocols side by side per T
     assert sorted(p.name for p in paths.figures.iterdir()) == ["test_error_per_epoch.png"]  # no layers.csv here
