@@ -24,7 +24,8 @@ from pipeline.checkpoint import Checkpoint, fingerprint
 from pipeline.config import AdaptiveVariant, ConfigError, Params
 from pipeline.hyper import HyperSpace
 from pipeline.meta import layer_summary
-from pipeline.training import INIT_STREAM, derive_seed, epoch_metrics, finite_losses, step_sizes, train_epoch
+from pipeline.training import (INIT_STREAM, derive_seed, epoch_metrics, final_errors, finite_losses, step_sizes,
+                               train_epoch)
 
 LOG10_E = 1 / math.log(10)
 
@@ -94,7 +95,7 @@ def eta_floor(cfg, momentum: float, total_steps: int | None = None):
 
 def run(params: Params, prepared: Path, name: str, paths: AdaptivePaths, tracker: Tracker | None = None,
         progress: bool | None = None) -> dict:
-    device, meta, splits = load_prepared(params, prepared)
+    device, meta, splits = load_prepared(params, prepared, tracker)
     cfg, var = params.adaptive, variant(params, name, meta)
     splits = resplit(splits, var.val_size, params.seed)
     model = build_densenet(params.model, meta, params.seed).to(device)
@@ -162,15 +163,12 @@ def _log_epoch(tracker: Tracker, row: dict, layer_rows: list[dict], l2: HyperSpa
 
 def summarise(history: list[dict], last_n: int, outcome: str, seconds: float, trainer: AdaptiveTrainer,
               name: str) -> dict:
-    finite = [h for h in history if math.isfinite(h["test_loss"])]
-    last = finite[-last_n:]
+    finite = [h for h in history if finite_losses(h)]
     return {
         "variant": name, "outcome": outcome, "epochs_completed": len(history),
-        "final_test_error": finite[-1]["test_error"] if finite else None,
-        "mean_last_n_test_error": sum(h["test_error"] for h in last) / len(last) if last else None,
+        **final_errors(finite, outcome, last_n, "epoch"),
         "last_n": last_n,
-        "best_val_error": min((h["val_error"] for h in finite), default=None),
-        "final_val_test_gap": finite[-1]["val_test_gap"] if finite else None,
+        "final_val_test_gap": finite[-1]["val_test_gap"] if finite and outcome != "diverged" else None,
         "hyper_updates": trainer.updates,
         "wall_time_s": round(seconds, 3),
         "hypergradient_time_share": round(trainer.hyper_seconds / seconds, 4) if seconds > 0 else None,

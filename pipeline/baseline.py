@@ -6,7 +6,6 @@ identical numbers; a non-finite loss ends the run as the outcome `diverged`, not
 """
 from __future__ import annotations
 
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -21,7 +20,8 @@ from pipeline import data, io, plots
 from pipeline.checkpoint import Checkpoint, fingerprint
 from pipeline.config import ModelConfig, Params, TrainConfig
 from pipeline.models import DenseNet
-from pipeline.training import (INIT_STREAM, Trainer, derive_seed, epoch_metrics, finite_losses, setup_device,
+from pipeline.training import (INIT_STREAM, Trainer, derive_seed, epoch_metrics, final_errors, finite_losses,
+                               setup_device,
                                train_epoch)
 
 
@@ -29,6 +29,7 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
     def log_artifact(self, path: str | Path) -> None: ...
     def log_figure(self, figure, name: str) -> None: ...
+    def set_tag(self, key: str, value: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -50,25 +51,29 @@ def build_densenet(cfg: ModelConfig, meta: dict, seed: int) -> DenseNet:
                         in_channels=meta["channels"], num_classes=meta["num_classes"])
 
 
-def load_prepared(params: Params, prepared: Path) -> tuple[torch.device, dict, dict]:
-    """Deterministic mode on, the device, the dataset's meta and its splits on that device."""
+def load_prepared(params: Params, prepared: Path, tracker: Tracker | None = None) -> tuple[torch.device, dict, dict]:
+    """Deterministic mode on, the device, the dataset's meta and its splits on that device.
+    meta["digest"] (and the run's `dataset.digest` tag) hash the tensors loaded, not what
+    meta.json says: a replaced split file is named for what it holds."""
     device = setup_device(params.device)
-    splits = {s: data.load_split(prepared, s, device) for s in ("train", "val", "test")}
-    return device, data.load_meta(prepared), splits
+    meta = data.load_meta(prepared)
+    splits = {s: data.load_split(prepared, s) for s in data.SPLITS}
+    loaded = data.digest({s: {"x": x, "y": y} for s, (x, y) in splits.items()})
+    if loaded != meta["digest"]:
+        print(f"{prepared}: the split files do not match meta.json's digest (replaced by hand?); "
+              f"training on what they hold, digest {loaded[:12]}", file=sys.stderr, flush=True)
+    if tracker:
+        tracker.set_tag("dataset.digest", loaded)
+    return device, {**meta, "digest": loaded}, {s: (x.to(device), y.to(device)) for s, (x, y) in splits.items()}
 
 
 def summarise(history: list[dict], cfg: TrainConfig, outcome: str, seconds: float, images: int) -> dict:
     """The numbers metrics/baseline.json reports (the thesis reports final and mean of last few)."""
-    finite = [h for h in history if math.isfinite(h["test_error"])]
-    last = finite[-cfg.last_n:]
     return {
         "outcome": outcome,
         "epochs_completed": len(history),
-        "final_test_error": finite[-1]["test_error"] if finite else None,
-        "mean_last_n_test_error": sum(h["test_error"] for h in last) / len(last) if last else None,
+        **final_errors([h for h in history if finite_losses(h)], outcome, cfg.last_n, "epoch"),
         "last_n": cfg.last_n,
-        "best_val_error": min((h["val_error"] for h in finite), default=None),
-        "final_train_error": finite[-1]["train_error"] if finite else None,
         "wall_time_s": round(seconds, 3),
         "images_per_s": round(images / seconds, 1) if seconds > 0 else None,
     }
@@ -76,7 +81,7 @@ def summarise(history: list[dict], cfg: TrainConfig, outcome: str, seconds: floa
 
 def run(params: Params, prepared: Path, paths: BaselinePaths, tracker: Tracker | None = None,
         progress: bool | None = None) -> dict:
-    device, meta, splits = load_prepared(params, prepared)
+    device, meta, splits = load_prepared(params, prepared, tracker)
     cfg = params.baseline
     model = build_densenet(params.model, meta, params.seed).to(device)
     trainer = Trainer(model, *splits["train"], cfg, params.seed)

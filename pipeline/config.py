@@ -24,8 +24,11 @@ class ConfigError(ValueError):
     """A bad params.yaml: the message is one line naming the key and what is allowed."""
 
 
+SEED_MAX = 2 ** 63 - 1  # torch.manual_seed and derived seeds take 64-bit values
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class DataConfig(Section):
@@ -35,7 +38,7 @@ class DataConfig(Section):
     train_size: Optional[int] = Field(default=None, ge=1)  # None: all that is left
     val_size: int = Field(default=300, ge=1)
     test_size: Optional[int] = Field(default=None, ge=1)  # None: the whole own test split
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, le=SEED_MAX)
 
     @model_validator(mode="after")
     def _fits(self):
@@ -51,6 +54,12 @@ class DataConfig(Section):
                 f"val_size: train+val{'' if own_test else '+test'} must fit in the {pool} images "
                 f"of {self.source} (asked for {need})")
         return self
+
+    @property
+    def train_count(self) -> int:
+        """Images in the training split once the others are cut from the pool."""
+        pool, own_test = SOURCE_SIZES[self.source]
+        return self.train_size or pool - self.val_size - (0 if own_test else self.test_size)
 
 
 class ModelConfig(Section):
@@ -269,7 +278,7 @@ class TrackingConfig(Section):
 
 
 class Params(Section):
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, le=SEED_MAX)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Hessian-vector products of the reverse passes: bench/hypergrad.py times both per device.
     hvp: Literal["double_backward", "forward_over_reverse"] = "double_backward"
@@ -284,14 +293,38 @@ class Params(Section):
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
-    def _paths_protocol(self):
+    def _across_sections(self):
         if self.paths.protocol not in self.quality.protocols:
             raise ValueError(f"paths.protocol: one of {', '.join(self.quality.protocols)} (got {self.paths.protocol!r})")
+        train = self.data.train_count
+        for key in ("baseline", "drmad", "adaptive"):
+            if getattr(self, key).batch_size > train:
+                raise ValueError(f"{key}.batch_size: at most the {train} training images of data "
+                                 f"(got {getattr(self, key).batch_size})")
+        pooled = train + self.data.val_size
+        for name, variant in self.adaptive.variants.items():
+            if variant.val_size is not None and pooled - variant.val_size < self.adaptive.batch_size:
+                raise ValueError(f"adaptive.variants.{name}.val_size: leaves {pooled - variant.val_size} of the "
+                                 f"{pooled} train+val images for training, fewer than adaptive.batch_size")
+        for name, protocol in self.quality.protocols.items():
+            if protocol.batch_size > self.quality.data.train_count:
+                raise ValueError(f"quality.protocols.{name}.batch_size: at most the {self.quality.data.train_count} "
+                                 f"training images of quality.data (got {protocol.batch_size})")
         return self
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.2 floats: PyYAML would read `1e-4` as a string."""
+    """YAML 1.2 floats (PyYAML would read `1e-4` as a string), and no duplicate keys (PyYAML
+    would keep the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -330,11 +363,16 @@ def _describe(err: dict, model: type[BaseModel]) -> str:
     return f"{loc}: {err['msg'].replace('Input should be', 'must be')} (got {given!r})"
 
 
-def parse_params(raw: object) -> Params:
-    if raw is None:
+def parse_params(raw: object, complete: bool = False) -> Params:
+    """Validate settings; `complete` (a params file): every section must be there, none filled
+    in from code defaults."""
+    if raw is None:  # an empty file
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{PARAMS_FILE}: top level must be a mapping of sections")
+        raise ConfigError(f"{PARAMS_FILE}: top level must be a mapping of sections, e.g. seed, data, baseline")
+    if complete and (missing := [k for k in Params.model_fields if k not in raw]):
+        raise ConfigError(f"{PARAMS_FILE}: missing section(s) {', '.join(missing)}; every section must be "
+                          "given (see the shipped params.yaml)")
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
@@ -349,14 +387,18 @@ def read_yaml(text: str) -> object:
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
     path = Path(path)
     try:
-        raw = read_yaml(path.read_text())
+        raw = read_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: not found; run from the repository root") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+                          "save it as UTF-8") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} is not valid YAML") from None
-    return parse_params(raw)
+        what = f": {exc.problem}" if getattr(exc, "problem", None) else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML{what}") from None
+    return parse_params(raw, complete=True)
 
 
 def flatten(params: BaseModel, prefix: str = "") -> dict[str, object]:

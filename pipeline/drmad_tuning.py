@@ -28,7 +28,7 @@ from pipeline.hypergrad.drmad import Drmad2Path, LinePath, heuristic_steps, step
 from pipeline.hypergrad.hvp import HVP_METHODS
 from pipeline.hypergrad.reverse import reverse
 from pipeline.meta import epochs_at, layer_summary, sign_step, zero_momentum
-from pipeline.training import Trainer, epoch_metrics, finite_losses, train_epoch
+from pipeline.training import Trainer, epoch_metrics, final_errors, finite_losses, train_epoch
 
 
 @dataclass(frozen=True)
@@ -173,7 +173,7 @@ def _log_meta_iteration(tracker: Tracker, run: Run, i: int) -> None:
 
 def run(params: Params, prepared: Path, init: float, paths: DrmadPaths, tracker: Tracker | None = None,
         progress: bool | None = None) -> dict:
-    device, meta, splits = load_prepared(params, prepared)
+    device, meta, splits = load_prepared(params, prepared, tracker)
     cfg = params.drmad
     template = build_densenet(params.model, meta, params.seed)
     state = Run(HyperSpace.l2(template, init, cfg.sharing, bounds=tuple(cfg.bounds), device=device),
@@ -198,20 +198,19 @@ def run(params: Params, prepared: Path, init: float, paths: DrmadPaths, tracker:
         if tracker and state.outcome == "diverged":
             tracker.set_tag("outcome", "diverged")
 
-    metrics = summarise(state, init)
+    metrics = summarise(state, init, params.report.last_n)
     _write_outputs(paths, state, metrics, tracker)
     checkpoint.clear()
     return metrics
 
 
-def summarise(run: Run, init: float) -> dict:
+def summarise(run: Run, init: float, last_n: int) -> dict:
+    """Rows are the completed meta-iterations (a diverging one records none)."""
     rows = run.meta_rows
     forward = sum(r["forward_seconds"] for r in rows)
     return {
         "init_log10_l2": init, "outcome": run.outcome, "meta_iterations_completed": len(rows),
-        "final_test_error": rows[-1]["test_error"] if rows else None,
-        "final_val_error": rows[-1]["val_error"] if rows else None,
-        "best_val_error": min((r["val_error"] for r in rows), default=None),
+        **final_errors(rows, run.outcome, last_n, "meta_iteration"),
         "reverse_steps": [r["reverse_steps"] for r in rows],
         "seconds_per_meta_iteration": round(sum(r["seconds"] for r in rows) / len(rows), 3) if rows else None,
         "reverse_over_forward_time": round(sum(r["reverse_seconds"] for r in rows) / forward, 3) if rows else None,

@@ -2,6 +2,7 @@
 leaves a half-written file or folder that DVC could cache."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -13,17 +14,53 @@ from typing import Iterator
 import torch
 
 
+class OutputError(OSError):
+    """An output could not be written (disk full, no permission); one line naming it."""
+
+
+@contextmanager
+def _one_line(target: Path) -> Iterator[None]:
+    try:
+        yield
+    except OutputError:
+        raise
+    except OSError as exc:
+        raise OutputError(f"{target}: could not be written ({exc.strerror or exc}); free disk space or "
+                          "check the folder's permissions, then rerun") from exc
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()  # read once: os.umask can only be read by setting it
+
+
+def remove_stale(target: Path) -> None:
+    """Temporaries a killed earlier write of `target` left beside it (`.NAME.*.tmp`, `.NAME.old`)."""
+    for stale in target.parent.glob(f".{target.name}.*"):
+        if stale.name.endswith((".tmp", ".old")):
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `target`; on success it replaces `target` in one rename."""
+    """Yield a temporary path beside `target`; on success it replaces `target` in one rename,
+    with the permissions of a plainly created file (mkstemp's are owner-only)."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    with _one_line(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(target)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        tmp = Path(tmp)
+        tmp.chmod(0o666 & ~UMASK)
     try:
-        yield tmp
-        os.replace(tmp, target)
+        with _one_line(target):
+            yield tmp
+            os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -32,21 +69,28 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield a temporary folder beside `target`; on success it replaces `target` whole."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it owner-only; outputs are shared like any other folder
+    with _one_line(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        tmp.chmod(0o777 & ~UMASK)  # mkdtemp makes it owner-only; outputs are shared like any other folder
     try:
-        yield tmp
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        with _one_line(target):
+            yield tmp
+            _replace_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(path: str | Path, obj: object) -> None:
@@ -60,5 +104,9 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def save_torch(path: str | Path, obj: object) -> None:
+    """Same tensors, same bytes: torch.save names the archive's root folder after the file it
+    writes, which here would be a random temporary name; through a buffer it is always `archive`."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        tmp.write_bytes(buffer.getvalue())

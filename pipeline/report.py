@@ -43,7 +43,8 @@ def baseline_row(root: Path) -> dict | None:
     m, epochs = _json(path), pd.read_csv(root / "plots/baseline/errors.csv")
     return {"run": "baseline", "final_test_error": m["final_test_error"], "mean_last_n_test_error":
             m["mean_last_n_test_error"], "last_n": m["last_n"], "best_val_error": m["best_val_error"],
-            "val_test_gap": epochs["val_error"].iloc[-1] - epochs["test_error"].iloc[-1],
+            "val_test_gap": (None if m["outcome"] == "diverged"  # a diverged model's errors are no result
+                             else epochs["val_error"].iloc[-1] - epochs["test_error"].iloc[-1]),
             "wall_time_s": m["wall_time_s"], "hypergradient_cost_share": 0.0, "outcome": m["outcome"]}
 
 
@@ -52,12 +53,13 @@ def drmad_rows(root: Path, last_n: int) -> list[dict]:
     for path in sorted((root / "metrics").glob("drmad_*.json"), key=lambda p: -float(_tag(p, "drmad_"))):
         tag, m = _tag(path, "drmad_"), _json(path)
         meta = pd.read_csv(root / f"plots/drmad/{tag}/meta.csv") if m["meta_iterations_completed"] else None
+        result = meta if m["outcome"] != "diverged" else None  # a diverged run's errors are no result
         ratio = m["reverse_over_forward_time"]
         rows.append({
             "run": f"drmad {tag}", "final_test_error": m["final_test_error"],
-            "mean_last_n_test_error": meta["test_error"].tail(last_n).mean() if meta is not None else None,
+            "mean_last_n_test_error": result["test_error"].tail(last_n).mean() if result is not None else None,
             "last_n": last_n, "best_val_error": m["best_val_error"],
-            "val_test_gap": m["final_val_error"] - m["final_test_error"] if meta is not None else None,
+            "val_test_gap": m["final_val_error"] - m["final_test_error"] if result is not None else None,
             "wall_time_s": meta["seconds"].sum() if meta is not None else None,
             "hypergradient_cost_share": ratio / (1 + ratio) if ratio is not None else None,
             "outcome": m["outcome"]})

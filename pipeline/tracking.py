@@ -2,7 +2,10 @@
 
 One MLflow run per stage execution, nested under one parent run per pipeline execution.
 The stages of one `dvc repro` are separate processes, so they meet through a shared key
-(`pipeline_key`) that tags the parent run.
+(`pipeline_key`) that tags the parent run. A stage execution also holds its instance's lock
+(`runlock`), and a run left RUNNING by a killed earlier attempt is marked KILLED and linked
+from the new run (tag `previous_attempt`). Every backend failure (database deleted,
+read-only, disk full, server gone) becomes one `TrackingError` line naming the URI.
 """
 from __future__ import annotations
 
@@ -27,8 +30,12 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking.context.registry import resolve_tags
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.config import PARAMS_FILE, Params, flatten
+from pipeline.runlock import LOCK_DIR, exclusive
+
+BACKEND_ERRORS = (MlflowException, SQLAlchemyError, OSError, requests.RequestException)
 
 PARENT_KEY_TAG = "pipeline.key"
 # A parent older than this is never joined, so a recycled process-group id starts a new one.
@@ -75,36 +82,50 @@ def pipeline_key() -> str:
     return f"{key}:{exp_name}" if exp_name else key
 
 
+def backend_error(uri: str, exc: BaseException) -> TrackingError:
+    return TrackingError(f"tracking at {_redact(uri)} failed ({type(exc).__name__}: {_first_line(str(exc))}); "
+                         "check that the database or server is there and writable, with free disk space")
+
+
 @dataclass(frozen=True)
 class StageRun:
     """What a stage logs to: the stage's MLflow run."""
     client: MlflowClient
     run_id: str
     parent_id: str | None = None  # the pipeline execution's run (the report puts its summary there)
+    uri: str = ""
+
+    def _call(self, method: str, *args, **kwargs):
+        try:
+            return getattr(self.client, method)(*args, **kwargs)
+        except BACKEND_ERRORS as exc:
+            raise backend_error(self.uri, exc) from exc
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[
+        self._call("log_batch", self.run_id, metrics=[
             Metric(key, float(value), now, step or 0) for key, value in metrics.items()])
 
     def set_tag(self, key: str, value: str) -> None:
-        self.client.set_tag(self.run_id, key, value)
+        self._call("set_tag", self.run_id, key, value)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self._call("log_artifact", self.run_id, str(path), artifact_path)
 
     def log_parent_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.parent_id or self.run_id, str(path), artifact_path)
+        self._call("log_artifact", self.parent_id or self.run_id, str(path), artifact_path)
 
     def log_figure(self, figure, name: str) -> None:
         from matplotlib import pyplot as plt  # the caller already chose the backend
 
-        self.client.log_figure(self.run_id, figure, name)
-        plt.close(figure)  # stages log a fresh pyplot figure per epoch; free each one
+        try:
+            self._call("log_figure", self.run_id, figure, name)
+        finally:
+            plt.close(figure)  # stages log a fresh pyplot figure per epoch; free each one
 
     def log_table(self, table, name: str) -> None:
         """A dict or DataFrame as a JSON table artifact (`name` ends in .json)."""
-        self.client.log_table(self.run_id, table, name)
+        self._call("log_table", self.run_id, table, name)
 
 
 @contextmanager
@@ -115,6 +136,15 @@ def stage_run(stage: str, params: Params, *, variant: str | None = None,
     `root` is the stage's workspace (default: the current directory): params.yaml and the
     git state are read there, which under `dvc exp run --queue` is the experiment's copy.
     """
+    lock_dir = (Path(root) if root else Path.cwd()) / LOCK_DIR
+    with exclusive(f"{stage}@{variant}" if variant else stage, lock_dir):
+        with _stage_run(stage, params, variant, dataset_digest, root) as run:
+            yield run
+
+
+@contextmanager
+def _stage_run(stage: str, params: Params, variant: str | None, dataset_digest: str | None,
+               root: Path | None) -> Iterator[StageRun]:
     workspace = Path(root) if root else Path.cwd()
     uri = tracking_uri(root)
     if uri.startswith(("http://", "https://")):
@@ -129,22 +159,56 @@ def stage_run(stage: str, params: Params, *, variant: str | None = None,
             client = MlflowClient(uri)
             experiment_id = _experiment_id(client, params.tracking.experiment, uri)
             parent_id = _parent_run(client, experiment_id, tags)
-            run_id = client.create_run(
-                experiment_id, run_name=f"{stage}:{variant}" if variant else stage,
-                tags=resolve_tags({**tags, MLFLOW_PARENT_RUN_ID: parent_id})).info.run_id
+            name = f"{stage}:{variant}" if variant else stage
+            run_id = client.create_run(experiment_id, run_name=name, tags=resolve_tags(
+                {**tags, MLFLOW_PARENT_RUN_ID: parent_id, "host": socket.gethostname(),
+                 "pid": str(os.getpid())})).info.run_id
+            _end_dead_attempts(client, experiment_id, name, run_id)
     except MlflowException as exc:  # bad URI, unwritable DB, deleted experiment
         raise TrackingError(f"tracking at {_redact(uri)}: {_first_line(exc.message)}") from exc
-    run, status = StageRun(client, run_id, parent_id), "FAILED"
+    except BACKEND_ERRORS as exc:
+        raise backend_error(uri, exc) from exc
+    run, status = StageRun(client, run_id, parent_id, uri), "FAILED"
     try:
-        client.log_batch(run_id, params=[Param(key, str(value)) for key, value in flatten(params).items()])
+        run._call("log_batch", run_id, params=[Param(key, str(value)) for key, value in flatten(params).items()])
         if (workspace / PARAMS_FILE).is_file():
             run.log_artifact(workspace / PARAMS_FILE)
         yield run
         status = "FINISHED"
     finally:
-        client.set_terminated(run_id, status)
-        # Later stages find the parent by its tag, whatever its status.
-        client.set_terminated(parent_id, status)
+        try:
+            run._call("set_terminated", run_id, status)
+            # Later stages find the parent by its tag, whatever its status.
+            run._call("set_terminated", parent_id, status)
+        except TrackingError:
+            if status == "FINISHED":
+                raise  # the stage's work is done, its record is not: say so
+            # the block already failed: its own error is the one to report
+
+
+def _end_dead_attempts(client: MlflowClient, experiment_id: str, name: str, run_id: str) -> None:
+    """Runs of this stage instance on this host still RUNNING though their process is gone (a
+    killed attempt) end as KILLED; the new run links the latest of them (`previous_attempt`),
+    whose checkpoint it may resume. The instance lock says no live process of ours holds them."""
+    host = socket.gethostname().replace("'", "")
+    stale = [r for r in client.search_runs(
+        [experiment_id], f"attributes.run_name = '{name}' and attributes.status = 'RUNNING' and tags.host = '{host}'",
+        order_by=["attributes.start_time DESC"], max_results=50)
+        if r.info.run_id != run_id and not _alive(r.data.tags.get("pid"))]
+    for dead in stale:
+        client.set_terminated(dead.info.run_id, "KILLED")
+    if stale:
+        client.set_tag(run_id, "previous_attempt", stale[0].info.run_id)
+
+
+def _alive(pid: str | None) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 @contextmanager

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.config import TrainConfig
+from pipeline.config import PARAMS_FILE, ConfigError, TrainConfig
 from pipeline.models import dropout_masks
 
 BATCH_STREAM, MASK_STREAM, INIT_STREAM = 1, 2, 3
@@ -49,7 +49,8 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: cuda was asked for but no CUDA device is available (use auto or cpu)")
+        raise ConfigError(f"{PARAMS_FILE}: device: cuda, but this machine has no usable CUDA device "
+                          "(use auto or cpu)")
     return torch.device(name)
 
 
@@ -224,6 +225,26 @@ def train_epoch(trainer: Trainer, splits: dict[str, tuple[torch.Tensor, torch.Te
 
 def finite_losses(row: dict) -> bool:
     return all(math.isfinite(row[f"{split}_loss"]) for split in ("train", "val", "test"))
+
+
+def final_errors(rows: list[dict], outcome: str, last_n: int, index: str) -> dict:
+    """The result errors of a run from its rows (epochs or meta-iterations) whose losses were
+    finite: final, mean of the last n, best validation. A diverged run has no result: these are
+    null, and its last finite row is kept under last_finite_* (with its `index`)."""
+    keys = ("final_test_error", "final_val_error", "final_train_error", "mean_last_n_test_error", "best_val_error")
+    out: dict = dict.fromkeys(keys)
+    if outcome == "diverged":
+        if rows:
+            out.update({f"last_finite_{index}": rows[-1][index], "last_finite_test_error": rows[-1]["test_error"],
+                        "last_finite_val_error": rows[-1]["val_error"]})
+        return out
+    if rows:
+        last = rows[-last_n:]
+        out.update(final_test_error=rows[-1]["test_error"], final_val_error=rows[-1]["val_error"],
+                   final_train_error=rows[-1]["train_error"],
+                   mean_last_n_test_error=sum(r["test_error"] for r in last) / len(last),
+                   best_val_error=min(r["val_error"] for r in rows))
+    return out
 
 
 def epoch_metrics(row: dict, prefix: str = "") -> dict[str, float]:

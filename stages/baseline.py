@@ -3,7 +3,7 @@ from pathlib import Path
 
 import click
 
-from pipeline import baseline, data
+from pipeline import baseline
 from pipeline.config import load_params
 from pipeline.tracking import stage_run
 from stages.common import params_option, user_errors_exit_2
@@ -17,8 +17,7 @@ from stages.common import params_option, user_errors_exit_2
 @user_errors_exit_2
 def main(params_file: str, prepared: str) -> None:
     params = load_params(params_file)
-    meta = data.load_meta(Path(prepared))
-    with stage_run("baseline", params, dataset_digest=meta["digest"]) as run:
+    with stage_run("baseline", params) as run:  # run() tags the dataset it loads
         metrics = baseline.run(params, Path(prepared), baseline.BaselinePaths(), tracker=run)
     click.echo(f"baseline {metrics['outcome']}: test error {metrics['final_test_error']}, "
                f"mean of last {metrics['last_n']} {metrics['mean_last_n_test_error']}")

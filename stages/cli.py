@@ -11,6 +11,8 @@ import click
 
 from pipeline import scale as scale_module
 from pipeline.config import load_params
+from pipeline.io import write_text
+from pipeline.training import resolve_device
 from stages import adaptive, baseline, drmad, paths, prepare, quality, report
 from stages.common import params_option, user_errors_exit_2
 
@@ -30,11 +32,18 @@ def run(ctx: click.Context) -> None:
     sys.exit(subprocess.call(["dvc", "repro", *ctx.args], env=env))
 
 
-@main.command(help="Check params.yaml and print the first problem as one line (exit code 2).")
+@main.command(help="Check params.yaml (every key, type and range, and what this machine can run: the device) "
+                   "and print the first problem as one line (exit code 2). With --stamp FILE, also write "
+                   "FILE (constant content): the pipeline's first DVC stage, so that a rejected params.yaml "
+                   "stops `dvc repro` before any stage's outputs are removed.")
 @params_option
+@click.option("--stamp", type=click.Path(dir_okay=False), default=None, help="File to write when valid.")
 @user_errors_exit_2
-def validate(params_file: str) -> None:
-    load_params(params_file)
+def validate(params_file: str, stamp: str | None) -> None:
+    params = load_params(params_file)
+    resolve_device(params.device)
+    if stamp:
+        write_text(stamp, "params.yaml validated\n")  # constant: never a reason to rerun what depends on it
     click.echo(f"{params_file}: ok")
 
 

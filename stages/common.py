@@ -9,9 +9,12 @@ import click
 
 from pipeline.config import ConfigError
 from pipeline.data import DataError
+from pipeline.io import OutputError
+from pipeline.runlock import StageBusy
 from pipeline.tracking import TrackingError
 
-USER_ERRORS = (ConfigError, DataError, TrackingError)
+# Faults the user can fix: one line on stderr, exit code 2, no traceback.
+USER_ERRORS = (ConfigError, DataError, TrackingError, OutputError, StageBusy)
 
 params_option = click.option("--params", "params_file", default="params.yaml", show_default=True,
                              type=click.Path(dir_okay=False), help="Settings file to read.")

@@ -30,6 +30,9 @@ class StopAt:
     def log_artifact(self, path):
         pass
 
+    def set_tag(self, key, value):
+        pass
+
     def log_figure(self, figure, name):
         pass
 

@@ -106,3 +106,79 @@ def test_stage_exits_2_with_one_line_and_writes_nothing(tmp_path, stage):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "baseline.momentum" in lines[0], proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+FILE_FAULTS = {  # params.yaml text -> words the one-line message must contain
+    "empty": ("", ["missing section(s) seed"]),
+    "missing section": (None, ["missing section(s) quality"]),
+    "duplicate key": ("seed: 0\nseed: 1\n", ["line 2", "duplicate key 'seed'"]),
+    "inf": (".inf", ["baseline.alpha", "finite"]),
+    "seed past 64 bits": ("2 ** 64", ["seed", "<= 9223372036854775807"]),
+}
+
+
+def fault_text(name: str) -> str:
+    raw = default_raw()
+    if name == "missing section":
+        del raw["quality"]
+    elif name == "inf":
+        raw["baseline"]["alpha"] = "PLACEHOLDER"
+    elif name == "seed past 64 bits":
+        raw["seed"] = "PLACEHOLDER"
+    else:
+        return FILE_FAULTS[name][0]
+    return yaml.safe_dump(raw).replace("PLACEHOLDER", {"inf": ".inf", "seed past 64 bits": str(2 ** 64)}.get(name, ""))
+
+
+@pytest.mark.parametrize("name", list(FILE_FAULTS))
+def test_file_faults_are_rejected_not_filled_in(tmp_path, name):
+    """No code defaults for what the file left out, no 'last one wins', no infinities."""
+    (tmp_path / "params.yaml").write_text(fault_text(name))
+    with pytest.raises(ConfigError) as err:
+        load_params(tmp_path / "params.yaml")
+    assert "\n" not in str(err.value)
+    for word in FILE_FAULTS[name][1]:
+        assert word in str(err.value), str(err.value)
+
+
+def test_a_params_file_that_is_not_utf8_is_one_line(tmp_path):
+    (tmp_path / "params.yaml").write_bytes(b"seed: 0\ncomment: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"not UTF-8 text \(byte 0xe9 at offset 20\)"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_batch_sizes_must_fit_the_training_split():
+    with pytest.raises(ConfigError, match=r"baseline.batch_size: at most the 1137 training images"):
+        parse_params(with_change("baseline.batch_size", 2000))
+    with pytest.raises(ConfigError, match=r"quality.protocols.thesis.batch_size: at most the 3000"):
+        parse_params(with_change("quality.protocols.thesis.batch_size", 3001))
+    with pytest.raises(ConfigError, match=r"adaptive.variants.k131.val_size: leaves 37 of"):
+        parse_params(with_change("adaptive.variants.k131.val_size", 1400))
+
+
+def test_validate_names_a_cuda_device_this_machine_lacks(tmp_path, monkeypatch):
+    """`pipeline validate` knows what the machine can run (here: pretend there is no CUDA)."""
+    from click.testing import CliRunner
+
+    from stages.cli import main
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(with_change("device", "cuda")))
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    result = CliRunner().invoke(main, ["validate", "--params", str(tmp_path / "params.yaml")])
+    assert result.exit_code == 2 and "device: cuda" in result.output and "no usable CUDA" in result.output
+
+
+def test_validate_stamp_is_constant_and_written_only_when_valid(tmp_path):
+    from click.testing import CliRunner
+
+    from stages.cli import main
+    stamp = tmp_path / "checks/params.ok"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(with_change("baseline.epochs", -1)))
+    result = CliRunner().invoke(main, ["validate", "--params", str(tmp_path / "params.yaml"), "--stamp", str(stamp)])
+    assert result.exit_code == 2 and not stamp.exists()
+    texts = []
+    for seed in (0, 1):
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(with_change("seed", seed)))
+        assert CliRunner().invoke(main, ["validate", "--params", str(tmp_path / "params.yaml"), "--stamp",
+                                         str(stamp)]).exit_code == 0
+        texts.append(stamp.read_bytes())
+    assert texts[0] == texts[1]  # other params, same stamp: nothing downstream reruns because of it

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = {"device": "cpu", "data": {"val_size": 60, "test_size": 60, "train_size": 96},
         "model": {"depth": 7, "growth_rate": 4, "init_maps": 4},
         "drmad": {"inits": [-4.0], "meta_iterations": 3, "epochs_start": 1, "epochs_cap": 2,
-                  "batch_size": 32, "reverse_steps": 3}}
+                  "batch_size": 32, "reverse_steps": 3},
+        "adaptive": {"variants": {"k131": {"val_size": None}}}}  # the shipped 400 would not fit these splits
 
 
 def test_sign_step_moves_each_hyperparameter_by_exactly_the_step():

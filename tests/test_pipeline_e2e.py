@@ -17,18 +17,21 @@ TINY = {
     "drmad": {"inits": [-4.0], "meta_iterations": 1, "epochs_cap": 1, "batch_size": 32, "reverse_steps": 2},
     "adaptive": {"variants": {"k100": {"every": 2, "window": 2}, "k131": {"every": 3, "window": 2, "val_size": 50}},
                  "epochs": 1, "batch_size": 32, "val_batch_size": 20},
-    "quality": {"data": {"train_size": 200, "val_size": 100, "test_size": 100}, "lengths": [10, 20], "hidden": [8],
-                "batch_size": 20, "meta_iterations": 1, "drmad_steps": 3, "last": 3, "trace_points": 5},
-    "paths": {"steps": 20, "every": 5},
+    "quality": {"data": {"train_size": 200, "val_size": 100, "test_size": 100},
+                "protocols": {"tiny": {"hidden": [8], "batch_size": 20, "alpha": 0.05, "momentum": 0.95}},
+                "runs": {"tiny-10": {"protocol": "tiny", "steps": 10}, "tiny-20": {"protocol": "tiny", "steps": 20}},
+                "meta_iterations": 1, "drmad_steps": 3, "last": 3, "trace_points": 5},
+    "paths": {"protocol": "tiny", "steps": 20, "every": 5},
 }
+REPLACED = ("protocols", "runs")  # mappings the tiny params replace whole (merging would keep the defaults')
 DENSENET_STAGES = ("prepare", "baseline", "drmad@-4.0", "adaptive@k100", "adaptive@k131")
-STAGES = DENSENET_STAGES + ("quality@10", "quality@20", "paths", "report")
+STAGES = ("validate",) + DENSENET_STAGES + ("quality@tiny-10", "quality@tiny-20", "paths", "report")
 pytestmark = pytest.mark.slow
 
 
 def deep_update(node: dict, change: dict) -> None:
     for key, value in change.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and key not in REPLACED:
             deep_update(node[key], value)
         else:
             node[key] = value
@@ -40,14 +43,21 @@ def set_params(repo: Path, change: dict) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
-def sh(repo: Path, *cmd: str) -> str:
+def sh(repo: Path, *cmd: str, ok: bool = True) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "PIPELINE_"))}
     env.update(PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}", PYTHONPATH=str(repo),
                GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@localhost", GIT_COMMITTER_NAME="t",
                GIT_COMMITTER_EMAIL="t@localhost")
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{cmd}\n{proc.stdout}\n{proc.stderr}"
+    assert (proc.returncode == 0) == ok, f"{cmd}\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout + proc.stderr
+
+
+def outputs(repo: Path) -> dict[str, bytes]:
+    """Every file the pipeline wrote or tracks (not git's, DVC's internals, MLflow's or params.yaml)."""
+    skip = (".git", ".dvc", "mlflow.db", "mlruns", "params.yaml", "checkpoints", "__pycache__")
+    return {str(p.relative_to(repo)): p.read_bytes() for p in sorted(repo.rglob("*"))
+            if p.is_file() and not p.relative_to(repo).parts[0].startswith(skip)}
 
 
 def ran(output: str) -> set[str]:
@@ -77,22 +87,31 @@ def test_repro_runs_what_changed_and_records_it(tmp_path):
                 "metrics/drmad_-4.0.json", "plots/drmad/-4.0/meta.csv", "plots/drmad/-4.0/layers.csv",
                 "metrics/adaptive_k100.json", "plots/adaptive/k131/epochs.csv", "results/adaptive/k131/hypers.pt"):
         assert (repo / out).exists(), out
-    for out in ("metrics/quality_20.json", "plots/quality/10/hypergrads.csv", "figures/quality/20/fig3_6_drift.png",
+    for out in ("metrics/quality_tiny-20.json", "plots/quality/tiny-10/hypergrads.csv",
+                "figures/quality/tiny-20/fig3_6_drift.png",
                 "figures/paths/fig2_2_pca.png", "reports/summary.csv", "reports/figures/test_error_per_epoch.png"):
         assert (repo / out).exists(), out
     summary = (repo / "reports/summary.md").read_text()
-    for row in ("| baseline |", "| drmad -4.0 |", "| adaptive k100 |", "| adaptive k131 |", "| 10 | drmad |",
-                "| 20 | drmad2 |"):
+    for row in ("| baseline |", "| drmad -4.0 |", "| adaptive k100 |", "| adaptive k131 |", "| 10 | tiny | drmad |",
+                "| 20 | tiny | drmad2 |"):
         assert row in summary, row
     for cache in repo.rglob("__pycache__"):  # a fresh clone has no bytecode: it must not look like changed code
         shutil.rmtree(cache)
     assert ran(sh(repo, "dvc", "repro")) == set()
     assert "baseline.json" in sh(repo, "dvc", "metrics", "show")
 
+    # A rejected params.yaml under plain `dvc repro`: non-zero exit, the key named, nothing lost.
+    before, good = outputs(repo), (repo / "params.yaml").read_text()
+    set_params(repo, {"baseline": {"epochs": -3}})
+    assert "baseline.epochs: must be >= 1" in sh(repo, "dvc", "repro", ok=False)
+    assert outputs(repo) == before
+    (repo / "params.yaml").write_text(good)
+    assert ran(sh(repo, "dvc", "repro")) == {"validate"}
+
     db = sqlite3.connect(repo / "mlflow.db")
     runs = dict(db.execute("select name, status from runs").fetchall())
     assert runs["prepare"] == runs["baseline"] == runs["drmad:-4.0"] == runs["adaptive:k131"] == "FINISHED"
-    assert runs["quality:10"] == runs["paths"] == runs["report"] == "FINISHED"
+    assert runs["quality:tiny-10"] == runs["paths"] == runs["report"] == "FINISHED"
     parents = db.execute("select count(*) from runs where name like 'pipeline%'").fetchone()[0]
     assert parents == 1  # all stage runs grouped under one parent
     baseline_id = db.execute("select run_uuid from runs where name = 'baseline'").fetchone()[0]
@@ -109,15 +128,22 @@ def test_repro_runs_what_changed_and_records_it(tmp_path):
     assert "summary.md" in {Path(f.path).name for f in client.list_artifacts(parent, "report")}
 
     # Changing one value reruns exactly the stages that depend on it, and the report.
+    # (`validate` reruns on any params change; its constant stamp reruns nothing by itself)
     set_params(repo, {"baseline": {"epochs": 3}})
-    assert ran(sh(repo, "dvc", "repro")) == {"baseline", "report"}
+    assert ran(sh(repo, "dvc", "repro")) == {"validate", "baseline", "report"}
     set_params(repo, {"adaptive": {"variants": {"k131": {"every": 4}}}})
-    assert ran(sh(repo, "dvc", "repro")) == {"adaptive@k131", "report"}
+    assert ran(sh(repo, "dvc", "repro")) == {"validate", "adaptive@k131", "report"}
     # (not hyper_step: with one meta-iteration its sign step changes no output, and DVC rightly
     # skips the report when every input came out the same)
     set_params(repo, {"quality": {"drmad_steps": 4}})
-    assert ran(sh(repo, "dvc", "repro")) == {"quality@10", "quality@20", "report"}
+    assert ran(sh(repo, "dvc", "repro")) == {"validate", "quality@tiny-10", "quality@tiny-20", "report"}
+    raw = yaml.safe_load((repo / "params.yaml").read_text())  # a protocol and a run added beside the others
+    raw["quality"]["protocols"]["other"] = {"hidden": [8], "batch_size": 10}
+    raw["quality"]["runs"]["other-10"] = {"protocol": "other", "steps": 10}
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    out = sh(repo, "dvc", "repro")
+    assert ran(out) == {"validate", "report"} and "Running stage 'quality@other-10'" in out  # only the new run
     set_params(repo, {"data": {"val_size": 50}})
-    assert ran(sh(repo, "dvc", "repro")) == set(DENSENET_STAGES) | {"report"}
+    assert ran(sh(repo, "dvc", "repro")) == {"validate"} | set(DENSENET_STAGES) | {"report"}
     sh(repo, "dvc", "plots", "show", "-o", "dvc_plots")
     assert (repo / "dvc_plots" / "index.html").exists()
