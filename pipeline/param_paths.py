@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from pipeline import data, io, plots
+from pipeline import io, plots
 from pipeline.baseline import Tracker
 from pipeline.config import Params
 from pipeline.hypergrad import FloatPath

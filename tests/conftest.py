@@ -1,9 +1,20 @@
 """Test-wide settings."""
 import os
 
+import pytest
 import torch
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Two xdist workers share two cores: one thread each, and for the stages they start too.
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
+
+
+@pytest.fixture(autouse=True)
+def torch_settings_restored():
+    """Stages run in-process switch on deterministic mode (setup_device) and may set threads:
+    no test sees what an earlier one left."""
+    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    yield
+    torch.use_deterministic_algorithms(deterministic)
+    torch.set_num_threads(threads)

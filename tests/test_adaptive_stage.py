@@ -10,7 +10,9 @@ from pipeline.config import ConfigError, parse_params
 
 TINY = {"device": "cpu", "data": {"val_size": 60, "test_size": 60, "train_size": 96},
         "model": {"depth": 7, "growth_rate": 4, "init_maps": 4},
-        "adaptive": {"variants": {"a": {"every": 2, "window": 2, "l2_step": 0.5, "lr_step": 0.5},
+        # 3 steps an epoch. a: hyper-updates at steps 3 and 7, the second through steps 5-7, across the
+        # checkpoint after epoch 2 (a resume that lost the stored window would skip it)
+        "adaptive": {"variants": {"a": {"every": 4, "window": 3, "l2_step": 0.5, "lr_step": 0.5},
                                   "b": {"every": 3, "window": 2, "val_size": 50}},
                      "epochs": 3, "batch_size": 32, "val_batch_size": 20, "last_n": 2}}
 
@@ -20,11 +22,16 @@ class Interrupt(Exception):
 
 
 class StopAt:
-    def __init__(self, epoch):
-        self.epoch = epoch
+    """Records the epochs logged; with `epoch`, kills the run when that epoch is logged (before its
+    checkpoint)."""
+
+    def __init__(self, epoch=None):
+        self.epoch, self.epochs = epoch, []
 
     def log_metrics(self, metrics, step=None):
-        if step == self.epoch:
+        if "error/test" in metrics:
+            self.epochs.append(step)
+        if self.epoch is not None and step == self.epoch:
             raise Interrupt
 
     def log_artifact(self, path):
@@ -53,9 +60,11 @@ def test_interrupted_run_resumes_to_identical_numbers(prepared, tmp_path, name):
     with pytest.raises(Interrupt):
         adaptive_run.run(params, prepared, name, resumed, tracker=StopAt(epoch=3))
     assert resumed.checkpoint.exists() and not resumed.metrics.exists()
-    got = adaptive_run.run(params, prepared, name, resumed)
+    after = StopAt()
+    got = adaptive_run.run(params, prepared, name, resumed, tracker=after)
+    assert after.epochs == [3]  # resumed: only the epoch the checkpoint lacked ran again
     untimed = lambda m: {k: v for k, v in m.items() if k not in ("wall_time_s", "hypergradient_time_share")}
-    assert untimed(got) == untimed(expected) and got["hyper_updates"] > 0
+    assert untimed(got) == untimed(expected) and got["hyper_updates"] == {"a": 2, "b": 3}[name]
     pd.testing.assert_frame_equal(pd.read_csv(straight.epochs_csv), pd.read_csv(resumed.epochs_csv))
     ours, theirs = torch.load(resumed.hypers, weights_only=False), torch.load(straight.hypers, weights_only=False)
     for kind in ("log10_l2", "log_lr"):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pipeline.hyper import HyperSpace
-from pipeline.hypergrad import Problem, hypergradient
+from pipeline.hypergrad import FloatPath, Problem, hypergradient
 from pipeline.hypergrad.drmad import gamma_estimate, heuristic_steps, step_map
 from pipeline.models import MLP
 
@@ -67,7 +67,9 @@ def test_drmad_reports_its_reverse_steps_and_heuristic_choice():
     fixed = hypergradient(problem, l2, "drmad", reverse_steps=7)
     assert fixed["reverse_steps"] == 7 and "alpha" not in fixed
     auto = hypergradient(problem, l2, "drmad", multiplier=2.0)
-    assert auto["reverse_steps"] >= 1
+    distances = FloatPath.train(problem, problem.l2_coefficients(l2)).distances
+    by_hand = round(1 / (2.0 * gamma_estimate(distances)))  # S = 1 / (multiplier * gamma)
+    assert auto["reverse_steps"] == by_hand and by_hand != hypergradient(problem, l2, "drmad")["reverse_steps"]
     both = hypergradient(problem, l2, "drmad2", last=10, reverse_steps=5)
     assert both["reverse_steps"] == 15
 

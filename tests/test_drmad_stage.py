@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -66,11 +67,12 @@ def test_nan_is_an_outcome_and_the_last_finite_hyperparameters_are_kept(prepared
     metrics = drmad_tuning.run(params, prepared, -4.0, paths)
     assert metrics["outcome"] == "diverged" and metrics["meta_iterations_completed"] == 0
     assert json.loads(paths.metrics.read_text())["outcome"] == "diverged"
-    values = torch.load(paths.hypers, weights_only=False)["values"]
+    values = torch.load(paths.hypers, weights_only=True)["values"]
     assert all(torch.all(v == -4.0) for v in values.values())
     assert not paths.checkpoint.exists()
 
 
+@pytest.mark.slow
 def test_sigkill_then_dvc_repro_resumes_to_the_uninterrupted_result(prepared, tmp_path):
     """Kill the running stage (SIGKILL) after its first checkpoint; `dvc repro` resumes it."""
     from test_pipeline_e2e import make_repo, sh
@@ -82,11 +84,12 @@ def test_sigkill_then_dvc_repro_resumes_to_the_uninterrupted_result(prepared, tm
     paths = drmad_tuning.DrmadPaths.for_init("-4.0", repo)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "PIPELINE_"))}
     env.update(PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}", PYTHONPATH=str(repo))
-    dvc = subprocess.Popen(["dvc", "repro", "drmad@-4.0"], cwd=repo, env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "dvc.log"  # a file, not a pipe: nobody reads while we poll, and a full pipe would block dvc
+    with open(log, "w") as out:
+        dvc = subprocess.Popen(["dvc", "repro", "drmad@-4.0"], cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
     while not paths.checkpoint.exists():  # the first meta-iteration is done and saved
-        assert dvc.poll() is None and time.time() < deadline, dvc.stdout.read()
+        assert dvc.poll() is None and time.time() < deadline, log.read_text()
         time.sleep(0.05)
     stage = [p for p in psutil.Process(dvc.pid).children(recursive=True) if "stages.drmad" in " ".join(p.cmdline())]
     assert stage, "the stage process was not found"
@@ -94,13 +97,23 @@ def test_sigkill_then_dvc_repro_resumes_to_the_uninterrupted_result(prepared, tm
         proc.send_signal(signal.SIGKILL)
     assert dvc.wait(timeout=120) != 0  # dvc reports the killed stage as failed
     assert not paths.metrics.exists()
-    assert 1 <= torch.load(paths.checkpoint, weights_only=False)["state"]["iteration"] < 3
+    done = torch.load(paths.checkpoint, weights_only=True)["state"]["iteration"]
+    assert 1 <= done < 3
 
     assert "Running stage 'drmad@-4.0'" in sh(repo, "dvc", "repro", "drmad@-4.0")
     got = json.loads(paths.metrics.read_text())
     untimed = lambda m: {k: v for k, v in m.items() if "seconds" not in k and "time" not in k}
     assert untimed(got) == untimed(expected)
-    theirs = torch.load(tmp_path / "straight/results/drmad/-4.0/hypers.pt", weights_only=False)["values"]
-    ours = torch.load(paths.hypers, weights_only=False)["values"]
+    db = sqlite3.connect(repo / "mlflow.db")
+    (killed, status), (resumed, link) = db.execute(
+        "select r.run_uuid, r.status from runs r where r.name = 'drmad:-4.0' order by r.start_time").fetchone(), \
+        db.execute("select t.run_uuid, t.value from tags t join runs r on r.run_uuid = t.run_uuid "
+                   "where r.name = 'drmad:-4.0' and t.key = 'previous_attempt'").fetchone()
+    assert status == "KILLED" and link == killed  # the killed attempt is marked, and the resumed run links it
+    steps = {s for (s,) in db.execute("select distinct step from metrics where run_uuid = ? and key = "
+                                      "'meta/error/test'", (resumed,))}
+    assert steps == set(range(done, 3))  # resumed: only the meta-iterations the checkpoint lacked ran
+    theirs = torch.load(tmp_path / "straight/results/drmad/-4.0/hypers.pt", weights_only=True)["values"]
+    ours = torch.load(paths.hypers, weights_only=True)["values"]
     diffs = {k: (ours[k] - theirs[k]).abs().max().item() for k in theirs if not torch.equal(ours[k], theirs[k])}
     assert not diffs, diffs

@@ -39,6 +39,11 @@ def five(params, steps, splits):
     return quality.hypergradients(problem, l2, params.quality, protocol.multiplier, double_backward)
 
 
+def compare_direct(params, steps, splits):
+    """compare() of the first meta-iteration's hypergradients, computed here without the stage."""
+    return {row["method"]: row for row in quality.compare(five(params, steps, splits)["grads"])}
+
+
 def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
@@ -81,11 +86,16 @@ def test_stage_writes_long_tables_figures_and_metrics(tmp_path):
     paths = quality.QualityPaths.for_run("t20", tmp_path)
     metrics = quality.run(tiny(), "t20", paths)
     assert metrics["outcome"] == "finished" and metrics["meta_iterations_completed"] == 2
-    assert len(metrics["drmad/cos_exact"]) == 2 and all(-1 <= c <= 1 for c in metrics["drmad/cos_exact"])
+    # the stage's wiring (protocol, seed, penalty, multiplier) against a direct call at the same settings
+    params = tiny()
+    built, meta = quality.load_data(params.quality, params.quality.protocols["p"])
+    first = compare_direct(params, 20, (built, meta))
+    assert metrics["drmad/cos_exact"][0] == pytest.approx(first["drmad"]["cos_exact"], rel=1e-5)
+    assert metrics["drmad/norm_ratio"][0] == pytest.approx(first["drmad"]["norm_ratio"], rel=1e-5)
     assert json.loads(paths.metrics.read_text()) == metrics
     hyper = pd.read_csv(paths.hypergrads_csv)
     assert set(hyper["method"]) == set(quality.METHODS) and len(hyper) == 2 * len(quality.METHODS)
-    assert hyper[hyper["method"] == "exact"]["cos_exact"].tolist() == pytest.approx([1.0, 1.0])
+    assert hyper[hyper["method"] == "exact"]["norm"].iloc[0] == pytest.approx(first["exact"]["norm"], rel=1e-9)
     reverse = pd.read_csv(paths.reverse_csv)
     assert set(reverse["quantity"]) == set(quality.TRACE) and reverse["steps_back"].max() == 20
     assert len(reverse) == 2 * 7 * len(quality.TRACE)  # thinned to trace_points per meta-iteration
@@ -112,8 +122,10 @@ def test_interrupted_run_resumes_to_the_same_numbers(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         quality.run(tiny(), "t20", paths)
     assert paths.checkpoint.exists() and not paths.metrics.exists()
-    monkeypatch.setattr(quality, "meta_iteration", real)
+    ran = []
+    monkeypatch.setattr(quality, "meta_iteration", lambda study, *a, **k: ran.append(study.iteration) or real(study, *a, **k))
     resumed = quality.run(tiny(), "t20", paths)
+    assert ran == [1]  # resumed: only the meta-iteration the checkpoint lacked
     assert {k: v for k, v in resumed.items() if k != "wall_time_s"} == \
         {k: v for k, v in straight.items() if k != "wall_time_s"}
     assert paths.hypergrads_csv.read_text() == (tmp_path / "a/plots/quality/t20/hypergrads.csv").read_text()
@@ -130,7 +142,22 @@ def test_paths_stage_projections_and_figures(tmp_path):
     paths = param_paths.PathsPaths().under(tmp_path)
     metrics = param_paths.run(tiny(), paths)
     assert metrics["iterates_kept"] == 11  # w_0 and every 4th of 40 steps
-    assert 0 < metrics["straightness"] <= 1
+    # straightness = |w_T - w_0| / path length, by hand from a float run of the same protocol
+    params = tiny()
+    q = params.quality
+    built, meta = quality.load_data(q, q.protocols["p"])
+    problem = quality.build_problem(q, q.protocols["p"], params.seed, 40, built, meta, torch.device("cpu"))
+    coef = problem.l2_coefficients(quality.penalty(problem, q.protocols["p"], torch.device("cpu")))
+    w, v, kept = problem.w0.clone(), torch.zeros_like(problem.w0), [problem.w0.clone()]
+    for t in range(40):
+        beta = problem.beta[t].item()
+        v = beta * v - (1 - beta) * (problem.train_grad(w, t) + coef * w)
+        w = w + problem.alpha[t].item() * v
+        if (t + 1) % 4 == 0:
+            kept.append(w.clone())
+    kept = torch.stack(kept)
+    by_hand = ((kept[-1] - kept[0]).norm() / (kept[1:] - kept[:-1]).norm(dim=1).sum()).item()
+    assert metrics["straightness"] == pytest.approx(by_hand, rel=1e-5)
     top2 = metrics["pca_explained_top2"]
     assert top2[0] >= top2[1] > 0 and sum(top2) <= 1 + 1e-12
     path = pd.read_csv(paths.path_csv)

@@ -183,6 +183,7 @@ def _healthy(uri: str) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_real_server_round_trip(monkeypatch, mlflow_server, workspace):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.setenv("PIPELINE_RUN_ID", "served")
