@@ -87,7 +87,7 @@ class AdaptiveTrainer(Trainer):
         scales = flat(self.lr_scales)
         alphas = torch.stack([self.alpha(first + s) * scales for s in range(m)])
         problem = Problem(self.model, self.x, self.y, *self.validation_batch(), alpha=alphas,
-                          beta=torch.full((m,), self.cfg.momentum), batch_size=self.cfg.batch_size,
+                          beta=torch.full((m,), self.cfg.momentum, dtype=torch.float64), batch_size=self.cfg.batch_size,
                           seed=self.seed, w0=ws[0], v0=vs[0], first_step=first, exact_beta=False)
         return problem, StoredPath(problem, ws, vs)
 

@@ -64,6 +64,17 @@ def flat(tensors) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1) for t in tensors])
 
 
+def problem_for(trainer: Trainer, splits: dict, seed: int, w0: torch.Tensor) -> Problem:
+    """The hypergradient problem of a trainer's run: its steps, batches, masks, step sizes and
+    momentum as trained (momentum as given, not the rational exact reversal would need: DrMAD
+    reverses no velocity, DrMAD2 in floats), validation on the validation split."""
+    steps = trainer.total_steps
+    return Problem(trainer.model, *splits["train"], *splits["val"],
+                   alpha=torch.tensor([trainer.alpha(t) for t in range(steps)], dtype=torch.float64),
+                   beta=torch.full((steps,), trainer.cfg.momentum, dtype=torch.float64), batch_size=trainer.cfg.batch_size,
+                   seed=seed, w0=w0, exact_beta=False)
+
+
 def reverse_path(params: Params, problem: Problem, trainer: Trainer, distances: torch.Tensor):
     """DrMAD's line from w_0 to w_T, or DrMAD2's float reversal of the last K steps first."""
     cfg = params.drmad
@@ -131,10 +142,7 @@ def meta_iteration(params: Params, run: Run, splits: dict, meta: dict, device: t
             return False
     forward_seconds = time.perf_counter() - start
 
-    problem = Problem(model, *splits["train"], *splits["val"],
-                      alpha=torch.tensor([trainer.alpha(t) for t in range(trainer.total_steps)]),
-                      beta=torch.full((trainer.total_steps,), cfg.momentum), batch_size=cfg.batch_size,
-                      seed=params.seed, w0=w0)
+    problem = problem_for(trainer, splits, params.seed, w0)
     distances = torch.stack(trainer.distances).double().cpu()
     path = reverse_path(params, problem, trainer, distances)
     if not finite(flat(trainer.params), distances):

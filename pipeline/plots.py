@@ -53,12 +53,16 @@ def save(figure: Figure, path) -> None:
 
 LABELS = {"exact": "exact", "float": "float reversal", "drmad": "DrMAD (heuristic S)",
           "drmad_fixed": "DrMAD (fixed S)", "drmad2": "DrMAD2"}
+# One colour per method in every figure, so a method is recognised across them.
+COLOURS = {"exact": "black", "float": "tab:orange", "drmad": "tab:blue", "drmad_fixed": "tab:purple",
+           "drmad2": "tab:green"}
 
 
 def _by_method(ax, table: pd.DataFrame, column: str, methods) -> None:
     for method in methods:
         rows = table[table["method"] == method]
-        ax.plot(rows["meta_iteration"], rows[column], marker="o", label=LABELS.get(method, method))
+        ax.plot(rows["meta_iteration"], rows[column], marker="o", label=LABELS.get(method, method),
+                color=COLOURS.get(method))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # meta-iterations are whole
 
 

@@ -80,8 +80,8 @@ def build_problem(cfg: QualityConfig, protocol: QualityProtocol, seed: int, step
     model = build_mlp(protocol, seed, x[0].numel(), meta["num_classes"]).to(device, dtype)
     scales = HyperSpace.scales(model, protocol.init_scale, bounds=tuple(cfg.scale_bounds), device=device)
     return Problem(model, x.flatten(1).to(dtype), y, splits["val"]["x"].flatten(1).to(device, dtype),
-                   splits["val"]["y"].to(device), alpha=torch.full((steps,), protocol.alpha),
-                   beta=torch.full((steps,), protocol.momentum), batch_size=protocol.batch_size, seed=seed,
+                   splits["val"]["y"].to(device), alpha=torch.full((steps,), protocol.alpha, dtype=torch.float64),
+                   beta=torch.full((steps,), protocol.momentum, dtype=torch.float64), batch_size=protocol.batch_size, seed=seed,
                    scales=scales)
 
 

@@ -186,8 +186,11 @@ def test_thesis_protocol_is_the_thesis_to_the_letter():
     mlp = quality.build_mlp(thesis, 0, 784, 10)
     z = torch.cat([layer.z.reshape(-1) for layer in mlp.layers])
     assert z.std().item() == pytest.approx(math.exp(-3), rel=0.02) and abs(z.mean().item()) < 1e-3
-    x = quality.load_data(tiny().quality, thesis)[0]["train"]["x"]
+    built, meta = quality.load_data(tiny().quality, thesis)
+    x = built["train"]["x"]
     assert x.min().item() == 0.0 and x.max().item() == 1.0
+    problem = quality.build_problem(tiny().quality, thesis, 0, 3, built, meta, torch.device("cpu"))
+    assert problem.alpha.tolist() == [0.05] * 3 and problem.n[0] / 2 ** 16 == pytest.approx(0.95, abs=2 ** -16)
 
 
 def test_the_penalty_base_changes_the_coefficient():

@@ -179,7 +179,7 @@ class StoredPath(_ForwardStepsOneToOne):
 
     @classmethod
     def train(cls, problem: Problem, l2_coef: torch.Tensor) -> "StoredPath":
-        ws, vs = [problem.w0], [torch.zeros_like(problem.w0)]
+        ws, vs = [problem.w0], [problem.v0]
         for t in range(problem.steps):
             g = problem.train_grad(ws[-1], t) + l2_coef * ws[-1]
             beta = problem.beta[t].item()

@@ -40,8 +40,8 @@ class Problem:
     y: torch.Tensor
     val_x: torch.Tensor
     val_y: torch.Tensor
-    alpha: torch.Tensor  # [T] step sizes, or [T, P] per-parameter
-    beta: torch.Tensor  # [T] momenta; replaced by their rationals n / 2^16
+    alpha: torch.Tensor  # [T] step sizes, or [T, P] per-parameter (float64: float32 would round them)
+    beta: torch.Tensor  # [T] momenta (float64); replaced by their rationals n / 2^16
     batch_size: int
     seed: int
     w0: torch.Tensor = field(default=None)  # flat initial weights (default: the model's)
