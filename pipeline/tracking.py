@@ -267,9 +267,15 @@ def _run_tags(stage: str, workspace: Path, dataset_digest: str | None) -> dict[s
     return tags
 
 
+# What a run's result depends on. The pipeline's own outputs (dvc.lock, metrics/, ...) change
+# during every run and would mark every stage after the first as dirty.
+SOURCE_PATHS = ("pipeline", "stages", "params.yaml", "dvc.yaml", "scales", "pyproject.toml")
+
+
 def _git_tags(workspace: Path) -> dict[str, str]:
+    """git.commit, and git.dirty: uncommitted changes to the code or the params."""
     commit = _git(workspace, "rev-parse", "HEAD")
-    status = _git(workspace, "status", "--porcelain")
+    status = _git(workspace, "status", "--porcelain", "--", *SOURCE_PATHS)
     return {"git.commit": commit.strip() if commit else "unknown",
             "git.dirty": "unknown" if status is None else str(bool(status.strip())).lower()}
 

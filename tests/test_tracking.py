@@ -215,3 +215,13 @@ def test_unreachable_server_fails_fast(monkeypatch, workspace):
         with stage_run("prepare", Params(), root=workspace):
             pytest.fail("the block must not run without a tracking server")
     assert time.monotonic() - start < 30
+
+
+def test_dirty_means_code_or_params_not_outputs(workspace):
+    from pipeline.tracking import _git_tags
+    (workspace / "metrics").mkdir()
+    (workspace / "metrics/baseline.json").write_text("{}")  # what stages write during a run
+    (workspace / "dvc.lock").write_text("schema: '2.0'\n")
+    assert _git_tags(workspace)["git.dirty"] == "false"
+    (workspace / "params.yaml").write_text("seed: 1\n")
+    assert _git_tags(workspace)["git.dirty"] == "true"
