@@ -97,10 +97,16 @@ def test_broken_yaml_is_one_line(tmp_path):
         load_params(tmp_path / "params.yaml")
 
 
-@pytest.mark.parametrize("stage", ["prepare", "baseline"])
+STAGE_COMMANDS = {"prepare": ["stages.prepare"], "baseline": ["stages.baseline"],
+                  "drmad": ["stages.drmad", "--init=-4.0"], "adaptive": ["stages.adaptive", "--variant=k100"],
+                  "quality": ["stages.quality", "--run=thesis-200"], "paths": ["stages.paths"],
+                  "report": ["stages.report"], "validate": ["stages.cli", "validate", "--stamp", "checks/params.ok"]}
+
+
+@pytest.mark.parametrize("stage", list(STAGE_COMMANDS))
 def test_stage_exits_2_with_one_line_and_writes_nothing(tmp_path, stage):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(with_change("baseline.momentum", 1.5)))
-    proc = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=tmp_path, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", *STAGE_COMMANDS[stage]], cwd=tmp_path, capture_output=True,
                           text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()

@@ -217,6 +217,21 @@ def test_unreachable_server_fails_fast(monkeypatch, workspace):
     assert time.monotonic() - start < 30
 
 
+@pytest.mark.slow
+def test_a_silent_server_fails_within_30_s(monkeypatch, workspace):
+    """A loopback port that accepts connections and never answers (a hung host)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        uri = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        start = time.monotonic()
+        with pytest.raises(TrackingError, match=f"{uri} cannot be reached"):
+            with stage_run("prepare", Params(), root=workspace):
+                pytest.fail("the block must not run without a tracking server")
+        assert time.monotonic() - start < 30
+
+
 def test_dirty_means_code_or_params_not_outputs(workspace):
     from pipeline.tracking import _git_tags
     (workspace / "metrics").mkdir()
