@@ -220,3 +220,17 @@ def test_a_killed_attempt_is_marked_and_linked(tmp_path, monkeypatch):
     assert [r.info.status for r in killed] == ["KILLED"]
     assert runs[new_id].data.tags["previous_attempt"] == killed[0].info.run_id
     assert runs[new_id].info.status == "FINISHED"
+
+
+def test_a_run_that_diverges_after_finite_epochs_reports_them_under_their_own_keys():
+    """The issue's case: finite test errors, NaN losses. Results null, last finite epoch kept."""
+    rows = [{"epoch": e, "train_error": 0.5 / e, "val_error": 0.4 / e, "test_error": 0.45 / e, "train_loss": 1.0,
+             "val_loss": 1.0, "test_loss": 1.0, "alpha": 1.0, "seconds": 1.0} for e in (1, 2)]
+    rows.append({**rows[-1], "epoch": 3, "test_error": 0.8944, "train_loss": float("nan")})  # NaN model, finite error
+    cfg = parse_params(TINY).baseline
+    metrics = baseline.summarise(rows, cfg, "diverged", 3.0, 96)
+    assert [metrics[k] for k in ("final_test_error", "mean_last_n_test_error", "best_val_error")] == [None] * 3
+    assert (metrics["last_finite_epoch"], metrics["last_finite_test_error"]) == (2, 0.225)
+    finished = baseline.summarise(rows[:2], cfg, "finished", 2.0, 64)
+    assert (finished["final_test_error"], finished["best_val_error"]) == (0.225, 0.2)
+    assert finished["mean_last_n_test_error"] == pytest.approx((0.45 + 0.225) / 2)
