@@ -3,11 +3,12 @@ PYTHON ?= python3
 
 .PHONY: install install-test pipeline test bench
 
+# constraints.txt pins the exact versions behind the committed results; pyproject.toml keeps ranges.
 install:
-	$(PYTHON) -m pip install -q -e .
+	$(PYTHON) -m pip install -q -c constraints.txt -e .
 
 install-test:
-	$(PYTHON) -m pip install -q -e ".[test]"
+	$(PYTHON) -m pip install -q -c constraints.txt -e ".[test]"
 
 pipeline: install
 	$(PYTHON) -m stages.cli run

@@ -32,12 +32,14 @@ from mlflow.tracking.context.registry import resolve_tags
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from sqlalchemy.exc import SQLAlchemyError
 
-from pipeline.config import PARAMS_FILE, Params, flatten
+from pipeline.config import PARAMS_FILE, Params, flatten, read_yaml
 from pipeline.runlock import LOCK_DIR, exclusive
 
 BACKEND_ERRORS = (MlflowException, SQLAlchemyError, OSError, requests.RequestException)
 
 PARENT_KEY_TAG = "pipeline.key"
+# MLflow 3's UI opens an experiment on its runs (not the GenAI traces overview) with this kind.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 # A parent older than this is never joined, so a recycled process-group id starts a new one.
 PARENT_MAX_AGE_S = 24 * 3600
 # Probe: connection refused fails in ms; a silent host costs at most 3 * (2 + 5) + 2 = 23 s.
@@ -258,8 +260,44 @@ def _first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else "unknown error"
 
 
+def parent_name(tags: dict[str, str]) -> str:
+    """What tells one pipeline execution from another: the DVC experiment's name, else the
+    commit and the params changed since it."""
+    if exp_name := tags.get("dvc.exp_name"):
+        return f"pipeline:{exp_name}"
+    commit = tags.get("git.commit", "unknown")[:7]
+    changed = tags.get("params.changed")
+    return f"pipeline:{commit}" + (f" {changed}" if changed else "")
+
+
+def params_changed(workspace: Path) -> str:
+    """`key=value` for each param that differs from the committed params.yaml (empty when none,
+    or outside git), at most 250 characters."""
+    committed = _git(workspace, "show", f"HEAD:{PARAMS_FILE}")
+    if committed is None or not (workspace / PARAMS_FILE).is_file():
+        return ""
+    try:
+        old, new = (_flat(read_yaml(text)) for text in (committed, (workspace / PARAMS_FILE).read_text()))
+    except Exception:  # an unparsable file is validation's business, not the run name's
+        return ""
+    changes = [f"{k}={new.get(k, '<removed>')}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    text = ", ".join(changes)
+    return text if len(text) <= 250 else text[:247] + "..."
+
+
+def _flat(node: object, prefix: str = "") -> dict[str, object]:
+    if not isinstance(node, dict):
+        return {prefix.rstrip("."): node}
+    out: dict[str, object] = {}
+    for key, value in node.items():
+        out.update(_flat(value, f"{prefix}{key}."))
+    return out
+
+
 def _run_tags(stage: str, workspace: Path, dataset_digest: str | None) -> dict[str, str]:
     tags = {**_git_tags(workspace), "dvc.stage": os.environ.get("DVC_STAGE") or stage}
+    if changed := params_changed(workspace):
+        tags["params.changed"] = changed
     if exp_name := os.environ.get("DVC_EXP_NAME"):
         tags["dvc.exp_name"] = exp_name
     if dataset_digest:
@@ -293,7 +331,8 @@ def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=_artifact_location(uri))
+            return client.create_experiment(name, artifact_location=_artifact_location(uri),
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException:  # a concurrent stage (dvc queue -j N) created it first
             experiment = client.get_experiment_by_name(name)
             if experiment is None:
@@ -301,6 +340,8 @@ def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
     if experiment.lifecycle_stage != "active":
         raise TrackingError(f"MLflow experiment {name!r} at {_redact(uri)} is deleted; restore it "
                             "(mlflow experiments restore) or set tracking.experiment")
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return experiment.experiment_id
 
 
@@ -322,8 +363,6 @@ def _parent_run(client: MlflowClient, experiment_id: str, tags: dict[str, str]) 
     if found:
         client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
-    exp_name = tags.get("dvc.exp_name")
-    parent_tags = {k: v for k, v in tags.items() if k in ("git.commit", "git.dirty", "dvc.exp_name")}
-    run = client.create_run(experiment_id, run_name=f"pipeline:{exp_name}" if exp_name else "pipeline",
-                            tags={**parent_tags, PARENT_KEY_TAG: key})
+    parent_tags = {k: v for k, v in tags.items() if k in ("git.commit", "git.dirty", "dvc.exp_name", "params.changed")}
+    run = client.create_run(experiment_id, run_name=parent_name(tags), tags={**parent_tags, PARENT_KEY_TAG: key})
     return run.info.run_id

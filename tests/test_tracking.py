@@ -89,15 +89,19 @@ def test_stages_share_one_parent(monkeypatch, sqlite_uri, workspace):
     with stage_run("baseline", params, variant="small", root=workspace):
         pass
     monkeypatch.setenv("PIPELINE_RUN_ID", "run-b")
+    (workspace / "params.yaml").write_text("seed: 3\n")  # run-b: a changed param, named in its parent
     with stage_run("prepare", params, root=workspace):
         pass
 
     client = MlflowClient(sqlite_uri)
     exp = client.get_experiment_by_name("grouping")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs
     runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
     parents = [r for r in runs if PARENT_KEY_TAG in r.data.tags]
+    commit = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=workspace, capture_output=True,
+                            text=True).stdout.strip()
     assert [(p.data.tags[PARENT_KEY_TAG], p.info.run_name, p.info.status) for p in parents] == [
-        ("run-a", "pipeline", "FINISHED"), ("run-b", "pipeline", "FINISHED")]
+        ("run-a", f"pipeline:{commit}", "FINISHED"), ("run-b", f"pipeline:{commit} seed=3", "FINISHED")]
     children = [r for r in runs if r not in parents]
     assert [(c.info.run_name, c.data.tags["mlflow.parentRunId"], c.info.status) for c in children] == [
         ("prepare", parents[0].info.run_id, "FINISHED"),
