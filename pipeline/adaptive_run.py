@@ -121,7 +121,7 @@ def run(params: Params, prepared: Path, name: str, paths: AdaptivePaths, tracker
     bar = tqdm(range(len(history), cfg.epochs), desc=f"adaptive {name}", unit="epoch", initial=len(history),
                total=cfg.epochs, disable=not (sys.stderr.isatty() if progress is None else progress))
     for epoch in bar:
-        row = train_epoch(trainer, splits, epoch + 1)
+        row = train_epoch(trainer, splits, epoch + 1, params.evaluation.batchnorm)
         row["val_test_gap"] = row["test_error"] - row["val_error"]
         history.append(row)
         layer_rows += _layer_rows(epoch + 1, l2, lr)

@@ -95,7 +95,7 @@ def run(params: Params, prepared: Path, paths: BaselinePaths, tracker: Tracker |
     epochs = tqdm(range(len(history), cfg.epochs), desc="baseline", unit="epoch", initial=len(history),
                   total=cfg.epochs, disable=not (sys.stderr.isatty() if progress is None else progress))
     for epoch in epochs:
-        row = train_epoch(trainer, splits, epoch + 1)
+        row = train_epoch(trainer, splits, epoch + 1, params.evaluation.batchnorm)
         history.append(row)
         epochs.set_postfix(val=f"{row['val_error']:.3f}", test=f"{row['test_error']:.3f}")
         if tracker:

@@ -273,6 +273,13 @@ class ReportConfig(Section):
     last_n: int = Field(default=3, ge=1)  # DrMAD rows: mean test error of the last n meta-iterations
 
 
+class EvaluationConfig(Section):
+    """How DenseNet errors are measured. `precise`: BatchNorm population statistics recomputed
+    over the training split before each evaluation (precise BN); `running`: the running
+    averages training left (far from the population's after a few dozen steps)."""
+    batchnorm: Literal["precise", "running"] = "precise"
+
+
 class TrackingConfig(Section):
     experiment: str = Field(default="gbhpo", min_length=1)
 
@@ -290,6 +297,7 @@ class Params(Section):
     quality: QualityConfig = QualityConfig()
     paths: PathsConfig = PathsConfig()
     report: ReportConfig = ReportConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")

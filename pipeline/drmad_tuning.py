@@ -134,7 +134,7 @@ def meta_iteration(params: Params, run: Run, splits: dict, meta: dict, device: t
     run.layer_rows += [{"meta_iteration": i, "layer": n, **s} for n, s in layer_summary(run.hypers).items()]
     row = {}
     for epoch in range(trainer.cfg.epochs):
-        row = train_epoch(trainer, splits, epoch + 1)
+        row = train_epoch(trainer, splits, epoch + 1, params.evaluation.batchnorm)
         run.epoch_rows.append({"meta_iteration": i, **row})
         if tracker:
             tracker.log_metrics(epoch_metrics(row), step=len(run.epoch_rows))

@@ -149,14 +149,20 @@ def layer_trajectories(root: Path) -> dict[str, pd.DataFrame]:
     return out
 
 
+BATCHNORM = {"precise": "with BatchNorm population statistics recomputed over the training split before each "
+                        "evaluation (precise BN)",
+             "running": "with the BatchNorm running averages training left (not recomputed)"}
+
+
 def run(root: Path = Path("."), last_n: int = 3, paths: ReportPaths = ReportPaths(),
-        tracker: Tracker | None = None) -> pd.DataFrame:
+        tracker: Tracker | None = None, batchnorm: str = "precise") -> pd.DataFrame:
     rows = [r for r in (baseline_row(root),) if r] + drmad_rows(root, last_n) + adaptive_rows(root)
     summary = pd.DataFrame(rows, columns=list(COLUMNS))
     quality = pd.DataFrame(quality_rows(root))
     errors = ("final_test_error", "mean_last_n_test_error", "best_val_error", "val_test_gap")
     text = ["# Summary\n", "Did gradient-based tuning beat the baseline, and at what cost? Errors on the test "
-            "split; `hypergradient_cost_share` is the share of wall time spent on hypergradients.\n",
+            f"split, measured {BATCHNORM[batchnorm]}; `hypergradient_cost_share` is the share of wall time spent "
+            "on hypergradients.\n",
             markdown(summary, percent=errors)]
     if len(quality):
         text += ["\n## Hypergradient quality (MNIST MLP)\n",

@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pipeline.config import PARAMS_FILE, ConfigError, TrainConfig
-from pipeline.models import dropout_masks
+from pipeline.models import MaskedDropout, dropout_masks
 
 BATCH_STREAM, MASK_STREAM, INIT_STREAM = 1, 2, 3
 
@@ -211,12 +211,40 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return wrong.item() / len(x), loss.item() / len(x)
 
 
-def train_epoch(trainer: Trainer, splits: dict[str, tuple[torch.Tensor, torch.Tensor]], epoch: int) -> dict:
-    """One epoch, then val/test evaluation: the per-epoch row every stage records."""
+@torch.no_grad()
+def precise_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int) -> None:
+    """Replace every BatchNorm layer's running statistics by the training split's population
+    statistics (precise BN: the average of per-batch statistics over equal batches, dropout
+    off), so that an evaluation in eval mode measures the weights, not a short run's running
+    averages. Training never reads running statistics (it normalises with its batch's)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches below
+    model.train()
+    for m in model.modules():
+        if isinstance(m, MaskedDropout):
+            m.eval()
+    size = min(batch_size, len(x))
+    for i in range(0, len(x) - size + 1, size):  # equal batches (a short last one would weigh as much)
+        model(x[i:i + size])
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+
+
+def train_epoch(trainer: Trainer, splits: dict[str, tuple[torch.Tensor, torch.Tensor]], epoch: int,
+                batchnorm: str = "precise") -> dict:
+    """One epoch, then val/test evaluation: the per-epoch row every stage records. `batchnorm`:
+    `precise` recomputes BatchNorm population statistics over the training split first."""
     start = time.perf_counter()
     alpha = trainer.alpha(trainer.state.step)
     train_loss, train_error = trainer.run_epoch()
     row = {"epoch": epoch, "alpha": alpha, "train_error": train_error, "train_loss": train_loss}
+    if batchnorm == "precise":
+        precise_batchnorm(trainer.model, splits["train"][0], trainer.cfg.eval_batch_size)
     for split in ("val", "test"):
         row[f"{split}_error"], row[f"{split}_loss"] = evaluate(trainer.model, *splits[split], trainer.cfg.eval_batch_size)
     row["seconds"] = time.perf_counter() - start

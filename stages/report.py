@@ -16,7 +16,7 @@ from stages.common import params_option, user_errors_exit_2
 def main(params_file: str) -> None:
     params = load_params(params_file)
     with stage_run("report", params) as run:
-        summary = report.run(last_n=params.report.last_n, tracker=run)
+        summary = report.run(last_n=params.report.last_n, tracker=run, batchnorm=params.evaluation.batchnorm)
     click.echo(report.markdown(summary[["run", "final_test_error", "mean_last_n_test_error"]],
                                percent=("final_test_error", "mean_last_n_test_error")))
 

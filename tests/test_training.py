@@ -119,3 +119,23 @@ def test_weight_clip_bounds_every_weight():
     model, x, y = tiny_problem()
     trainer, _ = train(model, x, y, cfg(alpha=50.0, weight_clip=0.05, epochs=1), seed=0)
     assert max(p.abs().max().item() for p in trainer.params) <= 0.05
+
+
+def test_precise_batchnorm_recomputes_the_population_statistics():
+    """After precise BN, the first BatchNorm layer's running mean and variance are the mean and
+    (unbiased, per batch, averaged) variance of its input over the training split."""
+    from pipeline.training import precise_batchnorm
+    torch.manual_seed(0)
+    model = DenseNet(depth=7, growth_rate=4, init_maps=4, dropout=0.2, in_channels=1).to(torch.float64)
+    x = torch.randn(60, 1, 8, 8, dtype=torch.float64)
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn.running_mean.fill_(7.0)  # what a short run might have left
+    precise_batchnorm(model, x, batch_size=20)
+    with torch.no_grad():
+        inputs = model.features[0](x)  # the first BatchNorm normalises the first convolution's output
+    batches = inputs.split(20)
+    mean = torch.stack([b.mean((0, 2, 3)) for b in batches]).mean(0)
+    var = torch.stack([b.var((0, 2, 3), unbiased=True) for b in batches]).mean(0)
+    torch.testing.assert_close(bn.running_mean, mean, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(bn.running_var, var, rtol=1e-12, atol=1e-14)
+    assert bn.momentum == 0.1  # restored
