@@ -234,3 +234,29 @@ def test_a_run_that_diverges_after_finite_epochs_reports_them_under_their_own_ke
     finished = baseline.summarise(rows[:2], cfg, "finished", 2.0, 64)
     assert (finished["final_test_error"], finished["best_val_error"]) == (0.225, 0.2)
     assert finished["mean_last_n_test_error"] == pytest.approx((0.45 + 0.225) / 2)
+
+
+@pytest.mark.parametrize("fault", ["read-only database", "disk full", "server gone"])
+def test_a_tracking_backend_failing_mid_run_is_one_line(tmp_path, monkeypatch, fault):
+    """As root, permissions cannot make a file read-only here: the backend's own exception is
+    injected where the run logs (the same translation the deleted database goes through)."""
+    import requests
+    from sqlalchemy.exc import OperationalError
+    errors = {"read-only database": OperationalError("INSERT INTO metrics", {}, Exception("attempt to write a readonly database")),
+              "disk full": OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+              "server gone": requests.ConnectionError("Connection refused")}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+
+    def broken(*args, **kwargs):
+        raise errors[fault]
+    with pytest.raises(TrackingError) as err:
+        with stage_run("baseline", params_for(f"faults-{fault.split()[0]}"), root=tmp_path) as run:
+            monkeypatch.setattr(run.client, "log_batch", broken)
+            run.log_metrics({"error/test": 0.1}, step=1)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"tracking at {uri} failed ({type(errors[fault]).__name__}")
+    monkeypatch.undo()
+    client = MlflowClient(uri)  # the backend is back: the run was ended, not left RUNNING
+    runs = client.search_runs([client.get_experiment_by_name(f"faults-{fault.split()[0]}").experiment_id])
+    assert [r.info.status for r in runs if r.info.run_name == "baseline"] == ["FAILED"]
