@@ -7,6 +7,8 @@
              exact pass's round-trip check as a share of the pass (goal < 1%)
   unrolled   exact vs unrolled at T = 2,000 on the MNIST MLP: peak memory (goal >= 10x less)
              and time (goal <= 1.5x), each measured in a fresh process
+  exactness  exact vs unrolled, relative errors per HVP implementation at T = 300 (float64, MLP
+             and a small DenseNet with BatchNorm and dropout), and the round-trip check's share
   hvp        double backward vs forward-over-reverse per model: the faster one is what to
              set as `hvp` in params.yaml on this device (the benchmark changes no setting)
 
@@ -147,6 +149,34 @@ def bench_unrolled(device: torch.device, steps: int) -> dict:
     return result
 
 
+def bench_exactness(device: torch.device, steps: int) -> list[dict]:
+    """Relative errors of exact against unrolled (d log10 L2, d alpha, d beta, d w_0), layer sharing."""
+    from pipeline.models import MLP as Mlp  # small float64 models: unrolled keeps every step's graph
+    out = []
+    for name in ("mlp", "densenet"):
+        torch.manual_seed(0)
+        model = (Mlp((12, 10, 10, 4)) if name == "mlp" else
+                 DenseNet(depth=7, growth_rate=4, init_maps=4, dropout=0.2, in_channels=1)).to(device, torch.float64)
+        shape, classes = ((12,), 4) if name == "mlp" else ((1, 8, 8), 10)
+        x, vx = (torch.randn(n, *shape, dtype=torch.float64, device=device) for n in (64, 32))
+        y, vy = (torch.randint(0, classes, (n,), device=device) for n in (64, 32))
+        problem = Problem(model, x, y, vx, vy, alpha=torch.full((steps,), 0.3 if name == "mlp" else 0.1,
+                          dtype=torch.float64), beta=torch.full((steps,), 0.9, dtype=torch.float64),
+                          batch_size=16, seed=0)
+        l2 = HyperSpace.l2(problem.model, -2.0, "layer", device=device)
+        reference = hypergradient(problem, l2, "unrolled")
+        flat = lambda r: torch.cat([v.reshape(-1) for v in r["log10_l2"].values()])
+        for hvp_name, hvp in HVP_METHODS.items():
+            path, got = ExactPath.train(problem, problem.l2_coefficients(l2)), {}
+            seconds = timed(lambda: got.update(reverse(problem, path, l2, hvp)), device)  # checks its round trip
+            check = timed(path.verify_round_trip, device)  # the same check again, alone
+            rel = {k: ((got[k] - reference[k]).norm() / reference[k].norm()).item() for k in ("alpha", "beta", "w0")}
+            rel["log10_l2"] = ((flat(got) - flat(reference)).norm() / flat(reference).norm()).item()
+            out.append({"model": name, "steps": steps, "hvp": hvp_name, "relative_error": rel,
+                        "reverse_pass_s": round(seconds, 3), "round_trip_check_share": check / seconds})
+    return out
+
+
 def bench_hvp(device: torch.device, problem: Problem, name: str, repeats: int = 5) -> dict:
     w, dv = problem.w0, torch.randn_like(problem.w0)
     times = {}
@@ -160,7 +190,7 @@ def bench_hvp(device: torch.device, problem: Problem, name: str, repeats: int = 
 @click.command(help=__doc__)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--quick", is_flag=True, help="Shorter runs (smoke test of the script).")
-@click.option("--only", type=click.Choice(["all", "hvp", "buffer", "reverse", "unrolled"]), default="all",
+@click.option("--only", type=click.Choice(["all", "exactness", "hvp", "buffer", "reverse", "unrolled"]), default="all",
               show_default=True, help="Run one part (its results replace that part in the JSON).")
 @click.option("--hvp", "hvp_name", type=click.Choice(list(HVP_METHODS)), default=DEFAULT_HVP, show_default=True,
               help="Hessian-vector product of the timed reverse passes.")
@@ -170,6 +200,8 @@ def main(device: str, quick: bool, only: str, hvp_name: str, out: str) -> None:
     scale = 10 if quick else 1
     results = json.loads(Path(out).read_text()) if only != "all" and Path(out).exists() else {}
     results.update({"device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads()})
+    if only in ("all", "exactness"):
+        results["exactness"] = bench_exactness(dev, 300 // scale)
     if only in ("all", "hvp"):
         hvp = [bench_hvp(dev, mnist_problem(2, 0.9, dev), "mnist_mlp"),
                bench_hvp(dev, densenet_problem(2, dev), "densenet40")]
