@@ -49,6 +49,7 @@ class AdaptiveTrainer(Trainer):
         self.val_x, self.val_y, self.l2, self.lr, self.settings = val_x, val_y, l2, lr, settings
         self.recent: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=settings.window)
         self.updates, self.hyper_seconds, self.finite = 0, 0.0, True
+        self.hypergradients_taken = 0  # every one costs window reverse steps (updates: the finite ones)
         self._zero = (zero_momentum(l2), zero_momentum(lr))
         self.refresh()
 
@@ -99,6 +100,7 @@ class AdaptiveTrainer(Trainer):
     def hyper_step(self, step: int) -> None:
         start = time.perf_counter()
         d_l2, d_eta = self.hypergradients(step)
+        self.hypergradients_taken += 1
         if all(bool(torch.isfinite(g).all()) for g in (*d_l2.values(), *d_eta.values())):
             sign_step(self.l2, d_l2, self._zero[0], self.settings.l2_step, 0.0)
             sign_step(self.lr, d_eta, self._zero[1], self.settings.lr_step, 0.0)

@@ -23,6 +23,7 @@ from pipeline.baseline import Tracker, build_densenet, load_prepared
 from pipeline.checkpoint import Checkpoint, fingerprint
 from pipeline.config import AdaptiveVariant, ConfigError, Params
 from pipeline.hyper import HyperSpace
+from pipeline.work import Work
 from pipeline.meta import layer_summary
 from pipeline.training import (INIT_STREAM, derive_seed, epoch_metrics, final_errors, finite_losses, step_sizes,
                                train_epoch)
@@ -115,6 +116,7 @@ def run(params: Params, prepared: Path, name: str, paths: AdaptivePaths, tracker
                 space.values[key].copy_(value)
         trainer.recent.extend(saved["recent"])
         trainer.updates, trainer.hyper_seconds, layer_rows = saved["updates"], saved["hyper_seconds"], saved["layers"]
+        trainer.hypergradients_taken = saved["hypergradients_taken"]
         trainer.refresh()
     history, outcome = trainer.state.history, "finished"
     start = time.perf_counter() - sum(h["seconds"] for h in history)
@@ -133,10 +135,11 @@ def run(params: Params, prepared: Path, name: str, paths: AdaptivePaths, tracker
             break
         checkpoint.save({"trainer": trainer.state_dict(), "l2": l2.values, "lr": lr.values,
                          "recent": list(trainer.recent), "updates": trainer.updates,
-                         "hyper_seconds": trainer.hyper_seconds, "layers": layer_rows})
+                         "hyper_seconds": trainer.hyper_seconds, "layers": layer_rows,
+                         "hypergradients_taken": trainer.hypergradients_taken})
 
     seconds = time.perf_counter() - start
-    metrics = summarise(history, cfg.last_n, outcome, seconds, trainer, name)
+    metrics = summarise(history, cfg.last_n, outcome, seconds, trainer, name, params.work.hvp_cost)
     _write_outputs(paths, history, layer_rows, metrics, l2, lr, tracker)
     checkpoint.clear()
     return metrics
@@ -161,8 +164,17 @@ def _log_epoch(tracker: Tracker, row: dict, layer_rows: list[dict], l2: HyperSpa
                            f"histograms/{kind}_epoch{row['epoch']:03d}.png")
 
 
+def counted_work(trainer: AdaptiveTrainer) -> Work:
+    """Every training step, and each hypergradient through the last `window` steps."""
+    work = Work()
+    work.train(trainer.state.step)
+    for _ in range(trainer.hypergradients_taken):
+        work.hypergradient(trainer.settings.window)
+    return work
+
+
 def summarise(history: list[dict], last_n: int, outcome: str, seconds: float, trainer: AdaptiveTrainer,
-              name: str) -> dict:
+              name: str, hvp_cost: float) -> dict:
     finite = [h for h in history if finite_losses(h)]
     return {
         "variant": name, "outcome": outcome, "epochs_completed": len(history),
@@ -172,6 +184,7 @@ def summarise(history: list[dict], last_n: int, outcome: str, seconds: float, tr
         "hyper_updates": trainer.updates,
         "wall_time_s": round(seconds, 3),
         "hypergradient_time_share": round(trainer.hyper_seconds / seconds, 4) if seconds > 0 else None,
+        **counted_work(trainer).metrics(hvp_cost),
     }
 
 

@@ -21,8 +21,8 @@ from pipeline.checkpoint import Checkpoint, fingerprint
 from pipeline.config import ModelConfig, Params, TrainConfig
 from pipeline.models import DenseNet
 from pipeline.training import (INIT_STREAM, Trainer, derive_seed, epoch_metrics, final_errors, finite_losses,
-                               setup_device,
-                               train_epoch)
+                               setup_device, train_epoch)
+from pipeline.work import Work
 
 
 class Tracker(Protocol):
@@ -67,7 +67,8 @@ def load_prepared(params: Params, prepared: Path, tracker: Tracker | None = None
     return device, {**meta, "digest": loaded}, {s: (x.to(device), y.to(device)) for s, (x, y) in splits.items()}
 
 
-def summarise(history: list[dict], cfg: TrainConfig, outcome: str, seconds: float, images: int) -> dict:
+def summarise(history: list[dict], cfg: TrainConfig, outcome: str, seconds: float, images: int,
+              steps: int = 0) -> dict:
     """The numbers metrics/baseline.json reports (the thesis reports final and mean of last few)."""
     return {
         "outcome": outcome,
@@ -76,7 +77,14 @@ def summarise(history: list[dict], cfg: TrainConfig, outcome: str, seconds: floa
         "last_n": cfg.last_n,
         "wall_time_s": round(seconds, 3),
         "images_per_s": round(images / seconds, 1) if seconds > 0 else None,
+        **_training_work(steps),
     }
+
+
+def _training_work(steps: int) -> dict:
+    work = Work()
+    work.train(steps)
+    return work.metrics(hvp_cost=1.0)  # no HVPs: the cost of one is irrelevant here
 
 
 def run(params: Params, prepared: Path, paths: BaselinePaths, tracker: Tracker | None = None,
@@ -106,7 +114,8 @@ def run(params: Params, prepared: Path, paths: BaselinePaths, tracker: Tracker |
         checkpoint.save(trainer.state_dict())
 
     seconds = time.perf_counter() - start
-    metrics = summarise(history, cfg, outcome, seconds, len(history) * trainer.steps_per_epoch * cfg.batch_size)
+    metrics = summarise(history, cfg, outcome, seconds, len(history) * trainer.steps_per_epoch * cfg.batch_size,
+                        trainer.state.step)
     _write_outputs(paths, trainer, history, metrics, meta, tracker)
     checkpoint.clear()
     return metrics

@@ -280,6 +280,13 @@ class EvaluationConfig(Section):
     batchnorm: Literal["precise", "running"] = "precise"
 
 
+class WorkConfig(Section):
+    """How counted work is added up (pipeline/work.py)."""
+    # One Hessian-vector product in gradient evaluations: 3.2 for DenseNet-40 and 2.1 for the
+    # MNIST MLP by double backward on this 2-core CPU (bench/hypergrad.py --only hvp).
+    hvp_cost: float = Field(default=3.0, gt=0.0)
+
+
 class TrackingConfig(Section):
     experiment: str = Field(default="gbhpo", min_length=1)
 
@@ -298,6 +305,7 @@ class Params(Section):
     paths: PathsConfig = PathsConfig()
     report: ReportConfig = ReportConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    work: WorkConfig = WorkConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")

@@ -29,6 +29,7 @@ from pipeline.hypergrad.hvp import HVP_METHODS
 from pipeline.hypergrad.reverse import reverse
 from pipeline.meta import epochs_at, layer_summary, sign_step, zero_momentum
 from pipeline.training import Trainer, epoch_metrics, final_errors, finite_losses, train_epoch
+from pipeline.work import Work
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,8 @@ def meta_iteration(params: Params, run: Run, splits: dict, meta: dict, device: t
                           "reverse_steps": path.reverse_steps, "train_error": row["train_error"],
                           "val_error": row["val_error"], "test_error": row["test_error"],
                           "val_loss": grads["val_loss"], "hypergrad_norm": norm, "seconds": seconds,
-                          "forward_seconds": forward_seconds, "reverse_seconds": seconds - forward_seconds})
+                          "forward_seconds": forward_seconds, "reverse_seconds": seconds - forward_seconds,
+                          "training_gradients": trainer.total_steps})
     if tracker:
         _log_meta_iteration(tracker, run, i)
     return True
@@ -206,15 +208,19 @@ def run(params: Params, prepared: Path, init: float, paths: DrmadPaths, tracker:
         if tracker and state.outcome == "diverged":
             tracker.set_tag("outcome", "diverged")
 
-    metrics = summarise(state, init, params.report.last_n)
+    metrics = summarise(state, init, params.report.last_n, params.work.hvp_cost)
     _write_outputs(paths, state, metrics, tracker)
     checkpoint.clear()
     return metrics
 
 
-def summarise(run: Run, init: float, last_n: int) -> dict:
+def summarise(run: Run, init: float, last_n: int, hvp_cost: float) -> dict:
     """Rows are the completed meta-iterations (a diverging one records none)."""
     rows = run.meta_rows
+    work = Work()
+    for r in rows:
+        work.train(r["training_gradients"])
+        work.hypergradient(r["reverse_steps"])
     forward = sum(r["forward_seconds"] for r in rows)
     return {
         "init_log10_l2": init, "outcome": run.outcome, "meta_iterations_completed": len(rows),
@@ -222,6 +228,7 @@ def summarise(run: Run, init: float, last_n: int) -> dict:
         "reverse_steps": [r["reverse_steps"] for r in rows],
         "seconds_per_meta_iteration": round(sum(r["seconds"] for r in rows) / len(rows), 3) if rows else None,
         "reverse_over_forward_time": round(sum(r["reverse_seconds"] for r in rows) / forward, 3) if rows else None,
+        **work.metrics(hvp_cost),
     }
 
 

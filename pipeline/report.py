@@ -16,7 +16,12 @@ from pipeline import io, plots
 from pipeline.baseline import Tracker
 
 COLUMNS = ("run", "final_test_error", "mean_last_n_test_error", "last_n", "best_val_error", "val_test_gap",
-           "wall_time_s", "hypergradient_cost_share", "outcome")
+           "work_gradient_equivalents", "hypergradient_work_share", "wall_time_s", "outcome")
+
+
+def _work(m: dict) -> dict:
+    """Counted work (machine load cannot change it); older metrics without it: n/a."""
+    return {k: m.get(k) for k in ("work_gradient_equivalents", "hypergradient_work_share")}
 QUALITY_METHODS = ("float", "drmad", "drmad_fixed", "drmad2")
 
 
@@ -45,7 +50,7 @@ def baseline_row(root: Path) -> dict | None:
             m["mean_last_n_test_error"], "last_n": m["last_n"], "best_val_error": m["best_val_error"],
             "val_test_gap": (None if m["outcome"] == "diverged"  # a diverged model's errors are no result
                              else epochs["val_error"].iloc[-1] - epochs["test_error"].iloc[-1]),
-            "wall_time_s": m["wall_time_s"], "hypergradient_cost_share": 0.0, "outcome": m["outcome"]}
+            "wall_time_s": m["wall_time_s"], **_work(m), "outcome": m["outcome"]}
 
 
 def drmad_rows(root: Path, last_n: int) -> list[dict]:
@@ -54,14 +59,13 @@ def drmad_rows(root: Path, last_n: int) -> list[dict]:
         tag, m = _tag(path, "drmad_"), _json(path)
         meta = pd.read_csv(root / f"plots/drmad/{tag}/meta.csv") if m["meta_iterations_completed"] else None
         result = meta if m["outcome"] != "diverged" else None  # a diverged run's errors are no result
-        ratio = m["reverse_over_forward_time"]
         rows.append({
             "run": f"drmad {tag}", "final_test_error": m["final_test_error"],
             "mean_last_n_test_error": result["test_error"].tail(last_n).mean() if result is not None else None,
             "last_n": last_n, "best_val_error": m["best_val_error"],
             "val_test_gap": m["final_val_error"] - m["final_test_error"] if result is not None else None,
             "wall_time_s": meta["seconds"].sum() if meta is not None else None,
-            "hypergradient_cost_share": ratio / (1 + ratio) if ratio is not None else None,
+            **_work(m),
             "outcome": m["outcome"]})
     return rows
 
@@ -72,7 +76,7 @@ def adaptive_rows(root: Path) -> list[dict]:
         m = _json(path)
         rows.append({"run": f"adaptive {_tag(path, 'adaptive_')}", **{k: m.get(k) for k in COLUMNS[1:]},
                      "val_test_gap": m["final_val_test_gap"],
-                     "hypergradient_cost_share": m["hypergradient_time_share"]})
+                     **_work(m)})
     return rows
 
 
@@ -161,8 +165,11 @@ def run(root: Path = Path("."), last_n: int = 3, paths: ReportPaths = ReportPath
     quality = pd.DataFrame(quality_rows(root))
     errors = ("final_test_error", "mean_last_n_test_error", "best_val_error", "val_test_gap")
     text = ["# Summary\n", "Did gradient-based tuning beat the baseline, and at what cost? Errors on the test "
-            f"split, measured {BATCHNORM[batchnorm]}; `hypergradient_cost_share` is the share of wall time spent "
-            "on hypergradients.\n",
+            f"split, measured {BATCHNORM[batchnorm]}. `work_gradient_equivalents` is the counted tuning and "
+            "training work in gradient evaluations (a training step 1, a reverse step 1 plus one HVP at "
+            "`work.hvp_cost`, each hypergradient 1 more; evaluations not counted), `hypergradient_work_share` "
+            "the part of it spent on hypergradients; wall time beside it depends on the machine and its load. "
+            "DrMAD rows: final and mean over the last n meta-iterations; the others: over the last n epochs.\n",
             markdown(summary, percent=errors)]
     if len(quality):
         text += ["\n## Hypergradient quality (MNIST MLP)\n",

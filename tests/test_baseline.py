@@ -105,3 +105,4 @@ def test_metrics_report_final_and_mean_of_last_n(prepared, tmp_path):
     assert metrics["mean_last_n_test_error"] == pytest.approx(per_epoch["test_error"].iloc[-2:].mean())
     assert metrics["best_val_error"] == per_epoch["val_error"].min()
     assert metrics["outcome"] == "finished" and metrics["images_per_s"] > 0
+    assert (metrics["work_gradient_equivalents"], metrics["hypergradient_work_share"]) == (9, 0.0)  # 3 epochs x 3 steps

@@ -117,3 +117,13 @@ def test_sigkill_then_dvc_repro_resumes_to_the_uninterrupted_result(prepared, tm
     ours = torch.load(paths.hypers, weights_only=True)["values"]
     diffs = {k: (ours[k] - theirs[k]).abs().max().item() for k in theirs if not torch.equal(ours[k], theirs[k])}
     assert not diffs, diffs
+
+
+def test_counted_work_by_hand(prepared, tmp_path):
+    """3 meta-iterations of 1, 1, 2 epochs (x1.4 growth, cap 2) of 3 steps, S = 3 reverse steps each:
+    12 training gradients, 3 x (3 + 1) hypergradient gradients, 9 HVPs."""
+    params = parse_params({**TINY, "work": {"hvp_cost": 2.5}})
+    metrics = drmad_tuning.run(params, prepared, -4.0, drmad_tuning.DrmadPaths.for_init("-4.0", tmp_path))
+    assert [epochs_at(i, 1, 1.4, 2) for i in range(3)] == [1, 1, 2]
+    assert (metrics["work_training_gradients"], metrics["work_hypergradient_gradients"], metrics["work_hvps"]) == (12, 12, 9)
+    assert metrics["work_gradient_equivalents"] == 12 + 12 + 2.5 * 9

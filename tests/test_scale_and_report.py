@@ -67,7 +67,8 @@ def test_report_rows_for_every_run_and_the_quality_table(tmp_path):
                                                                 "test_error": [0.3, 0.1]}))
     write(tmp_path / "metrics/drmad_-4.0.json", {"final_test_error": 0.08, "final_val_error": 0.07,
                                                  "best_val_error": 0.07, "meta_iterations_completed": 2,
-                                                 "reverse_over_forward_time": 3.0, "outcome": "finished"})
+                                                 "reverse_over_forward_time": 3.0, "outcome": "finished",
+                                                 "work_gradient_equivalents": 900.0, "hypergradient_work_share": 0.7})
     write(tmp_path / "plots/drmad/-4.0/meta.csv", pd.DataFrame({"test_error": [0.2, 0.08], "seconds": [5.0, 6.0]}))
     write(tmp_path / "plots/drmad/-4.0/epochs.csv", pd.DataFrame({"meta_iteration": [0, 1, 1], "epoch": [1, 1, 2],
                                                                   "test_error": [0.2, 0.1, 0.08]}))
@@ -86,7 +87,8 @@ def test_report_rows_for_every_run_and_the_quality_table(tmp_path):
     assert list(summary.index) == ["baseline", "drmad -4.0", "adaptive k100"]
     assert summary.loc["baseline", "val_test_gap"] == pytest.approx(0.05)
     assert summary.loc["drmad -4.0", "mean_last_n_test_error"] == pytest.approx(0.14)
-    assert summary.loc["drmad -4.0", "hypergradient_cost_share"] == pytest.approx(0.75)
+    assert summary.loc["drmad -4.0", "hypergradient_work_share"] == 0.7  # counted, not timed
+    assert summary.loc["drmad -4.0", "work_gradient_equivalents"] == 900.0
     assert summary.loc["drmad -4.0", "wall_time_s"] == pytest.approx(11.0)
     assert summary.loc["adaptive k100", "outcome"] == "diverged"
     text = paths.summary_md.read_text()
