@@ -164,7 +164,9 @@ def run(root: Path = Path("."), last_n: int = 3, paths: ReportPaths = ReportPath
     summary = pd.DataFrame(rows, columns=list(COLUMNS))
     quality = pd.DataFrame(quality_rows(root))
     errors = ("final_test_error", "mean_last_n_test_error", "best_val_error", "val_test_gap")
-    text = ["# Summary\n", "Did gradient-based tuning beat the baseline, and at what cost? Errors on the test "
+    text = ["# Summary\n", "What each method did, one seed each, at budgets that differ (epochs, schedules, "
+            "momentum): a record, not yet a verdict on whether gradient-based tuning beats the baseline "
+            "(that needs equal budgets, several seeds and retrained finalists). Errors on the test "
             f"split, measured {BATCHNORM[batchnorm]}. `work_gradient_equivalents` is the counted tuning and "
             "training work in gradient evaluations (a training step 1, a reverse step 1 plus one HVP at "
             "`work.hvp_cost`, each hypergradient 1 more; evaluations not counted), `hypergradient_work_share` "
