@@ -151,11 +151,10 @@ def bench_unrolled(device: torch.device, steps: int) -> dict:
 
 def bench_exactness(device: torch.device, steps: int) -> list[dict]:
     """Relative errors of exact against unrolled (d log10 L2, d alpha, d beta, d w_0), layer sharing."""
-    from pipeline.models import MLP as Mlp  # small float64 models: unrolled keeps every step's graph
     out = []
     for name in ("mlp", "densenet"):
         torch.manual_seed(0)
-        model = (Mlp((12, 10, 10, 4)) if name == "mlp" else
+        model = (MLP((12, 10, 10, 4)) if name == "mlp" else  # small float64 models: unrolled keeps every graph
                  DenseNet(depth=7, growth_rate=4, init_maps=4, dropout=0.2, in_channels=1)).to(device, torch.float64)
         shape, classes = ((12,), 4) if name == "mlp" else ((1, 8, 8), 10)
         x, vx = (torch.randn(n, *shape, dtype=torch.float64, device=device) for n in (64, 32))
