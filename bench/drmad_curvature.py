@@ -31,7 +31,7 @@ from pipeline.hypergrad.drmad import LinePath, heuristic_steps, step_map
 from pipeline.hypergrad.hvp import double_backward
 from pipeline.hypergrad.reverse import reverse
 from pipeline.io import write_json
-from pipeline.quality import build_problem, load_data, penalty
+from pipeline.experiments.quality import build_problem, load_data, penalty
 from pipeline.training import setup_device
 
 OUT = Path(__file__).with_name("results")

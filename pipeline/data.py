@@ -9,15 +9,19 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from torch import Tensor
 
 from pipeline.config import DataConfig
 from pipeline.io import atomic_dir, write_json
+
+if TYPE_CHECKING:
+    from pipeline.tracking import Tracker
 
 SPLITS = ("train", "val", "test")  # also the order the digest hashes them in
 NUM_CLASSES = 10  # every source is a 10-class problem
@@ -228,3 +232,18 @@ def load_split(prepared_dir: str | Path, split: str,
     path = _prepared_file(prepared_dir, f"{split}.pt")
     tensors = torch.load(path, map_location=device, weights_only=True)
     return tensors["x"], tensors["y"]
+
+
+def load_prepared(prepared: Path, device: torch.device, tracker: "Tracker | None" = None) -> tuple[dict, dict]:
+    """The dataset's meta and its splits on `device`. meta["digest"] (and the run's
+    `dataset.digest` tag) hash the tensors loaded, not what meta.json says: a replaced split file
+    is named for what it holds."""
+    meta = load_meta(prepared)
+    splits = {s: load_split(prepared, s) for s in SPLITS}
+    loaded = digest({s: {"x": x, "y": y} for s, (x, y) in splits.items()})
+    if loaded != meta["digest"]:
+        print(f"{prepared}: the split files do not match meta.json's digest (replaced by hand?); "
+              f"training on what they hold, digest {loaded[:12]}", file=sys.stderr, flush=True)
+    if tracker:
+        tracker.set_tag("dataset.digest", loaded)
+    return {**meta, "digest": loaded}, {s: (x.to(device), y.to(device)) for s, (x, y) in splits.items()}

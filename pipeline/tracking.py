@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Protocol
 from urllib.parse import urlsplit
 
 try:
@@ -46,6 +46,13 @@ PARENT_MAX_AGE_S = 24 * 3600
 PROBE_TRIES, PROBE_TIMEOUT_S, PROBE_PAUSE_S = 3, (2, 5), 1.0
 # MLflow's defaults (7 retries with exponential backoff, 120 s timeout) retry for minutes.
 MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+class Tracker(Protocol):
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def log_artifact(self, path: str | Path) -> None: ...
+    def log_figure(self, figure, name: str) -> None: ...
+    def set_tag(self, key: str, value: str) -> None: ...
 
 
 class TrackingError(RuntimeError):

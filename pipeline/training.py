@@ -16,15 +16,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from pipeline.config import PARAMS_FILE, ConfigError, TrainConfig
 from pipeline.models import MaskedDropout, dropout_masks
+from pipeline.seeds import BATCH_STREAM, MASK_STREAM, generator
 
-BATCH_STREAM, MASK_STREAM, INIT_STREAM = 1, 2, 3
 
 
 def make_deterministic() -> None:
@@ -52,15 +51,6 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"{PARAMS_FILE}: device: cuda, but this machine has no usable CUDA device "
                           "(use auto or cpu)")
     return torch.device(name)
-
-
-def derive_seed(seed: int, stream: int, index: int = 0) -> int:
-    """A well-mixed 63-bit seed for (seed, stream, index): neighbouring steps get unrelated streams."""
-    return int(np.random.SeedSequence([seed, stream, index]).generate_state(2, np.uint64)[0] >> np.uint64(1))
-
-
-def generator(seed: int, stream: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(derive_seed(seed, stream, index))
 
 
 class BatchSchedule:

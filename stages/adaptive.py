@@ -3,7 +3,8 @@ from pathlib import Path
 
 import click
 
-from pipeline import adaptive_run, data
+from pipeline import data
+from pipeline.experiments import adaptive as experiment
 from pipeline.config import load_params
 from pipeline.tracking import stage_run
 from stages.common import params_option, user_errors_exit_2
@@ -20,9 +21,9 @@ from stages.common import params_option, user_errors_exit_2
 @user_errors_exit_2
 def main(params_file: str, variant: str, prepared: str) -> None:
     params = load_params(params_file)
-    adaptive_run.variant(params, variant, data.load_meta(Path(prepared)))  # a bad name or size fails before any run is recorded
+    experiment.variant(params, variant, data.load_meta(Path(prepared)))  # a bad name or size fails before any run is recorded
     with stage_run("adaptive", params, variant=variant) as run:  # run() tags the dataset it loads
-        metrics = adaptive_run.run(params, Path(prepared), variant, adaptive_run.AdaptivePaths.for_variant(variant),
+        metrics = experiment.run(params, Path(prepared), variant, experiment.AdaptivePaths.for_variant(variant),
                                    tracker=run)
     click.echo(f"adaptive {variant} {metrics['outcome']}: test error {metrics['final_test_error']}, mean of last "
                f"{metrics['last_n']} {metrics['mean_last_n_test_error']}")

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import click
 
-from pipeline import baseline
+from pipeline.experiments import baseline
 from pipeline.config import load_params
 from pipeline.tracking import stage_run
 from stages.common import params_option, user_errors_exit_2

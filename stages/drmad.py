@@ -3,7 +3,7 @@ from pathlib import Path
 
 import click
 
-from pipeline import drmad_tuning
+from pipeline.experiments import drmad as experiment
 from pipeline.config import load_params
 from pipeline.tracking import stage_run
 from stages.common import params_option, user_errors_exit_2
@@ -20,9 +20,9 @@ from stages.common import params_option, user_errors_exit_2
 @user_errors_exit_2
 def main(params_file: str, init: str, prepared: str) -> None:
     params = load_params(params_file)
-    value = drmad_tuning.parse_init(init, params.drmad)
+    value = experiment.parse_init(init, params.drmad)
     with stage_run("drmad", params, variant=init) as run:  # run() tags the dataset it loads
-        metrics = drmad_tuning.run(params, Path(prepared), value, drmad_tuning.DrmadPaths.for_init(init), tracker=run)
+        metrics = experiment.run(params, Path(prepared), value, experiment.DrmadPaths.for_init(init), tracker=run)
     click.echo(f"drmad {init} {metrics['outcome']}: test error {metrics['final_test_error']} after "
                f"{metrics['meta_iterations_completed']} meta-iterations")
 

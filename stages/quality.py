@@ -1,7 +1,7 @@
 """DVC stage `quality`: exact vs float reversal vs DrMAD vs DrMAD2 hypergradients, one run."""
 import click
 
-from pipeline import quality
+from pipeline.experiments import quality
 from pipeline.config import ConfigError, load_params
 from pipeline.tracking import stage_run
 from stages.common import params_option, user_errors_exit_2

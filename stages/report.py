@@ -1,7 +1,7 @@
 """DVC stage `report`: one table and figures comparing every run, plus the quality study."""
 import click
 
-from pipeline import report
+from pipeline.experiments import report
 from pipeline.config import load_params
 from pipeline.tracking import stage_run
 from stages.common import params_option, user_errors_exit_2

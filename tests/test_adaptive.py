@@ -86,7 +86,7 @@ def test_bounds_hold_after_every_update(monkeypatch):
 def test_a_floor_schedule_of_its_own_bounds_eta_by_step():
     """Thesis 3.2.2's proposal: a fixed step alpha * e^eta that never falls below the baseline
     schedule's rate (floor_factor 1, schedule /10 at 50%)."""
-    from pipeline.adaptive_run import eta_floor
+    from pipeline.experiments.adaptive import eta_floor
     from pipeline.config import AdaptiveConfig
     cfg = AdaptiveConfig(schedule={"milestones": []}, lr_floor=True, floor_factor=1.0,
                          floor_schedule={"milestones": [0.5], "factor": 0.1})

@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import adaptive_run, data
+from pipeline import data
+from pipeline.experiments import adaptive as adaptive_run
 from pipeline.config import ConfigError, parse_params
 
 TINY = {"device": "cpu", "data": {"val_size": 60, "test_size": 60, "train_size": 96},

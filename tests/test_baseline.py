@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import baseline, data
+from pipeline import data
+from pipeline.experiments import baseline
 from pipeline.config import parse_params
 
 TINY = {"device": "cpu", "data": {"val_size": 60, "test_size": 60, "train_size": 96},

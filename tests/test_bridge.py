@@ -10,7 +10,7 @@ import torch
 
 from pipeline.adaptive import AdaptiveSettings, AdaptiveTrainer
 from pipeline.config import parse_params
-from pipeline.drmad_tuning import problem_for
+from pipeline.experiments.drmad import problem_for
 from pipeline.hyper import HyperSpace
 from pipeline.hypergrad import FloatPath, unrolled
 from pipeline.models import DenseNet

@@ -11,7 +11,7 @@ from torch.autograd.functional import hessian, jacobian
 from torch.nn import functional as F
 
 from pipeline.config import parse_params
-from pipeline.drmad_tuning import reverse_path
+from pipeline.experiments.drmad import reverse_path
 from pipeline.hyper import HyperSpace
 from pipeline.hypergrad import Problem, hypergradient
 from pipeline.hypergrad.hvp import double_backward

@@ -12,7 +12,8 @@ import psutil
 import pytest
 import torch
 
-from pipeline import data, drmad_tuning
+from pipeline import data
+from pipeline.experiments import drmad as drmad_tuning
 from pipeline.config import load_params, parse_params
 from pipeline.hyper import HyperSpace
 from pipeline.meta import epochs_at, sign_step, zero_momentum

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import data, param_paths, quality
+from pipeline import data
+from pipeline.experiments import paths as param_paths, quality
 from pipeline.config import parse_params
 from pipeline.hypergrad.hvp import double_backward
 

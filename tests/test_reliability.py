@@ -12,7 +12,8 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from pipeline import baseline, checkpoint, data, io, report
+from pipeline import checkpoint, data, io
+from pipeline.experiments import baseline, report
 from pipeline.checkpoint import Checkpoint, code_digest
 from pipeline.config import Params, TrackingConfig, parse_params
 from pipeline.runlock import StageBusy, exclusive
@@ -156,7 +157,7 @@ def test_the_dataset_tag_hashes_what_was_loaded(prepared, tmp_path, capsys):
     class Tags:
         def set_tag(self, key, value):
             tags[key] = value
-    _, meta, _ = baseline.load_prepared(parse_params(TINY), copy, Tags())
+    meta, _ = data.load_prepared(copy, torch.device("cpu"), Tags())
     on_disk = json.loads((copy / "meta.json").read_text())["digest"]
     assert tags["dataset.digest"] == meta["digest"] != on_disk
     assert "do not match meta.json's digest" in capsys.readouterr().err

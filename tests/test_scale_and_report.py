@@ -6,10 +6,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline import report, scale
-from pipeline.baseline import build_densenet
+from pipeline import scale
+from pipeline.experiments import report
+from pipeline.models import build_densenet
 from pipeline.config import ConfigError, load_params
-from pipeline.quality import build_mlp
+from pipeline.experiments.quality import build_mlp
 from pipeline.training import step_sizes
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from pipeline.models.dropout import MaskedDropout
+from pipeline.seeds import INIT_STREAM, derive_seed
 
 
 def _bn_relu_conv(c_in: int, c_out: int, kernel: int, dropout: float) -> nn.Sequential:
@@ -58,3 +59,12 @@ class DenseNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+
+def build_densenet(cfg, meta: dict, seed: int) -> DenseNet:
+    """The DenseNet of `cfg` (params.yaml `model`) for a dataset's `meta`, with weights drawn from
+    `seed` alone (on the CPU, so every device starts equal)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, INIT_STREAM))
+        return DenseNet(cfg.depth, cfg.growth_rate, cfg.init_maps, cfg.dropout,
+                        in_channels=meta["channels"], num_classes=meta["num_classes"])

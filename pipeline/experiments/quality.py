@@ -23,7 +23,7 @@ from torch.func import functional_call
 from tqdm import tqdm
 
 from pipeline import data, io, plots
-from pipeline.baseline import Tracker
+from pipeline.tracking import Tracker
 from pipeline.checkpoint import Checkpoint, fingerprint
 from pipeline.config import Params, QualityConfig, QualityProtocol
 from pipeline.hyper import HyperSpace
@@ -33,7 +33,8 @@ from pipeline.hypergrad.hvp import HVP, HVP_METHODS
 from pipeline.hypergrad.reverse import cosine, lockstep, reverse
 from pipeline.meta import layer_summary, sign_step, zero_momentum
 from pipeline.models import MLP
-from pipeline.training import INIT_STREAM, derive_seed, setup_device
+from pipeline.seeds import INIT_STREAM, derive_seed
+from pipeline.training import setup_device
 
 METHODS = ("exact", "float", "drmad", "drmad_fixed", "drmad2")
 FOLLOWED = "drmad"  # the hypergradient whose sign the meta-iterations follow

@@ -19,7 +19,9 @@ import torch
 from tqdm import tqdm
 
 from pipeline import io, plots
-from pipeline.baseline import Tracker, build_densenet, load_prepared
+from pipeline.data import load_prepared
+from pipeline.models import build_densenet
+from pipeline.tracking import Tracker
 from pipeline.checkpoint import Checkpoint, fingerprint
 from pipeline.config import ConfigError, Params
 from pipeline.hyper import HyperSpace
@@ -28,6 +30,7 @@ from pipeline.hypergrad.drmad import Drmad2Path, LinePath, heuristic_steps, step
 from pipeline.hypergrad.hvp import HVP_METHODS
 from pipeline.hypergrad.reverse import reverse
 from pipeline.meta import epochs_at, layer_summary, sign_step, zero_momentum
+from pipeline.training import setup_device
 from pipeline.training import Trainer, epoch_metrics, final_errors, finite_losses, train_epoch
 from pipeline.work import Work
 
@@ -183,7 +186,8 @@ def _log_meta_iteration(tracker: Tracker, run: Run, i: int) -> None:
 
 def run(params: Params, prepared: Path, init: float, paths: DrmadPaths, tracker: Tracker | None = None,
         progress: bool | None = None) -> dict:
-    device, meta, splits = load_prepared(params, prepared, tracker)
+    device = setup_device(params.device)
+    meta, splits = load_prepared(prepared, device, tracker)
     cfg = params.drmad
     template = build_densenet(params.model, meta, params.seed)
     state = Run(HyperSpace.l2(template, init, cfg.sharing, bounds=tuple(cfg.bounds), device=device),

@@ -15,10 +15,10 @@ import pandas as pd
 import torch
 
 from pipeline import io, plots
-from pipeline.baseline import Tracker
+from pipeline.tracking import Tracker
 from pipeline.config import Params
 from pipeline.hypergrad import FloatPath
-from pipeline.quality import build_problem, load_data, penalty
+from pipeline.experiments.quality import build_problem, load_data, penalty
 from pipeline.training import setup_device
 
 PICK_STREAM = 7  # seed stream of the random coordinates

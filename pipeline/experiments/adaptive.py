@@ -19,13 +19,16 @@ from tqdm import tqdm
 
 from pipeline import io, plots
 from pipeline.adaptive import AdaptiveSettings, AdaptiveTrainer
-from pipeline.baseline import Tracker, build_densenet, load_prepared
+from pipeline.data import load_prepared
+from pipeline.models import build_densenet
+from pipeline.tracking import Tracker
 from pipeline.checkpoint import Checkpoint, fingerprint
 from pipeline.config import AdaptiveVariant, ConfigError, Params
 from pipeline.hyper import HyperSpace
 from pipeline.work import Work
 from pipeline.meta import layer_summary
-from pipeline.training import (INIT_STREAM, derive_seed, epoch_metrics, final_errors, finite_losses, step_sizes,
+from pipeline.seeds import INIT_STREAM, derive_seed
+from pipeline.training import (epoch_metrics, setup_device, final_errors, finite_losses, step_sizes,
                                train_epoch)
 
 LOG10_E = 1 / math.log(10)
@@ -96,7 +99,8 @@ def eta_floor(cfg, momentum: float, total_steps: int | None = None):
 
 def run(params: Params, prepared: Path, name: str, paths: AdaptivePaths, tracker: Tracker | None = None,
         progress: bool | None = None) -> dict:
-    device, meta, splits = load_prepared(params, prepared, tracker)
+    device = setup_device(params.device)
+    meta, splits = load_prepared(prepared, device, tracker)
     cfg, var = params.adaptive, variant(params, name, meta)
     splits = resplit(splits, var.val_size, params.seed)
     model = build_densenet(params.model, meta, params.seed).to(device)

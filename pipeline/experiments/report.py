@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline import io, plots
-from pipeline.baseline import Tracker
+from pipeline.tracking import Tracker
 
 COLUMNS = ("run", "final_test_error", "mean_last_n_test_error", "last_n", "best_val_error", "val_test_gap",
            "work_gradient_equivalents", "hypergradient_work_share", "wall_time_s", "outcome")

@@ -10,26 +10,19 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import pandas as pd
-import torch
 from tqdm import tqdm
 
-from pipeline import data, io, plots
+from pipeline import io, plots
 from pipeline.checkpoint import Checkpoint, fingerprint
-from pipeline.config import ModelConfig, Params, TrainConfig
-from pipeline.models import DenseNet
-from pipeline.training import (INIT_STREAM, Trainer, derive_seed, epoch_metrics, final_errors, finite_losses,
+from pipeline.config import Params, TrainConfig
+from pipeline.data import load_prepared
+from pipeline.models import build_densenet
+from pipeline.tracking import Tracker
+from pipeline.training import (Trainer, epoch_metrics, final_errors, finite_losses,
                                setup_device, train_epoch)
 from pipeline.work import Work
-
-
-class Tracker(Protocol):
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
-    def log_artifact(self, path: str | Path) -> None: ...
-    def log_figure(self, figure, name: str) -> None: ...
-    def set_tag(self, key: str, value: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -41,30 +34,6 @@ class BaselinePaths:
 
     def under(self, root: Path) -> "BaselinePaths":
         return BaselinePaths(*(root / p for p in (self.model, self.metrics, self.per_epoch, self.checkpoint)))
-
-
-def build_densenet(cfg: ModelConfig, meta: dict, seed: int) -> DenseNet:
-    """DenseNet with weights drawn from `seed` alone (on the CPU, so every device starts equal)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, INIT_STREAM))
-        return DenseNet(cfg.depth, cfg.growth_rate, cfg.init_maps, cfg.dropout,
-                        in_channels=meta["channels"], num_classes=meta["num_classes"])
-
-
-def load_prepared(params: Params, prepared: Path, tracker: Tracker | None = None) -> tuple[torch.device, dict, dict]:
-    """Deterministic mode on, the device, the dataset's meta and its splits on that device.
-    meta["digest"] (and the run's `dataset.digest` tag) hash the tensors loaded, not what
-    meta.json says: a replaced split file is named for what it holds."""
-    device = setup_device(params.device)
-    meta = data.load_meta(prepared)
-    splits = {s: data.load_split(prepared, s) for s in data.SPLITS}
-    loaded = data.digest({s: {"x": x, "y": y} for s, (x, y) in splits.items()})
-    if loaded != meta["digest"]:
-        print(f"{prepared}: the split files do not match meta.json's digest (replaced by hand?); "
-              f"training on what they hold, digest {loaded[:12]}", file=sys.stderr, flush=True)
-    if tracker:
-        tracker.set_tag("dataset.digest", loaded)
-    return device, {**meta, "digest": loaded}, {s: (x.to(device), y.to(device)) for s, (x, y) in splits.items()}
 
 
 def summarise(history: list[dict], cfg: TrainConfig, outcome: str, seconds: float, images: int,
@@ -89,7 +58,8 @@ def _training_work(steps: int) -> dict:
 
 def run(params: Params, prepared: Path, paths: BaselinePaths, tracker: Tracker | None = None,
         progress: bool | None = None) -> dict:
-    device, meta, splits = load_prepared(params, prepared, tracker)
+    device = setup_device(params.device)
+    meta, splits = load_prepared(prepared, device, tracker)
     cfg = params.baseline
     model = build_densenet(params.model, meta, params.seed).to(device)
     trainer = Trainer(model, *splits["train"], cfg, params.seed)
