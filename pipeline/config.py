@@ -9,10 +9,10 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PARAMS_FILE = "params.yaml"
 
@@ -269,6 +269,66 @@ class PathsConfig(Section):
     coordinates: int = Field(default=3, ge=1)  # random single coordinates plotted against the iteration
 
 
+class SearchSpace(Section):
+    """The peers' space: [low, high] of each hyperparameter, sampled uniformly (both are logs)."""
+    log10_l2: list[float] = Field(default_factory=lambda: [-7.0, -1.0], min_length=2, max_length=2)
+    log10_alpha: list[float] = Field(default_factory=lambda: [-1.0, 0.5], min_length=2, max_length=2)
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        for key, (low, high) in (("log10_l2", self.log10_l2), ("log10_alpha", self.log10_alpha)):
+            if low >= high:
+                raise ValueError(f"{key}: [low, high] with low < high, got {[low, high]}")
+        if not -30.0 <= self.log10_l2[0] and self.log10_l2[1] <= 3.0:
+            raise ValueError(f"log10_l2: within [-30, 3] (got {self.log10_l2})")
+        if not -6.0 <= self.log10_alpha[0] and self.log10_alpha[1] <= 2.0:
+            raise ValueError(f"log10_alpha: within [-6, 2] (got {self.log10_alpha})")
+        return self
+
+
+class SearchConfig(Section):
+    """Random search and TPE (Optuna) over the baseline's global log10 L2 and step size alpha,
+    each trial a short training at the baseline's settings otherwise, at DrMAD's counted work."""
+    samplers: list[Literal["random", "tpe"]] = Field(default_factory=lambda: ["random", "tpe"], min_length=1)
+    space: SearchSpace = SearchSpace()
+    trial_epochs: int = Field(default=2, ge=1)  # each trial: this many epochs, the baseline's schedule compressed
+    # Gradient evaluations to spend: `drmad` (the mean counted work of the drmad@INIT runs) or a number.
+    budget: Union[Literal["drmad"], float] = "drmad"
+    tpe_startup_trials: int = Field(default=4, ge=1)  # TPE samples at random until this many trials are done
+    storage: Optional[str] = None  # Optuna RDB URL; null: a SQLite file per study under checkpoints/search/
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget(cls, value):
+        if value == "drmad" or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
+            return value
+        raise ValueError(f"`drmad` or a number of gradient evaluations > 0 (got {value!r})")
+
+    @model_validator(mode="after")
+    def _checks(self):
+        if len(set(self.samplers)) != len(self.samplers):
+            raise ValueError(f"samplers: each at most once (got {self.samplers})")
+        if self.storage is not None and not re.match(r"^(sqlite|postgresql|mysql)(\+\w+)?://", self.storage):
+            raise ValueError(f"storage: an Optuna RDB URL (sqlite:///..., postgresql://...) or null (got {self.storage!r})")
+        return self
+
+
+class FinalConfig(Section):
+    """Finalists: every method's choice retrained from scratch at the baseline's schedule."""
+    seeds: list[int] = Field(default_factory=lambda: [1, 2, 3])  # init, batch order and masks
+    confidence: float = Field(default=0.95, gt=0.0, lt=1.0)  # of the intervals in the verdict
+
+    @model_validator(mode="after")
+    def _seeds(self):
+        if len(self.seeds) < 2:
+            raise ValueError(f"seeds: at least 2 (an interval needs a spread; got {self.seeds})")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: distinct seeds (got {self.seeds})")
+        if any(not 0 <= s <= SEED_MAX for s in self.seeds):
+            raise ValueError(f"seeds: each within [0, {SEED_MAX}] (got {self.seeds})")
+        return self
+
+
 class ReportConfig(Section):
     last_n: int = Field(default=3, ge=1)  # DrMAD rows: mean test error of the last n meta-iterations
 
@@ -303,6 +363,8 @@ class Params(Section):
     adaptive: AdaptiveConfig = AdaptiveConfig()
     quality: QualityConfig = QualityConfig()
     paths: PathsConfig = PathsConfig()
+    search: SearchConfig = SearchConfig()
+    final: FinalConfig = FinalConfig()
     report: ReportConfig = ReportConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     work: WorkConfig = WorkConfig()
@@ -313,7 +375,7 @@ class Params(Section):
         if self.paths.protocol not in self.quality.protocols:
             raise ValueError(f"paths.protocol: one of {', '.join(self.quality.protocols)} (got {self.paths.protocol!r})")
         train = self.data.train_count
-        for key in ("baseline", "drmad", "adaptive"):
+        for key in ("baseline", "drmad", "adaptive"):  # search trials and finalists use the baseline's
             if getattr(self, key).batch_size > train:
                 raise ValueError(f"{key}.batch_size: at most the {train} training images of data "
                                  f"(got {getattr(self, key).batch_size})")
@@ -372,8 +434,11 @@ def _describe(err: dict, model: type[BaseModel]) -> str:
             parent = parent.model_fields[part].annotation
         return f"{loc}: unknown key; allowed here: {', '.join(parent.model_fields)}"
     if kind == "value_error":  # our own validators already name the key
-        prefix = ".".join(str(p) for p in err["loc"])
-        return (prefix + "." if prefix else "") + err["msg"].removeprefix("Value error, ")
+        prefix, msg = ".".join(str(p) for p in err["loc"]), err["msg"].removeprefix("Value error, ")
+        if not prefix:
+            return msg
+        # A section's validator names the key within it; a field's validator is about the field.
+        return f"{prefix}.{msg}" if re.match(r"[\w.]+: ", msg) else f"{prefix}: must be {msg}"
     if kind in _BOUNDS:
         return f"{loc}: must be {_BOUNDS[kind]} {next(iter(err['ctx'].values()))} (got {given!r})"
     return f"{loc}: {err['msg'].replace('Input should be', 'must be')} (got {given!r})"

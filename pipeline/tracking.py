@@ -132,6 +132,21 @@ class StageRun:
         finally:
             plt.close(figure)  # stages log a fresh pyplot figure per epoch; free each one
 
+    @contextmanager
+    def child(self, name: str, params: dict[str, object]) -> Iterator["StageRun"]:
+        """A run nested under this one (a search trial), with its own params; it ends FINISHED,
+        or FAILED when the block raises."""
+        experiment_id = self._call("get_run", self.run_id).info.experiment_id
+        run_id = self._call("create_run", experiment_id, run_name=name, tags={
+            MLFLOW_PARENT_RUN_ID: self.run_id, "host": socket.gethostname(), "pid": str(os.getpid())}).info.run_id
+        child, status = StageRun(self.client, run_id, self.run_id, self.uri), "FAILED"
+        try:
+            child._call("log_batch", run_id, params=[Param(key, str(value)) for key, value in params.items()])
+            yield child
+            status = "FINISHED"
+        finally:
+            child._call("set_terminated", run_id, status)
+
     def log_table(self, table, name: str) -> None:
         """A dict or DataFrame as a JSON table artifact (`name` ends in .json)."""
         self._call("log_table", self.run_id, table, name)

@@ -11,7 +11,7 @@ from stages.common import params_option, user_errors_exit_2
 
 @click.command(help="Run `drmad.meta_iterations` meta-iterations from the initial log10 L2 INIT (one of "
                     "`drmad.inits`): train DenseNet, DrMAD hypergradient, sign step. Writes "
-                    "results/drmad/INIT/hypers.pt, metrics/drmad_INIT.json and plots/drmad/INIT/*.csv; "
+                    "results/drmad/INIT/hypers.pt, metrics/drmad/INIT.json and plots/drmad/INIT/*.csv; "
                     "resumes after an interruption; a NaN ends the run as outcome `diverged` (exit 0).")
 @params_option
 @click.option("--init", "init", required=True, help="Initial log10 L2 as written in drmad.inits, e.g. --init=-4.0 "

@@ -84,7 +84,7 @@ def test_repro_runs_what_changed_and_records_it(tmp_path):
     assert ran(sh(repo, sys.executable, "-m", "stages.cli", "run")) == set(STAGES)
     for out in ("data/prepared/train.pt", "data/prepared/meta.json", "models/baseline.pt",
                 "metrics/baseline.json", "plots/baseline/errors.csv", "results/drmad/-4.0/hypers.pt",
-                "metrics/drmad_-4.0.json", "plots/drmad/-4.0/meta.csv", "plots/drmad/-4.0/layers.csv",
+                "metrics/drmad/-4.0.json", "plots/drmad/-4.0/meta.csv", "plots/drmad/-4.0/layers.csv",
                 "metrics/adaptive_k100.json", "plots/adaptive/k131/epochs.csv", "results/adaptive/k131/hypers.pt"):
         assert (repo / out).exists(), out
     for out in ("metrics/quality_tiny-20.json", "plots/quality/tiny-10/hypergrads.csv",

@@ -66,7 +66,7 @@ def test_report_rows_for_every_run_and_the_quality_table(tmp_path):
                                                "best_val_error": 0.09, "wall_time_s": 10.0, "outcome": "finished"})
     write(tmp_path / "plots/baseline/errors.csv", pd.DataFrame({"epoch": [1, 2], "val_error": [0.2, 0.15],
                                                                 "test_error": [0.3, 0.1]}))
-    write(tmp_path / "metrics/drmad_-4.0.json", {"final_test_error": 0.08, "final_val_error": 0.07,
+    write(tmp_path / "metrics/drmad/-4.0.json", {"final_test_error": 0.08, "final_val_error": 0.07,
                                                  "best_val_error": 0.07, "meta_iterations_completed": 2,
                                                  "reverse_over_forward_time": 3.0, "outcome": "finished",
                                                  "work_gradient_equivalents": 900.0, "hypergradient_work_share": 0.7})

@@ -61,16 +61,29 @@ def run(params: Params, prepared: Path, paths: BaselinePaths, tracker: Tracker |
     device = setup_device(params.device)
     meta, splits = load_prepared(prepared, device, tracker)
     cfg = params.baseline
-    model = build_densenet(params.model, meta, params.seed).to(device)
-    trainer = Trainer(model, *splits["train"], cfg, params.seed)
-
     checkpoint = Checkpoint(paths.checkpoint, fingerprint(params.seed, params.model.model_dump(),
                                                           cfg.model_dump(), meta["digest"]))
-    if (saved := checkpoint.load(device)) is not None:
+    trainer, metrics = train(params, cfg, params.seed, splits, meta, checkpoint, tracker=tracker,
+                             progress=progress)
+    _write_outputs(paths, trainer, trainer.state.history, metrics, meta, tracker)
+    checkpoint.clear()
+    return metrics
+
+
+def train(params: Params, cfg: TrainConfig, seed: int, splits: dict, meta: dict, checkpoint: Checkpoint | None = None,
+          l2_coefficients: dict | None = None, tracker: Tracker | None = None, progress: bool | None = None,
+          desc: str = "baseline") -> tuple[Trainer, dict]:
+    """Train a fresh DenseNet of `params.model` (weights from `seed`) with `cfg`, evaluating
+    after every epoch; resumes from `checkpoint` and saves it after each epoch. Returns the
+    trainer (its state holds the per-epoch history) and the run's summary metrics."""
+    device = splits["train"][0].device
+    model = build_densenet(params.model, meta, seed).to(device)
+    trainer = Trainer(model, *splits["train"], cfg, seed, l2_coefficients)
+    if checkpoint and (saved := checkpoint.load(device)) is not None:
         trainer.load_state_dict(saved)
     history, outcome = trainer.state.history, "finished"
     start = time.perf_counter() - sum(h["seconds"] for h in history)
-    epochs = tqdm(range(len(history), cfg.epochs), desc="baseline", unit="epoch", initial=len(history),
+    epochs = tqdm(range(len(history), cfg.epochs), desc=desc, unit="epoch", initial=len(history),
                   total=cfg.epochs, disable=not (sys.stderr.isatty() if progress is None else progress))
     for epoch in epochs:
         row = train_epoch(trainer, splits, epoch + 1, params.evaluation.batchnorm)
@@ -81,14 +94,11 @@ def run(params: Params, prepared: Path, paths: BaselinePaths, tracker: Tracker |
         if not finite_losses(row):
             outcome = "diverged"
             break
-        checkpoint.save(trainer.state_dict())
-
+        if checkpoint:
+            checkpoint.save(trainer.state_dict())
     seconds = time.perf_counter() - start
-    metrics = summarise(history, cfg, outcome, seconds, len(history) * trainer.steps_per_epoch * cfg.batch_size,
-                        trainer.state.step)
-    _write_outputs(paths, trainer, history, metrics, meta, tracker)
-    checkpoint.clear()
-    return metrics
+    return trainer, summarise(history, cfg, outcome, seconds, len(history) * trainer.steps_per_epoch * cfg.batch_size,
+                              trainer.state.step)
 
 
 def _write_outputs(paths: BaselinePaths, trainer: Trainer, history: list[dict], metrics: dict,

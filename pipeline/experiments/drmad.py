@@ -47,7 +47,7 @@ class DrmadPaths:
     @classmethod
     def for_init(cls, tag: str, root: Path = Path(".")) -> "DrmadPaths":
         """Paths of the instance whose initial log10 L2 is written `tag` (as in params.yaml)."""
-        return cls(root / f"results/drmad/{tag}/hypers.pt", root / f"metrics/drmad_{tag}.json",
+        return cls(root / f"results/drmad/{tag}/hypers.pt", root / f"metrics/drmad/{tag}.json",
                    root / f"plots/drmad/{tag}/meta.csv", root / f"plots/drmad/{tag}/epochs.csv",
                    root / f"plots/drmad/{tag}/layers.csv", root / f"checkpoints/drmad_{tag}.pt")
 
@@ -107,6 +107,9 @@ class Run:
     def __init__(self, hypers: HyperSpace, start_epochs: int):
         self.hypers, self.momentum, self.start_epochs = hypers, zero_momentum(hypers), start_epochs
         self.iteration, self.outcome = 0, "finished"
+        # The hyperparameters of the meta-iteration with the best validation error so far: what
+        # the finalists retrain (`final` stage). {meta_iteration, val_error, l2_coefficients}.
+        self.chosen: dict | None = None
         self.meta_rows: list[dict] = []
         self.epoch_rows: list[dict] = []
         self.layer_rows: list[dict] = []
@@ -114,7 +117,7 @@ class Run:
     def state(self) -> dict:
         return {"values": self.hypers.values, "momentum": self.momentum, "iteration": self.iteration,
                 "outcome": self.outcome, "meta": self.meta_rows, "epochs": self.epoch_rows,
-                "layers": self.layer_rows}
+                "layers": self.layer_rows, "chosen": self.chosen}
 
     def restore(self, state: dict) -> None:
         for key, value in state["values"].items():
@@ -122,6 +125,7 @@ class Run:
             self.momentum[key].copy_(state["momentum"][key])
         self.iteration, self.outcome = state["iteration"], state["outcome"]
         self.meta_rows, self.epoch_rows, self.layer_rows = state["meta"], state["epochs"], state["layers"]
+        self.chosen = state["chosen"]
 
 
 def meta_iteration(params: Params, run: Run, splits: dict, meta: dict, device: torch.device,
@@ -165,6 +169,9 @@ def meta_iteration(params: Params, run: Run, splits: dict, meta: dict, device: t
                           "val_loss": grads["val_loss"], "hypergrad_norm": norm, "seconds": seconds,
                           "forward_seconds": forward_seconds, "reverse_seconds": seconds - forward_seconds,
                           "training_gradients": trainer.total_steps})
+    if run.chosen is None or row["val_error"] < run.chosen["val_error"]:  # ties: the earlier one
+        run.chosen = {"meta_iteration": i, "val_error": row["val_error"],
+                      "l2_coefficients": {n: c.detach().cpu().clone() for n, c in coefs.items()}}
     if tracker:
         _log_meta_iteration(tracker, run, i)
     return True
@@ -230,6 +237,7 @@ def summarise(run: Run, init: float, last_n: int, hvp_cost: float) -> dict:
         "init_log10_l2": init, "outcome": run.outcome, "meta_iterations_completed": len(rows),
         **final_errors(rows, run.outcome, last_n, "meta_iteration"),
         "reverse_steps": [r["reverse_steps"] for r in rows],
+        "chosen_meta_iteration": run.chosen["meta_iteration"] if run.chosen else None,
         "seconds_per_meta_iteration": round(sum(r["seconds"] for r in rows) / len(rows), 3) if rows else None,
         "reverse_over_forward_time": round(sum(r["reverse_seconds"] for r in rows) / forward, 3) if rows else None,
         **work.metrics(hvp_cost),
@@ -238,7 +246,7 @@ def summarise(run: Run, init: float, last_n: int, hvp_cost: float) -> dict:
 
 def _write_outputs(paths: DrmadPaths, run: Run, metrics: dict, tracker: Tracker | None) -> None:
     io.save_torch(paths.hypers, {"values": {k: v.cpu() for k, v in run.hypers.values.items()},
-                                 "sharing": run.hypers.sharing, "kind": run.hypers.kind})
+                                 "sharing": run.hypers.sharing, "kind": run.hypers.kind, "chosen": run.chosen})
     for path, rows in ((paths.meta_csv, run.meta_rows), (paths.epochs_csv, run.epoch_rows),
                        (paths.layers_csv, run.layer_rows)):
         with io.atomic_path(path) as tmp:

@@ -55,8 +55,8 @@ def baseline_row(root: Path) -> dict | None:
 
 def drmad_rows(root: Path, last_n: int) -> list[dict]:
     rows = []
-    for path in sorted((root / "metrics").glob("drmad_*.json"), key=lambda p: -float(_tag(p, "drmad_"))):
-        tag, m = _tag(path, "drmad_"), _json(path)
+    for path in sorted((root / "metrics/drmad").glob("*.json"), key=lambda p: -float(p.stem)):
+        tag, m = path.stem, _json(path)
         meta = pd.read_csv(root / f"plots/drmad/{tag}/meta.csv") if m["meta_iterations_completed"] else None
         result = meta if m["outcome"] != "diverged" else None  # a diverged run's errors are no result
         rows.append({

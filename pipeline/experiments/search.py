@@ -1,0 +1,192 @@
+"""The peers: random search and TPE (Optuna) over the baseline's global log10 L2 and step size.
+
+Each trial trains a fresh DenseNet for `search.trial_epochs` epochs with the baseline's settings
+otherwise (its schedule compressed into those epochs) and reports the validation error. The
+search spends the budget in counted work (gradient evaluations, as DrMAD's is counted): trials
+run while one more full trial fits, so two searches given one budget spend it to within a trial.
+
+The study lives in Optuna's RDB storage: a killed search resumes with its finished trials kept
+(a trial the dead attempt left running is marked failed and redone). Each trial's sampler is
+seeded from (seed, number of finished trials), so a resumed search draws what an uninterrupted
+one would have drawn.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import pandas as pd
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState
+
+from pipeline import io
+from pipeline.checkpoint import code_digest, fingerprint
+from pipeline.config import ConfigError, Params, TrainConfig
+from pipeline.data import load_prepared
+from pipeline.experiments.baseline import train
+from pipeline.seeds import derive_seed
+from pipeline.tracking import Tracker
+from pipeline.training import setup_device
+
+SEARCH_STREAM = 4  # seeds of the samplers (pipeline/seeds.py holds streams 1-3)
+DIVERGED_ERROR = 1.0  # the objective of a trial whose loss became non-finite: worse than any result
+
+
+@dataclass(frozen=True)
+class SearchPaths:
+    best: Path
+    metrics: Path
+    trials_csv: Path
+    storage_dir: Path
+
+    @classmethod
+    def for_sampler(cls, name: str, root: Path = Path(".")) -> "SearchPaths":
+        return cls(root / f"results/search/{name}/best.json", root / f"metrics/search/{name}.json",
+                   root / f"plots/search/{name}/trials.csv", root / "checkpoints/search")
+
+
+def sampler(name: str, params: Params, finished: int) -> optuna.samplers.BaseSampler:
+    seed = derive_seed(params.seed, SEARCH_STREAM, finished) % 2 ** 32  # Optuna seeds numpy: 32 bits
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=params.search.tpe_startup_trials)
+
+
+def distributions(params: Params) -> dict[str, FloatDistribution]:
+    space = params.search.space
+    return {"log10_l2": FloatDistribution(*space.log10_l2), "log10_alpha": FloatDistribution(*space.log10_alpha)}
+
+
+def trial_config(params: Params, values: dict[str, float]) -> TrainConfig:
+    return params.baseline.model_copy(update={"epochs": params.search.trial_epochs, "log10_l2": values["log10_l2"],
+                                              "alpha": 10.0 ** values["log10_alpha"]})
+
+
+def trial_cost(params: Params, meta: dict) -> int:
+    """Gradient evaluations of one full trial (a diverging one stops early and costs less)."""
+    return params.search.trial_epochs * (meta["sizes"]["train"] // params.baseline.batch_size)
+
+
+def budget(params: Params, root: Path = Path(".")) -> float:
+    """The gradient evaluations to spend: a number, or the mean counted work of the drmad@INIT runs."""
+    if params.search.budget != "drmad":
+        return float(params.search.budget)
+    found = {float(p.stem): p for p in (root / "metrics/drmad").glob("*.json")}  # named as written: -4 or -4.0
+    if missing := [i for i in params.drmad.inits if i not in found]:
+        raise ConfigError(f"search.budget: drmad, but metrics/drmad has no result for init(s) {missing}; run "
+                          "`dvc repro drmad` first or give a number of gradient evaluations")
+    spent = [json.loads(found[i].read_text())["work_gradient_equivalents"] for i in params.drmad.inits]
+    return sum(spent) / len(spent)
+
+
+def open_study(name: str, params: Params, meta: dict, paths: SearchPaths) -> optuna.Study:
+    """The study of these settings (a changed setting starts a new one), trials a dead attempt
+    left running marked failed."""
+    key = fingerprint(code_digest(), name, params.seed, params.model.model_dump(), params.baseline.model_dump(),
+                      params.search.model_dump(exclude={"storage"}), params.evaluation.model_dump(), meta["digest"])
+    storage = params.search.storage
+    if storage is None:
+        paths.storage_dir.mkdir(parents=True, exist_ok=True)
+        storage = f"sqlite:///{(paths.storage_dir / f'{name}.db').resolve()}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=f"{name}-{key[:16]}", storage=storage, direction="minimize",
+                                load_if_exists=True)
+    for trial in study.get_trials(states=(TrialState.RUNNING,)):
+        study.tell(trial.number, state=TrialState.FAIL)
+    return study
+
+
+def spent(study: optuna.Study) -> float:
+    return sum(t.user_attrs["work"] for t in study.get_trials(states=(TrialState.COMPLETE,)))
+
+
+def run(params: Params, prepared: Path, name: str, paths: SearchPaths, tracker: Tracker | None = None,
+        progress: bool | None = None, root: Path = Path(".")) -> dict:
+    device = setup_device(params.device)
+    meta, splits = load_prepared(prepared, device, tracker)
+    total, cost = budget(params, root), trial_cost(params, meta)
+    if cost > total:
+        raise ConfigError(f"search.trial_epochs: one trial costs {cost} gradient evaluations, more than the "
+                          f"budget of {total:g}; shorten the trials or raise search.budget")
+    study = open_study(name, params, meta, paths)
+    start = time.perf_counter()
+    while spent(study) + cost <= total:
+        finished = len(study.get_trials(states=(TrialState.COMPLETE,)))
+        study.sampler = sampler(name, params, finished)
+        trial = study.ask(distributions(params))
+        value, attrs = _trial(params, splits, meta, trial.params, trial.number, tracker, progress)
+        for key, attr in attrs.items():
+            trial.set_user_attr(key, attr)
+        study.tell(trial, value)
+    metrics = summarise(study, name, total, cost, time.perf_counter() - start)
+    _write_outputs(paths, study, metrics, tracker)
+    return metrics
+
+
+def _trial(params: Params, splits: dict, meta: dict, values: dict, number: int, tracker: Tracker | None,
+           progress: bool | None) -> tuple[float, dict]:
+    """Train one trial (a nested MLflow run when tracked); (objective, user attributes)."""
+    cfg = trial_config(params, values)
+
+    def train_trial(child: Tracker | None) -> tuple[float, dict]:
+        trainer, m = train(params, cfg, params.seed, splits, meta, tracker=child, progress=progress,
+                           desc=f"trial {number}")
+        diverged = m["outcome"] == "diverged"
+        value = DIVERGED_ERROR if diverged else m["final_val_error"]
+        attrs = {"work": m["work_gradient_equivalents"], "outcome": m["outcome"], "seconds": m["wall_time_s"],
+                 "test_error": m["final_test_error"]}
+        if child:
+            child.log_metrics({"objective/val_error": value, "work_gradient_equivalents": attrs["work"],
+                               "wall_time_s": attrs["seconds"]})
+        print(f"trial {number}: log10 L2 {values['log10_l2']:.3f}, alpha {cfg.alpha:.4g} -> val error "
+              f"{value:.4f} ({m['outcome']})", file=sys.stderr, flush=True)
+        return value, attrs
+
+    if tracker is None or not hasattr(tracker, "child"):
+        return train_trial(None)
+    with tracker.child(f"trial {number}", {"trial": number, **values, "alpha": cfg.alpha}) as child:
+        return train_trial(child)
+
+
+def trials_table(study: optuna.Study) -> pd.DataFrame:
+    rows = [{"trial": t.number, "log10_l2": t.params["log10_l2"], "log10_alpha": t.params["log10_alpha"],
+             "val_error": t.value, "test_error": t.user_attrs["test_error"], "outcome": t.user_attrs["outcome"],
+             "work_gradient_equivalents": t.user_attrs["work"], "wall_time_s": t.user_attrs["seconds"]}
+            for t in study.get_trials(states=(TrialState.COMPLETE,))]
+    frame = pd.DataFrame(rows, columns=["trial", "log10_l2", "log10_alpha", "val_error", "test_error", "outcome",
+                                        "work_gradient_equivalents", "wall_time_s"])
+    frame["best_val_error_so_far"] = frame["val_error"].cummin()
+    return frame
+
+
+def summarise(study: optuna.Study, name: str, total: float, cost: int, seconds: float) -> dict:
+    """The chosen trial: the lowest validation error, the earliest among equals."""
+    trials = trials_table(study)
+    best = trials.sort_values(["val_error", "trial"]).iloc[0]
+    return {"sampler": name, "trials": len(trials), "budget_gradient_equivalents": total,
+            "trial_gradient_equivalents": cost, "work_gradient_equivalents": float(trials["work_gradient_equivalents"].sum()),
+            "best_trial": int(best["trial"]), "best_val_error": float(best["val_error"]),
+            "best_log10_l2": float(best["log10_l2"]), "best_log10_alpha": float(best["log10_alpha"]),
+            "diverged_trials": int((trials["outcome"] == "diverged").sum()),
+            "wall_time_s": round(float(trials["wall_time_s"].sum()), 3), "attempt_wall_time_s": round(seconds, 3)}
+
+
+def chosen(metrics: dict) -> dict[str, float]:
+    return {"log10_l2": metrics["best_log10_l2"], "alpha": 10.0 ** metrics["best_log10_alpha"]}
+
+
+def _write_outputs(paths: SearchPaths, study: optuna.Study, metrics: dict, tracker: Tracker | None) -> None:
+    trials = trials_table(study)
+    with io.atomic_path(paths.trials_csv) as tmp:
+        trials.to_csv(tmp, index=False)
+    io.write_json(paths.best, {**chosen(metrics), "trial": metrics["best_trial"], "val_error": metrics["best_val_error"]})
+    io.write_json(paths.metrics, metrics)
+    if tracker:
+        tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not math.isnan(v)})
+        for path in (paths.best, paths.metrics, paths.trials_csv):
+            tracker.log_artifact(path)

@@ -1,0 +1,121 @@
+"""The peers (random search, TPE): budget accounting, resume after a kill, nested MLflow trials."""
+import json
+
+import optuna
+import pandas as pd
+import pytest
+from optuna.trial import TrialState
+
+from pipeline import data
+from pipeline.config import ConfigError, parse_params
+from pipeline.experiments import search
+
+TINY = {"device": "cpu", "data": {"val_size": 60, "test_size": 60, "train_size": 96},
+        "model": {"depth": 7, "growth_rate": 4, "init_maps": 4},
+        "baseline": {"epochs": 3, "batch_size": 32, "last_n": 2},
+        "search": {"trial_epochs": 1, "budget": 10, "tpe_startup_trials": 2}}
+TRIAL = 3  # gradient evaluations of a TINY trial: 1 epoch of 96 // 32 steps
+
+
+def settings(**search_changes):
+    return parse_params({**TINY, "search": {**TINY["search"], **search_changes}})
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared")
+    data.prepare(parse_params(TINY).data, out)
+    return out
+
+
+class Interrupt(Exception):
+    pass
+
+
+class KillDuringTrial:
+    """A tracker that kills the search while trial `number` trains (a nested run is opened for it)."""
+
+    def __init__(self, number):
+        self.number = number
+
+    def set_tag(self, key, value):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        pass
+
+    def log_artifact(self, path):
+        pass
+
+    def child(self, name, params):
+        if params["trial"] == self.number:
+            raise Interrupt
+        from contextlib import nullcontext
+        return nullcontext(self)
+
+
+@pytest.mark.parametrize("budget", [10, 9, 3.5])
+def test_two_samplers_given_one_budget_spend_it_within_one_trial(prepared, tmp_path, budget):
+    spent = {}
+    for name in ("random", "tpe"):
+        paths = search.SearchPaths.for_sampler(name, tmp_path)
+        metrics = search.run(settings(budget=budget), prepared, name, paths)
+        trials = pd.read_csv(paths.trials_csv)
+        assert metrics["trials"] == len(trials) and metrics["trial_gradient_equivalents"] == TRIAL
+        assert metrics["work_gradient_equivalents"] == trials["work_gradient_equivalents"].sum()
+        spent[name] = metrics["work_gradient_equivalents"]
+        assert budget - TRIAL < spent[name] <= budget
+    assert spent["random"] == spent["tpe"]
+
+
+def test_the_chosen_trial_is_the_best_and_trials_differ(prepared, tmp_path):
+    paths = search.SearchPaths.for_sampler("random", tmp_path)
+    metrics = search.run(settings(), prepared, "random", paths)
+    trials = pd.read_csv(paths.trials_csv)
+    best = json.loads(paths.best.read_text())
+    assert trials["log10_l2"].nunique() == len(trials) == 3
+    assert best["val_error"] == trials["val_error"].min() == metrics["best_val_error"]
+    assert best["trial"] == trials.loc[trials["val_error"].idxmin(), "trial"]
+    assert best["alpha"] == pytest.approx(10 ** trials.loc[trials["val_error"].idxmin(), "log10_alpha"])
+    low, high = TINY.get("search", {}).get("space", {}).get("log10_l2", [-7.0, -1.0])
+    assert trials["log10_l2"].between(low, high).all()
+
+
+@pytest.mark.parametrize("name", ["random", "tpe"])
+def test_a_search_killed_mid_study_resumes_with_its_finished_trials(prepared, tmp_path, name):
+    params = settings(budget=12)  # 4 trials
+    straight = search.SearchPaths.for_sampler(name, tmp_path / "straight")
+    expected = search.run(params, prepared, name, straight)
+    resumed = search.SearchPaths.for_sampler(name, tmp_path / "resumed")
+    with pytest.raises(Interrupt):
+        search.run(params, prepared, name, resumed, tracker=KillDuringTrial(2))
+    storage = f"sqlite:///{resumed.storage_dir / f'{name}.db'}"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    kept = [t.params for t in study.get_trials(states=(TrialState.COMPLETE,))]
+    assert len(kept) == 2 and not resumed.metrics.exists()
+
+    got = search.run(params, prepared, name, resumed)
+    assert pd.read_csv(resumed.trials_csv)[["log10_l2", "log10_alpha"]].head(2).to_dict("records") == kept
+    # the finished trials were kept, not redone, and the resumed study drew what an uninterrupted one did
+    table = pd.read_csv(resumed.trials_csv)
+    assert table["trial"].tolist() == [0, 1, 3, 4]  # trial 2 died with the attempt
+    assert table.drop(columns=["trial", "wall_time_s"]).equals(
+        pd.read_csv(straight.trials_csv).drop(columns=["trial", "wall_time_s"]))
+    assert {k: v for k, v in got.items() if "wall" not in k and k != "best_trial"} == \
+        {k: v for k, v in expected.items() if "wall" not in k and k != "best_trial"}
+
+
+def test_a_budget_below_one_trial_is_a_clear_error(prepared, tmp_path):
+    with pytest.raises(ConfigError, match="search.trial_epochs: one trial costs 3 gradient evaluations"):
+        search.run(settings(budget=2), prepared, "random", search.SearchPaths.for_sampler("random", tmp_path))
+
+
+def test_budget_drmad_reads_what_each_init_spent(tmp_path):
+    params = parse_params({**TINY, "search": {"budget": "drmad"}, "drmad": {"inits": [-4, -2.0]}})
+    with pytest.raises(ConfigError, match=r"no result for init\(s\) \[-4.0, -2.0\]"):
+        search.budget(params, tmp_path)
+    (tmp_path / "metrics/drmad").mkdir(parents=True)
+    for tag, work in (("-4", 300.0), ("-2.0", 340.0), ("-7.0", 1000.0)):  # -7 is not an init here
+        (tmp_path / f"metrics/drmad/{tag}.json").write_text(json.dumps({"work_gradient_equivalents": work}))
+    assert search.budget(params, tmp_path) == 320.0
