@@ -121,6 +121,11 @@ class StageRun:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._call("log_artifact", self.run_id, str(path), artifact_path)
 
+    def log_parent_metrics(self, metrics: dict[str, float]) -> None:
+        now = int(time.time() * 1000)
+        self._call("log_batch", self.parent_id or self.run_id,
+                   metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()])
+
     def log_parent_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._call("log_artifact", self.parent_id or self.run_id, str(path), artifact_path)
 

@@ -1,5 +1,7 @@
 """Real `dvc repro` in a temporary git repository with tiny params."""
+import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -22,9 +24,13 @@ TINY = {
                 "runs": {"tiny-10": {"protocol": "tiny", "steps": 10}, "tiny-20": {"protocol": "tiny", "steps": 20}},
                 "meta_iterations": 1, "drmad_steps": 3, "last": 3, "trace_points": 5},
     "paths": {"protocol": "tiny", "steps": 20, "every": 5},
+    "search": {"trial_epochs": 1},  # budget: drmad's counted work, 11.4 gradient evaluations -> 2 trials of 4
+    "final": {"seeds": [1, 2]},
 }
 REPLACED = ("protocols", "runs")  # mappings the tiny params replace whole (merging would keep the defaults')
-DENSENET_STAGES = ("prepare", "baseline", "drmad@-4.0", "adaptive@k100", "adaptive@k131")
+DENSENET_STAGES = ("prepare", "baseline", "drmad@-4.0", "adaptive@k100", "adaptive@k131", "search@random",
+                   "search@tpe", "final@baseline", "final@search", "final@drmad", "final@adaptive")
+METHODS = ("baseline", "random", "tpe", "drmad -4", "adaptive k100", "adaptive k131")
 STAGES = ("validate",) + DENSENET_STAGES + ("quality@tiny-10", "quality@tiny-20", "paths", "report")
 pytestmark = pytest.mark.slow
 
@@ -95,10 +101,22 @@ def test_repro_runs_what_changed_and_records_it(tmp_path):
     for row in ("| baseline |", "| drmad -4.0 |", "| adaptive k100 |", "| adaptive k131 |", "| 10 | tiny | drmad |",
                 "| 20 | tiny | drmad2 |"):
         assert row in summary, row
+    # The verdict leads: every method's row, with a finite interval over the two seeds.
+    assert summary.startswith("# Verdict")
+    verdict_rows = {line.split(" | ")[0].removeprefix("| "): line for line in summary.split("# Tuning runs")[0].splitlines()
+                    if line.startswith("| ") and " [" in line}
+    assert set(verdict_rows) == set(METHODS)
+    for method, line in verdict_rows.items():
+        assert re.search(r"\| 2 \| \d+\.\d\d \[-?\d+\.\d\d, \d+\.\d\d\] \|", line), line
+        assert method == "baseline" or re.search(r"beats the baseline|worse than the baseline|no significant difference", line)
+    verdict = json.loads((repo / "reports/verdict.json").read_text())
+    assert set(verdict) == set(METHODS) and verdict["baseline"]["tuning_work"] == 0
+    assert verdict["random"]["tuning_work"] == verdict["tpe"]["tuning_work"] == 8  # two trials of 4 steps
     for cache in repo.rglob("__pycache__"):  # a fresh clone has no bytecode: it must not look like changed code
         shutil.rmtree(cache)
     assert ran(sh(repo, "dvc", "repro")) == set()
-    assert "baseline.json" in sh(repo, "dvc", "metrics", "show")
+    shown = sh(repo, "dvc", "metrics", "show")
+    assert "baseline.json" in shown and "reports/verdict.json" in shown and "test_error_mean" in shown
 
     # A rejected params.yaml under plain `dvc repro`: non-zero exit, the key named, nothing lost.
     before, good = outputs(repo), (repo / "params.yaml").read_text()
@@ -126,13 +144,23 @@ def test_repro_runs_what_changed_and_records_it(tmp_path):
     from mlflow import MlflowClient
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     assert "summary.md" in {Path(f.path).name for f in client.list_artifacts(parent, "report")}
+    parent_metrics = client.get_run(parent).data.metrics
+    assert {f"verdict/{m}/test_error_mean" for m in METHODS} <= set(parent_metrics)
+    trials = client.search_runs([client.get_run(parent).info.experiment_id], "attributes.run_name LIKE 'trial %'")
+    searches = {r.info.run_id: r.info.run_name for r in client.search_runs(
+        [client.get_run(parent).info.experiment_id], "attributes.run_name LIKE 'search:%'")}
+    assert sorted(searches[t.data.tags["mlflow.parentRunId"]] for t in trials) == ["search:random"] * 2 + ["search:tpe"] * 2
 
     # Changing one value reruns exactly the stages that depend on it, and the report.
     # (`validate` reruns on any params change; its constant stamp reruns nothing by itself)
-    set_params(repo, {"baseline": {"epochs": 3}})
-    assert ran(sh(repo, "dvc", "repro")) == {"validate", "baseline", "report"}
+    set_params(repo, {"baseline": {"epochs": 3}})  # the peers train and the finalists retrain at the baseline's
+    assert ran(sh(repo, "dvc", "repro")) == {"validate", "baseline", "search@random", "search@tpe", "final@baseline",
+                                              "final@search", "final@drmad", "final@adaptive", "report"}
     set_params(repo, {"adaptive": {"variants": {"k131": {"every": 4}}}})
-    assert ran(sh(repo, "dvc", "repro")) == {"validate", "adaptive@k131", "report"}
+    assert ran(sh(repo, "dvc", "repro")) == {"validate", "adaptive@k131", "final@adaptive", "report"}
+    set_params(repo, {"final": {"seeds": [1, 3]}})
+    assert ran(sh(repo, "dvc", "repro")) == {"validate", "final@baseline", "final@search", "final@drmad",
+                                              "final@adaptive", "report"}
     # (not hyper_step: with one meta-iteration its sign step changes no output, and DVC rightly
     # skips the report when every input came out the same)
     set_params(repo, {"quality": {"drmad_steps": 4}})

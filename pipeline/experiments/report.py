@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline import io, plots
+from pipeline.experiments import verdict
 from pipeline.tracking import Tracker
 
 COLUMNS = ("run", "final_test_error", "mean_last_n_test_error", "last_n", "best_val_error", "val_test_gap",
@@ -31,6 +32,8 @@ class ReportPaths:
     summary_csv: Path = Path("reports/summary.csv")
     quality_csv: Path = Path("reports/quality.csv")
     figures: Path = Path("reports/figures")
+    verdict_json: Path = Path("reports/verdict.json")  # `dvc metrics diff` reads it
+    verdict_seeds: Path = Path("reports/verdict_seeds.csv")
 
 
 def _json(path: Path) -> dict:
@@ -158,21 +161,62 @@ BATCHNORM = {"precise": "with BatchNorm population statistics recomputed over th
              "running": "with the BatchNorm running averages training left (not recomputed)"}
 
 
+def search_rows(root: Path) -> list[dict]:
+    rows = []
+    for path in sorted((root / "metrics/search").glob("*.json")):
+        m = _json(path)
+        rows.append({"sampler": m["sampler"], "trials": m["trials"], "diverged_trials": m["diverged_trials"],
+                     "spent_gradient_evals": m["work_gradient_equivalents"],
+                     "budget_gradient_evals": m["budget_gradient_equivalents"], "best_val_error": m["best_val_error"],
+                     "best_log10_l2": m["best_log10_l2"], "best_alpha": 10 ** m["best_log10_alpha"],
+                     "wall_time_s": m["wall_time_s"]})
+    return rows
+
+
+def verdict_section(root: Path, level: float, batchnorm: str) -> tuple[list[str], pd.DataFrame, pd.DataFrame]:
+    """The lead of summary.md: the finalists' verdict (empty when no finalist ran)."""
+    seeds = verdict.per_seed(root)
+    if not len(seeds):
+        return [], pd.DataFrame(), seeds
+    seeds = verdict.with_total_compute(seeds, root)
+    table = verdict.table(seeds, level)
+    n = seeds.groupby("method").size().max()
+    text = ["# Verdict\n",
+            f"Every method's chosen hyperparameters retrained from scratch at the baseline's full schedule on "
+            f"{n} seeds (seed: initialisation, batch order and dropout masks), each evaluated once on the test "
+            f"split {BATCHNORM[batchnorm]}. Intervals: {int(round(100 * level))}% Student-t over seeds; the "
+            "difference is paired, seed by seed, method minus baseline (negative: fewer errors). Costs are counted "
+            "work in gradient evaluations (a training step 1; a reverse step 1 plus one HVP at `work.hvp_cost`; "
+            "evaluations not counted), wall seconds beside them on this machine. Tuning: what choosing the "
+            "hyperparameters spent (the searches at DrMAD's counted work; the adaptive method tunes while it "
+            "trains, so its tuning is the hypergradient work inside its final runs, per seed).\n",
+            verdict.markdown(table, level),
+            "\nTest error per seed (%):\n",
+            markdown(seeds.pivot(index="method", columns="seed", values="test_error").reindex(table["method"])
+                     .rename(columns=lambda seed: f"seed {seed}").reset_index(),
+                     percent=tuple(f"seed {seed}" for seed in seeds["seed"].unique()))]
+    return text, table, seeds
+
+
 def run(root: Path = Path("."), last_n: int = 3, paths: ReportPaths = ReportPaths(),
-        tracker: Tracker | None = None, batchnorm: str = "precise") -> pd.DataFrame:
+        tracker: Tracker | None = None, batchnorm: str = "precise", level: float = 0.95) -> pd.DataFrame:
     rows = [r for r in (baseline_row(root),) if r] + drmad_rows(root, last_n) + adaptive_rows(root)
     summary = pd.DataFrame(rows, columns=list(COLUMNS))
     quality = pd.DataFrame(quality_rows(root))
+    searches = pd.DataFrame(search_rows(root))
     errors = ("final_test_error", "mean_last_n_test_error", "best_val_error", "val_test_gap")
-    text = ["# Summary\n", "What each method did, one seed each, at budgets that differ (epochs, schedules, "
-            "momentum): a record, not yet a verdict on whether gradient-based tuning beats the baseline "
-            "(that needs equal budgets, several seeds and retrained finalists). Errors on the test "
-            f"split, measured {BATCHNORM[batchnorm]}. `work_gradient_equivalents` is the counted tuning and "
-            "training work in gradient evaluations (a training step 1, a reverse step 1 plus one HVP at "
-            "`work.hvp_cost`, each hypergradient 1 more; evaluations not counted), `hypergradient_work_share` "
-            "the part of it spent on hypergradients; wall time beside it depends on the machine and its load. "
-            "DrMAD rows: final and mean over the last n meta-iterations; the others: over the last n epochs.\n",
-            markdown(summary, percent=errors)]
+    lead, table, seeds = verdict_section(root, level, batchnorm)
+    text = lead + ["\n# Tuning runs\n" if lead else "# Summary\n",
+                   "The tuning stages as they ran, one seed each and at budgets that differ (epochs, schedules, "
+                   "momentum): a record of what each did, not a verdict (that is the table above). Errors on the "
+                   f"test split, measured {BATCHNORM[batchnorm]}. `work_gradient_equivalents` is the counted tuning "
+                   "and training work in gradient evaluations, `hypergradient_work_share` the part of it spent on "
+                   "hypergradients; wall time beside it depends on the machine and its load. DrMAD rows: final and "
+                   "mean over the last n meta-iterations; the others: over the last n epochs.\n",
+                   markdown(summary, percent=errors)]
+    if len(searches):
+        text += ["\nSearches (Optuna): trials run within the budget, the best trial by validation error.\n",
+                 markdown(searches, percent=("best_val_error",))]
     if len(quality):
         text += ["\n## Hypergradient quality (MNIST MLP)\n",
                  "Per meta-iteration: cosine with the exact hypergradient, of the hypergradients and of their "
@@ -187,13 +231,31 @@ def run(root: Path = Path("."), last_n: int = 3, paths: ReportPaths = ReportPath
     for target, frame in ((paths.summary_csv, summary), (paths.quality_csv, quality)):
         with io.atomic_path(target) as tmp:
             frame.to_csv(tmp, index=False)
+    if len(table):
+        io.write_json(paths.verdict_json, verdict.metrics(table))
+        with io.atomic_path(paths.verdict_seeds) as tmp:
+            seeds.to_csv(tmp, index=False)
     with io.atomic_dir(paths.figures) as tmp:
+        if len(table):
+            plots.save(verdict.figure(seeds, table, level), tmp / "test_error_vs_compute.png")
         plots.save(plots.runs_test_error(test_error_curves(root)), tmp / "test_error_per_epoch.png")
         trajectories = layer_trajectories(root)
         if trajectories:
             plots.save(plots.layer_trajectories(trajectories), tmp / "hyperparameters_per_layer.png")
     if tracker:
-        for target in (paths.summary_md, paths.summary_csv, paths.quality_csv, *sorted(paths.figures.glob("*.png"))):
+        if len(table):
+            _log_verdict(tracker, table)
+        extra = (paths.verdict_json, paths.verdict_seeds) if len(table) else ()
+        for target in (paths.summary_md, paths.summary_csv, paths.quality_csv, *extra, *sorted(paths.figures.glob("*.png"))):
             tracker.log_artifact(target)
             tracker.log_parent_artifact(target, "report")
     return summary
+
+
+def _log_verdict(tracker: Tracker, table: pd.DataFrame) -> None:
+    """The verdict's numbers on the stage's run and on the pipeline's parent run."""
+    flat = {f"verdict/{method}/{key}": value for method, entry in verdict.metrics(table).items()
+            for key, value in entry.items() if value is not None}
+    tracker.log_metrics(flat)
+    if hasattr(tracker, "log_parent_metrics"):
+        tracker.log_parent_metrics(flat)

@@ -1,0 +1,175 @@
+"""Finalists: every method's chosen hyperparameters retrained from scratch at the baseline's full
+schedule, once per seed of `final.seeds` (each seed its own initialisation, batch order and
+dropout masks), and evaluated on the test split once, at the end.
+
+One stage instance per kind of method:
+    baseline   the hand-set hyperparameters of `baseline`
+    search     each sampler's best trial (global log10 L2 and step size)
+    drmad      each initialisation's per-parameter log10 L2 from its best-validation meta-iteration
+    adaptive   each variant tunes while it trains: its own run at the baseline's epochs, schedule,
+               step size and batch size (its hypergradient work is its tuning cost)
+
+Each finished (method, seed) is kept under checkpoints/final/KIND until the stage ends, and the
+run in progress checkpoints every epoch: an interrupted stage redoes neither.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from pipeline import io
+from pipeline.checkpoint import Checkpoint, code_digest, fingerprint
+from pipeline.config import ConfigError, Params
+from pipeline.data import load_prepared
+from pipeline.experiments import adaptive, baseline
+from pipeline.tracking import Tracker
+from pipeline.training import setup_device
+
+KINDS = ("baseline", "search", "drmad", "adaptive")
+
+
+@dataclass(frozen=True)
+class FinalPaths:
+    metrics: Path
+    epochs_csv: Path
+    work_dir: Path  # finished runs and the checkpoint of the one in progress
+
+    @classmethod
+    def for_kind(cls, kind: str, root: Path = Path(".")) -> "FinalPaths":
+        return cls(root / f"metrics/final/{kind}.json", root / f"plots/final/{kind}.csv",
+                   root / f"checkpoints/final/{kind}")
+
+
+@dataclass(frozen=True)
+class Finalist:
+    """A method's choice: the training settings and, for per-parameter L2, its coefficients."""
+    method: str
+    cfg: object = None  # TrainConfig; None: the adaptive variant named by `method`
+    l2_coefficients: dict | None = None
+    variant: str | None = None
+
+
+def finalists(params: Params, kind: str, root: Path = Path(".")) -> list[Finalist]:
+    if kind == "baseline":
+        return [Finalist("baseline", params.baseline)]
+    if kind == "search":
+        out = []
+        for name in params.search.samplers:
+            path = root / f"results/search/{name}/best.json"
+            if not path.is_file():
+                raise ConfigError(f"final: {path} is missing; run `dvc repro search` first")
+            best = json.loads(path.read_text())
+            out.append(Finalist(name, params.baseline.model_copy(update={"log10_l2": best["log10_l2"],
+                                                                          "alpha": best["alpha"]})))
+        return out
+    if kind == "drmad":
+        found = {float(p.name): p for p in (root / "results/drmad").glob("*") if (p / "hypers.pt").is_file()}
+        if missing := [i for i in params.drmad.inits if i not in found]:
+            raise ConfigError(f"final: results/drmad has no hyperparameters for init(s) {missing}; "
+                              "run `dvc repro drmad` first")
+        out = []
+        for init in params.drmad.inits:
+            chosen = torch.load(found[init] / "hypers.pt", weights_only=True)["chosen"]
+            if chosen is None:
+                raise ConfigError(f"final: drmad {init:g} completed no meta-iteration (diverged at once): nothing to retrain")
+            out.append(Finalist(f"drmad {init:g}", params.baseline, chosen["l2_coefficients"]))
+        return out
+    if kind == "adaptive":
+        return [Finalist(f"adaptive {name}", variant=name) for name in params.adaptive.variants]
+    raise ConfigError(f"--kind: one of {', '.join(KINDS)} (got {kind!r})")
+
+
+def adaptive_params(params: Params, seed: int) -> Params:
+    """The adaptive method at the baseline's epochs, schedule, step size, batch and initial L2."""
+    b = params.baseline
+    return params.model_copy(update={"seed": seed, "adaptive": params.adaptive.model_copy(update={
+        "epochs": b.epochs, "schedule": b.schedule, "alpha": b.alpha, "batch_size": b.batch_size,
+        "init_log10_l2": b.log10_l2, "eval_batch_size": b.eval_batch_size})})
+
+
+def run(params: Params, prepared: Path, kind: str, paths: FinalPaths, tracker: Tracker | None = None,
+        progress: bool | None = None, root: Path = Path(".")) -> dict:
+    device = setup_device(params.device)
+    meta, splits = load_prepared(prepared, device, tracker)
+    results = []
+    for finalist in finalists(params, kind, root):
+        for seed in params.final.seeds:
+            result = _finished_or_run(params, finalist, seed, prepared, splits, meta, paths, progress)
+            results.append(result)
+            if tracker:
+                tracker.log_metrics({f"{finalist.method}/test_error/seed{seed}": result["test_error"]})
+    metrics = summarise(results, params.final.seeds)
+    _write_outputs(paths, results, metrics, tracker)
+    shutil.rmtree(paths.work_dir, ignore_errors=True)
+    return metrics
+
+
+def _finished_or_run(params: Params, finalist: Finalist, seed: int, prepared: Path, splits: dict, meta: dict,
+                     paths: FinalPaths, progress: bool | None) -> dict:
+    key = fingerprint(code_digest(), finalist.method, seed, params.model.model_dump(), params.evaluation.model_dump(),
+                      finalist.cfg.model_dump() if finalist.cfg else adaptive_params(params, seed).adaptive.model_dump(),
+                      _digest(finalist.l2_coefficients), meta["digest"])
+    stem = f"{finalist.method.replace(' ', '_')}-seed{seed}"
+    done = paths.work_dir / f"{stem}.json"
+    if done.is_file() and (saved := json.loads(done.read_text())).get("key") == key:
+        return saved["result"]
+    print(f"final: {finalist.method}, seed {seed}", file=sys.stderr, flush=True)
+    if finalist.variant is None:
+        checkpoint = Checkpoint(paths.work_dir / f"{stem}.pt", key)
+        trainer, m = baseline.train(params, finalist.cfg, seed, splits, meta, checkpoint, finalist.l2_coefficients,
+                                    progress=progress, desc=f"{finalist.method} seed {seed}")
+        history, tuning, tuning_wall = trainer.state.history, 0.0, 0.0
+        checkpoint.clear()
+    else:
+        where = paths.work_dir / stem
+        m = adaptive.run(adaptive_params(params, seed), prepared, finalist.variant, adaptive.AdaptivePaths(
+            where / "hypers.pt", where / "metrics.json", where / "epochs.csv", where / "layers.csv", where / "checkpoint.pt"),
+            progress=progress)
+        history = pd.read_csv(where / "epochs.csv").to_dict("records")
+        tuning = m["work_gradient_equivalents"] - m["work_training_gradients"]
+        tuning_wall = m["hypergradient_time_share"] * m["wall_time_s"] if m["hypergradient_time_share"] else 0.0
+    result = {"method": finalist.method, "seed": seed, "outcome": m["outcome"],
+              "test_error": m["final_test_error"], "val_error": m["final_val_error"],
+              "train_error": m["final_train_error"], "training_work": m["work_training_gradients"],
+              "tuning_work": tuning, "wall_time_s": m["wall_time_s"], "tuning_wall_s": round(tuning_wall, 3),
+              "epochs": [{k: r[k] for k in ("epoch", "train_error", "val_error", "test_error")} for r in history]}
+    io.write_json(done, {"key": key, "result": result})
+    return result
+
+
+def _digest(tensors: dict | None) -> str | None:
+    if tensors is None:
+        return None
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode() + b"\0" + tensors[name].cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def summarise(results: list[dict], seeds: list[int]) -> dict:
+    """Per method: the test error of each seed (null when that run diverged)."""
+    out: dict = {"seeds": seeds}
+    for r in results:
+        entry = out.setdefault(r["method"], {"test_error": {}, "outcome": {}, "training_work": {}, "tuning_work": {},
+                                             "wall_time_s": {}, "tuning_wall_s": {}})
+        for key in ("test_error", "outcome", "training_work", "tuning_work", "wall_time_s", "tuning_wall_s"):
+            entry[key][f"seed{r['seed']}"] = r[key]
+    return out
+
+
+def _write_outputs(paths: FinalPaths, results: list[dict], metrics: dict, tracker: Tracker | None) -> None:
+    rows = [{"method": r["method"], "seed": r["seed"], **e} for r in results for e in r["epochs"]]
+    with io.atomic_path(paths.epochs_csv) as tmp:
+        pd.DataFrame(rows, columns=["method", "seed", "epoch", "train_error", "val_error", "test_error"]).to_csv(
+            tmp, index=False)
+    io.write_json(paths.metrics, metrics)
+    if tracker:
+        tracker.log_artifact(paths.metrics)
+        tracker.log_artifact(paths.epochs_csv)

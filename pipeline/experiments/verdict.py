@@ -1,0 +1,179 @@
+"""The verdict: did a tuning method beat the baseline, and at what cost?
+
+Read from the finalists (metrics/final/*.json: test error per method and seed, each retrained
+from scratch at the baseline's schedule) and the tuning stages' counted work. Per method: the
+mean test error over seeds with its confidence interval, the paired difference to the baseline
+on the same seeds with its interval, the tuning and final costs, and one sentence that says
+only what the intervals support.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from pipeline import plots
+
+from pipeline.stats import Interval, mean_ci, paired_difference
+
+REFERENCE = "baseline"
+KIND_ORDER = ("baseline", "search", "drmad", "adaptive")
+
+
+def per_seed(root: Path) -> pd.DataFrame:
+    """One row per (method, seed): test error (None if that run diverged), final training work
+    and wall seconds, and the tuning work charged to it."""
+    rows = []
+    for kind in KIND_ORDER:
+        path = root / f"metrics/final/{kind}.json"
+        if not path.is_file():
+            continue
+        for method, entry in json.loads(path.read_text()).items():
+            if method == "seeds":
+                continue
+            for seed, error in entry["test_error"].items():
+                rows.append({"kind": kind, "method": method, "seed": int(seed.removeprefix("seed")),
+                             "test_error": error, "outcome": entry["outcome"][seed],
+                             "final_work": entry["training_work"][seed], "final_wall_s": entry["wall_time_s"][seed],
+                             "run_tuning_work": entry["tuning_work"][seed],
+                             "run_tuning_wall_s": entry.get("tuning_wall_s", {}).get(seed, 0.0)})
+    return pd.DataFrame(rows, columns=["kind", "method", "seed", "test_error", "outcome", "final_work", "final_wall_s",
+                                       "run_tuning_work", "run_tuning_wall_s"])
+
+
+def tuning_costs(root: Path, method: str, kind: str) -> tuple[float | None, float | None]:
+    """(gradient evaluations, wall seconds) the method spent choosing its hyperparameters before
+    its finalists trained: 0 for the hand-set baseline; the adaptive method's is in its runs."""
+    if kind in ("baseline", "adaptive"):
+        return 0.0, 0.0
+    if kind == "search":
+        m = json.loads((root / f"metrics/search/{method}.json").read_text())
+        return m["work_gradient_equivalents"], m["wall_time_s"]
+    init = float(method.removeprefix("drmad "))
+    for path in (root / "metrics/drmad").glob("*.json"):
+        if float(path.stem) == init:
+            m = json.loads(path.read_text())
+            wall = (m["seconds_per_meta_iteration"] or 0.0) * m["meta_iterations_completed"]
+            return m["work_gradient_equivalents"], round(wall, 3)
+    return None, None
+
+
+def with_total_compute(seeds: pd.DataFrame, root: Path) -> pd.DataFrame:
+    """Per seed: tuning + final work, the compute that produced that test error."""
+    out = seeds.copy()
+    costs = {m: tuning_costs(root, m, k) for m, k in seeds[["method", "kind"]].drop_duplicates().itertuples(index=False)}
+    out["tuning_work"] = [costs[m][0] + w if costs[m][0] is not None else None
+                          for m, w in zip(out["method"], out["run_tuning_work"])]
+    out["tuning_wall_s"] = [costs[m][1] + w if costs[m][1] is not None else None
+                            for m, w in zip(out["method"], out["run_tuning_wall_s"])]
+    out["total_work"] = out["tuning_work"] + out["final_work"]
+    return out
+
+
+def sentence(method: str, diff: Interval | None, diverged: int, n: int) -> str:
+    """What the intervals support, in words (differences in percentage points)."""
+    note = f" ({diverged} of {n} seeds diverged and are left out)" if diverged else ""
+    if method == REFERENCE:
+        return "the reference" + note
+    if diff is None:
+        return "no comparison: fewer than two seeds with a result on both sides" + note
+    d, low, high = (100 * x for x in (diff.mean, diff.low, diff.high))
+    span = f"CI [{low:+.2f}, {high:+.2f}]"
+    if diff.high < 0:
+        return f"beats the baseline by {-d:.2f} points, {span}" + note
+    if diff.low > 0:
+        return f"worse than the baseline by {d:.2f} points, {span}" + note
+    return f"no significant difference ({d:+.2f} points, {span})" + note
+
+
+def table(seeds: pd.DataFrame, level: float) -> pd.DataFrame:
+    """One row per method, the baseline first."""
+    reference = seeds[seeds["method"] == REFERENCE].set_index("seed")["test_error"]
+    rows = []
+    for method, runs in seeds.groupby("method", sort=False):
+        finite = runs.dropna(subset=["test_error"])
+        error = mean_ci(finite["test_error"].tolist(), level) if len(finite) else None
+        both = finite.set_index("seed")["test_error"].align(reference.dropna(), join="inner")
+        diff = paired_difference(both[0].tolist(), both[1].tolist(), level) if len(both[0]) >= 2 else None
+        rows.append({"method": method, "seeds": len(runs), "test_error_mean": error.mean if error else None,
+                     "test_error_low": error.low if error else None, "test_error_high": error.high if error else None,
+                     "diff_mean": diff.mean if diff else None, "diff_low": diff.low if diff else None,
+                     "diff_high": diff.high if diff else None,
+                     "tuning_work": runs["tuning_work"].mean(), "tuning_wall_s": runs["tuning_wall_s"].mean(),
+                     "final_work": runs["final_work"].mean(), "final_wall_s": runs["final_wall_s"].mean(),
+                     "verdict": sentence(method, None if method == REFERENCE else diff,
+                                         int(runs["test_error"].isna().sum()), len(runs))})
+    return pd.DataFrame(rows)
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{100 * x:.2f}"
+
+
+def markdown(verdict: pd.DataFrame, level: float) -> str:
+    pct = int(round(100 * level))
+    head = (f"| method | seeds | test error % (mean, {pct}% CI) | minus baseline, points (paired, {pct}% CI) | "
+            "tuning cost: gradient evals / wall s | final cost per seed: gradient evals / wall s | verdict |")
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    for r in verdict.itertuples(index=False):
+        error = f"{_pct(r.test_error_mean)} [{_pct(r.test_error_low)}, {_pct(r.test_error_high)}]"
+        diff = ("—" if r.method == REFERENCE else
+                f"{_pct(r.diff_mean)} [{_pct(r.diff_low)}, {_pct(r.diff_high)}]" if r.diff_mean is not None else "n/a")
+        lines.append(f"| {r.method} | {r.seeds} | {error} | {diff} | {r.tuning_work:.0f} / {r.tuning_wall_s:.0f} | "
+                     f"{r.final_work:.0f} / {r.final_wall_s:.0f} | {r.verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def metrics(verdict: pd.DataFrame) -> dict:
+    """The verdict as `dvc metrics` and MLflow read it: method -> numbers (null where none)."""
+    keys = ("test_error_mean", "test_error_low", "test_error_high", "diff_mean", "diff_low", "diff_high",
+            "tuning_work", "tuning_wall_s", "final_work", "final_wall_s")
+
+    def clean(x):
+        return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else round(float(x), 6)
+    return {r["method"]: {k: clean(r[k]) for k in keys} for r in verdict.to_dict("records")}
+
+
+FIXED_COLOURS = {"baseline": "black", "random": "tab:gray", "tpe": "tab:brown"}
+FAMILY_COLOURS = {"drmad": ("tab:blue", "tab:cyan", "tab:purple", "navy"), "adaptive": ("tab:green", "olive", "lime")}
+
+
+def colours(methods: list[str]) -> dict[str, str]:
+    """One colour per method: fixed for the baseline and the searches, a family's shades for
+    the DrMAD initialisations and the adaptive variants."""
+    out, used = {}, {}
+    for method in methods:
+        family = method.split(" ")[0]
+        if method in FIXED_COLOURS:
+            out[method] = FIXED_COLOURS[method]
+        else:
+            shades = FAMILY_COLOURS.get(family, ("tab:red", "tab:pink", "tab:orange"))
+            out[method] = shades[used.get(family, 0) % len(shades)]
+            used[family] = used.get(family, 0) + 1
+    return out
+
+
+def figure(seeds: pd.DataFrame, verdict: pd.DataFrame, level: float) -> Figure:
+    """Test error against total compute (tuning + final training, gradient evaluations): one
+    small point per seed, the method's mean with its interval as a large one."""
+    fig, ax = plots.plt.subplots(figsize=(7.5, 4.8))
+    palette = colours(list(verdict["method"]))
+    for r in verdict.itertuples(index=False):
+        runs = seeds[(seeds["method"] == r.method) & seeds["test_error"].notna()]
+        colour = palette[r.method]
+        ax.scatter(runs["total_work"], 100 * runs["test_error"], s=14, alpha=0.6, color=colour)
+        if r.test_error_mean is not None:
+            low = r.test_error_low if math.isfinite(r.test_error_low) else r.test_error_mean
+            high = r.test_error_high if math.isfinite(r.test_error_high) else r.test_error_mean
+            ax.errorbar(runs["total_work"].mean(), 100 * r.test_error_mean,
+                        yerr=[[100 * (r.test_error_mean - low)], [100 * (high - r.test_error_mean)]],
+                        fmt="o", ms=7, capsize=4, color=colour, label=r.method)
+    ax.set(xlabel="total compute per seed: tuning + final training (gradient evaluations)", ylabel="test error (%)",
+           title=f"Finalists: test error per seed, mean and {int(round(100 * level))}% CI")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    return fig

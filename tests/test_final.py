@@ -1,0 +1,118 @@
+"""Finalists: each method's choice retrained per seed at the baseline's schedule; resume keeps
+finished seeds; the hyperparameters read are the ones each method chose."""
+import json
+
+import pytest
+import torch
+
+from pipeline import data, io
+from pipeline.config import ConfigError, parse_params
+from pipeline.experiments import final
+from pipeline.experiments.baseline import train
+from pipeline.models import build_densenet
+from pipeline.training import is_regularised
+
+TINY = {"device": "cpu", "data": {"val_size": 60, "test_size": 60, "train_size": 96},
+        "model": {"depth": 7, "growth_rate": 4, "init_maps": 4},
+        "baseline": {"epochs": 2, "batch_size": 32, "last_n": 1},
+        "drmad": {"inits": [-4.0]}, "search": {"samplers": ["random"]},
+        "adaptive": {"variants": {"a": {"every": 2, "window": 2}}, "val_batch_size": 20},
+        "final": {"seeds": [1, 2]}}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared")
+    data.prepare(parse_params(TINY).data, out)
+    return out
+
+
+def chosen_results(root, meta, l2=-1.0):
+    """What search@random and drmad@-4.0 would have left: a best trial, a chosen meta-iteration."""
+    io.write_json(root / "results/search/random/best.json", {"log10_l2": -3.0, "alpha": 0.5, "trial": 0, "val_error": 0.1})
+    model = build_densenet(parse_params(TINY).model, meta, 0)
+    coefs = {n: torch.full_like(p, 2 * 10.0 ** l2, dtype=torch.float64) for n, p in model.named_parameters()
+             if is_regularised(n)}
+    io.save_torch(root / "results/drmad/-4.0/hypers.pt", {"chosen": {"meta_iteration": 1, "val_error": 0.1,
+                                                                    "l2_coefficients": coefs}})
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_every_kind_retrains_its_methods_once_per_seed(prepared, tmp_path):
+    params = parse_params(TINY)
+    meta = data.load_meta(prepared)
+    chosen_results(tmp_path, meta)
+    seen = {}
+    for kind in final.KINDS:
+        metrics = final.run(params, prepared, kind, final.FinalPaths.for_kind(kind, tmp_path), root=tmp_path)
+        assert json.loads(final.FinalPaths.for_kind(kind, tmp_path).metrics.read_text()) == metrics
+        seen.update({m: e for m, e in metrics.items() if m != "seeds"})
+        assert not final.FinalPaths.for_kind(kind, tmp_path).work_dir.exists()
+    assert set(seen) == {"baseline", "random", "drmad -4", "adaptive a"}
+    for method, entry in seen.items():
+        assert list(entry["test_error"]) == ["seed1", "seed2"]
+        assert all(0 <= e <= 1 for e in entry["test_error"].values())
+        assert all(w == 2 * 3 for w in entry["training_work"].values())  # 2 epochs of 3 steps
+    assert all(w > 0 for w in seen["adaptive a"]["tuning_work"].values())
+    assert all(w == 0 for w in seen["baseline"]["tuning_work"].values())
+
+
+def test_finalists_train_with_the_chosen_hyperparameters(prepared, tmp_path):
+    """The drmad finalist equals a direct training with its coefficients, and differs from the
+    baseline's; the search finalist equals a training at its best trial's L2 and step size."""
+    params = parse_params(TINY)
+    meta, splits = data.load_prepared(prepared, torch.device("cpu"))
+    chosen_results(tmp_path, meta, l2=-1.0)
+    by_kind = {k: final.finalists(params, k, tmp_path)[0] for k in ("baseline", "search", "drmad")}
+    assert by_kind["search"].cfg.alpha == 0.5 and by_kind["search"].cfg.log10_l2 == -3.0
+    weights = {}
+    for kind, finalist in by_kind.items():
+        trainer, _ = train(params, finalist.cfg, 1, splits, meta, l2_coefficients=finalist.l2_coefficients)
+        weights[kind] = torch.cat([p.detach().flatten() for p in trainer.params])
+    direct_cfg = params.baseline.model_copy(update={"log10_l2": -1.0})
+    trainer, _ = train(params, direct_cfg, 1, splits, meta)
+    assert torch.equal(weights["drmad"], torch.cat([p.detach().flatten() for p in trainer.params]))
+    assert not torch.equal(weights["drmad"], weights["baseline"])
+    assert not torch.equal(weights["search"], weights["baseline"])
+
+
+def test_seeds_change_init_batches_and_masks(prepared):
+    params = parse_params(TINY)
+    meta, splits = data.load_prepared(prepared, torch.device("cpu"))
+    runs = [train(params, params.baseline, seed, splits, meta)[0] for seed in (1, 1, 2)]
+    flat = [torch.cat([p.detach().flatten() for p in t.params]) for t in runs]
+    assert torch.equal(flat[0], flat[1]) and not torch.equal(flat[0], flat[2])
+    assert not torch.equal(runs[0].batches.indices(0), runs[2].batches.indices(0))
+
+
+def test_an_interrupted_final_keeps_its_finished_seeds(prepared, tmp_path, monkeypatch):
+    params = parse_params(TINY)
+    paths = final.FinalPaths.for_kind("baseline", tmp_path)
+    expected = final.run(params, prepared, "baseline", final.FinalPaths.for_kind("baseline", tmp_path / "straight"))
+    trained, real_train = [], final.baseline.train
+
+    def train_until_seed_2(params, cfg, seed, *args, **kwargs):
+        trained.append(seed)
+        if seed == 2 and len(trained) == 2:
+            raise Interrupt
+        return real_train(params, cfg, seed, *args, **kwargs)
+
+    monkeypatch.setattr(final.baseline, "train", train_until_seed_2)
+    with pytest.raises(Interrupt):
+        final.run(params, prepared, "baseline", paths)
+    assert (paths.work_dir / "baseline-seed1.json").is_file() and not paths.metrics.exists()
+    got = final.run(params, prepared, "baseline", paths)
+    assert trained == [1, 2, 2]  # seed 1 was not retrained
+    assert {k: v for k, v in got["baseline"].items() if k != "wall_time_s"} == \
+        {k: v for k, v in expected["baseline"].items() if k != "wall_time_s"}
+
+
+def test_missing_choices_are_a_clear_error(tmp_path):
+    params = parse_params(TINY)
+    with pytest.raises(ConfigError, match="results/search/random/best.json is missing"):
+        final.finalists(params, "search", tmp_path)
+    with pytest.raises(ConfigError, match=r"no hyperparameters for init\(s\) \[-4.0\]"):
+        final.finalists(params, "drmad", tmp_path)
