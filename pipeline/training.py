@@ -202,6 +202,16 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 
 @torch.no_grad()
+def wrong_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> list[int]:
+    """Indices of the examples the model gets wrong in eval mode: what paired comparisons of two
+    models on one test split need (which images, not only how many)."""
+    model.eval()
+    wrong = [torch.nonzero(model(x[i:i + batch_size]).argmax(1) != y[i:i + batch_size]).flatten() + i
+             for i in range(0, len(x), batch_size)]
+    return torch.cat(wrong).tolist()
+
+
+@torch.no_grad()
 def precise_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int) -> None:
     """Replace every BatchNorm layer's running statistics by the training split's population
     statistics (precise BN: the average of per-batch statistics over equal batches, dropout

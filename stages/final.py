@@ -22,10 +22,9 @@ def main(params_file: str, kind: str, prepared: str) -> None:
     params = load_params(params_file)
     with stage_run("final", params, variant=kind) as run:
         metrics = experiment.run(params, Path(prepared), kind, experiment.FinalPaths.for_kind(kind), tracker=run)
-    for method, entry in metrics.items():
-        if method != "seeds":
-            errors = ", ".join("n/a" if e is None else f"{100 * e:.2f}%" for e in entry["test_error"].values())
-            click.echo(f"final {method}: test error per seed {errors}")
+    for method, entry in metrics["methods"].items():
+        errors = ", ".join("n/a" if e is None else f"{100 * e:.2f}%" for e in entry["test_error"].values())
+        click.echo(f"final {method}: test error per seed {errors}")
 
 
 if __name__ == "__main__":

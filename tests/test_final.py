@@ -49,12 +49,15 @@ def test_every_kind_retrains_its_methods_once_per_seed(prepared, tmp_path):
     for kind in final.KINDS:
         metrics = final.run(params, prepared, kind, final.FinalPaths.for_kind(kind, tmp_path), root=tmp_path)
         assert json.loads(final.FinalPaths.for_kind(kind, tmp_path).metrics.read_text()) == metrics
-        seen.update({m: e for m, e in metrics.items() if m != "seeds"})
+        assert metrics["seeds"] == [1, 2] and metrics["test_size"] == 60
+        seen.update(metrics["methods"])
         assert not final.FinalPaths.for_kind(kind, tmp_path).work_dir.exists()
     assert set(seen) == {"baseline", "random", "drmad -4", "adaptive a"}
     for method, entry in seen.items():
         assert list(entry["test_error"]) == ["seed1", "seed2"]
         assert all(0 <= e <= 1 for e in entry["test_error"].values())
+        for seed, wrong in entry["test_wrong"].items():  # which test images, as many as the error says
+            assert len(wrong) == round(60 * entry["test_error"][seed]) and set(wrong) <= set(range(60))
         assert all(w == 2 * 3 for w in entry["training_work"].values())  # 2 epochs of 3 steps
     assert all(w > 0 for w in seen["adaptive a"]["tuning_work"].values())
     assert all(w == 0 for w in seen["baseline"]["tuning_work"].values())
@@ -106,8 +109,8 @@ def test_an_interrupted_final_keeps_its_finished_seeds(prepared, tmp_path, monke
     assert (paths.work_dir / "baseline-seed1.json").is_file() and not paths.metrics.exists()
     got = final.run(params, prepared, "baseline", paths)
     assert trained == [1, 2, 2]  # seed 1 was not retrained
-    assert {k: v for k, v in got["baseline"].items() if k != "wall_time_s"} == \
-        {k: v for k, v in expected["baseline"].items() if k != "wall_time_s"}
+    assert {k: v for k, v in got["methods"]["baseline"].items() if k != "wall_time_s"} == \
+        {k: v for k, v in expected["methods"]["baseline"].items() if k != "wall_time_s"}
 
 
 def test_missing_choices_are_a_clear_error(tmp_path):

@@ -2,8 +2,9 @@
 import math
 
 import pytest
+import scipy.stats
 
-from pipeline.stats import mean_ci, paired_difference
+from pipeline.stats import mean_ci, paired_difference, seeds_and_items_ci
 
 
 def test_mean_ci_of_a_hand_sample():
@@ -37,3 +38,40 @@ def test_one_seed_has_no_interval_and_bad_input_is_refused():
         paired_difference([1.0], [1.0, 2.0])
     with pytest.raises(ValueError):
         mean_ci([])
+
+
+def test_seeds_and_items_interval_of_a_hand_table():
+    # 2 seeds x 4 items. Seed means 0.5, 0.25 (var 0.03125); item means 1, 0.5, 0, 0
+    # (mean 0.375, var (0.390625 + 0.015625 + 0.140625 * 2) / 3 = 0.6875 / 3)
+    table = [[1, 1, 0, 0], [1, 0, 0, 0]]
+    got = seeds_and_items_ci(table)
+    a, b = 0.03125 / 2, (0.6875 / 3) / 4
+    df = (a + b) ** 2 / (a ** 2 / 1 + b ** 2 / 3)  # 3.973
+    half = scipy.stats.t.ppf(0.975, df) * math.sqrt(a + b)
+    assert got.mean == 0.375 and got.n == 2
+    assert got.low == pytest.approx(0.375 - half, rel=1e-12) and got.high == pytest.approx(0.375 + half, rel=1e-12)
+
+
+def test_three_seeds_that_each_miss_one_more_image_are_not_significant():
+    """The seed spread alone is zero here (every seed differs by one image of 360): the interval
+    must still carry the test split's sampling, and one image on three seeds decides nothing."""
+    n = 360
+    diff = [[-1 if i == s else 0 for i in range(n)] for s in range(3)]  # a different image per seed
+    by_seeds = mean_ci([sum(row) / n for row in diff])
+    assert by_seeds.low == by_seeds.high  # the degenerate seed-only interval
+    got = seeds_and_items_ci(diff)
+    assert got.mean == pytest.approx(-1 / n) and not got.excludes_zero
+
+
+def test_many_images_on_every_seed_are_significant():
+    n = 360
+    diff = [[-1 if i < 30 + s else 0 for i in range(n)] for s in range(3)]  # ~8 points fewer errors, all seeds
+    got = seeds_and_items_ci(diff)
+    assert got.excludes_zero and got.high < 0
+
+
+def test_the_degrees_of_freedom_follow_the_dominant_part():
+    """Seeds only (every image alike within a seed): t at k - 1 = 2, as mean_ci over the seeds."""
+    table = [[0.1] * 50, [0.2] * 50, [0.4] * 50]
+    got, by_seeds = seeds_and_items_ci(table), mean_ci([0.1, 0.2, 0.4])
+    assert got.low == pytest.approx(by_seeds.low, rel=1e-9) and got.high == pytest.approx(by_seeds.high, rel=1e-9)

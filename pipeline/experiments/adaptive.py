@@ -41,6 +41,7 @@ class AdaptivePaths:
     epochs_csv: Path
     layers_csv: Path
     checkpoint: Path
+    model: Path | None = None  # the trained weights, when wanted (the finalists evaluate them per image)
 
     @classmethod
     def for_variant(cls, name: str, root: Path = Path(".")) -> "AdaptivePaths":
@@ -144,6 +145,8 @@ def run(params: Params, prepared: Path, name: str, paths: AdaptivePaths, tracker
 
     seconds = time.perf_counter() - start
     metrics = summarise(history, cfg.last_n, outcome, seconds, trainer, name, params.work.hvp_cost)
+    if paths.model:
+        io.save_torch(paths.model, model.state_dict())
     _write_outputs(paths, history, layer_rows, metrics, l2, lr, tracker)
     checkpoint.clear()
     return metrics

@@ -30,7 +30,8 @@ from pipeline.config import ConfigError, Params
 from pipeline.data import load_prepared
 from pipeline.experiments import adaptive, baseline
 from pipeline.tracking import Tracker
-from pipeline.training import setup_device
+from pipeline.models import build_densenet
+from pipeline.training import setup_device, wrong_examples
 
 KINDS = ("baseline", "search", "drmad", "adaptive")
 
@@ -105,7 +106,7 @@ def run(params: Params, prepared: Path, kind: str, paths: FinalPaths, tracker: T
             results.append(result)
             if tracker:
                 tracker.log_metrics({f"{finalist.method}/test_error/seed{seed}": result["test_error"]})
-    metrics = summarise(results, params.final.seeds)
+    metrics = summarise(results, params.final.seeds, len(splits["test"][1]))
     _write_outputs(paths, results, metrics, tracker)
     shutil.rmtree(paths.work_dir, ignore_errors=True)
     return metrics
@@ -126,12 +127,15 @@ def _finished_or_run(params: Params, finalist: Finalist, seed: int, prepared: Pa
         trainer, m = baseline.train(params, finalist.cfg, seed, splits, meta, checkpoint, finalist.l2_coefficients,
                                     progress=progress, desc=f"{finalist.method} seed {seed}")
         history, tuning, tuning_wall = trainer.state.history, 0.0, 0.0
+        model = trainer.model
         checkpoint.clear()
     else:
         where = paths.work_dir / stem
         m = adaptive.run(adaptive_params(params, seed), prepared, finalist.variant, adaptive.AdaptivePaths(
-            where / "hypers.pt", where / "metrics.json", where / "epochs.csv", where / "layers.csv", where / "checkpoint.pt"),
-            progress=progress)
+            where / "hypers.pt", where / "metrics.json", where / "epochs.csv", where / "layers.csv", where / "checkpoint.pt",
+            where / "model.pt"), progress=progress)
+        model = build_densenet(params.model, meta, seed).to(splits["test"][0].device)
+        model.load_state_dict(torch.load(where / "model.pt", weights_only=True))
         history = pd.read_csv(where / "epochs.csv").to_dict("records")
         tuning = m["work_gradient_equivalents"] - m["work_training_gradients"]
         tuning_wall = m["hypergradient_time_share"] * m["wall_time_s"] if m["hypergradient_time_share"] else 0.0
@@ -139,7 +143,13 @@ def _finished_or_run(params: Params, finalist: Finalist, seed: int, prepared: Pa
               "test_error": m["final_test_error"], "val_error": m["final_val_error"],
               "train_error": m["final_train_error"], "training_work": m["work_training_gradients"],
               "tuning_work": tuning, "wall_time_s": m["wall_time_s"], "tuning_wall_s": round(tuning_wall, 3),
+              "test_wrong": None if m["outcome"] == "diverged" else wrong_examples(
+                  model, *splits["test"], params.baseline.eval_batch_size),
               "epochs": [{k: r[k] for k in ("epoch", "train_error", "val_error", "test_error")} for r in history]}
+    wrong, n = result["test_wrong"], len(splits["test"][1])
+    if wrong is not None and len(wrong) != round(result["test_error"] * n):  # the two evaluations must agree
+        raise RuntimeError(f"{finalist.method} seed {seed}: {len(wrong)} wrong test images, but test error "
+                           f"{result['test_error']} of {n}")
     io.write_json(done, {"key": key, "result": result})
     return result
 
@@ -153,13 +163,15 @@ def _digest(tensors: dict | None) -> str | None:
     return h.hexdigest()
 
 
-def summarise(results: list[dict], seeds: list[int]) -> dict:
-    """Per method: the test error of each seed (null when that run diverged)."""
-    out: dict = {"seeds": seeds}
+def summarise(results: list[dict], seeds: list[int], test_size: int) -> dict:
+    """Per method and seed: test error (null when that run diverged), the wrong test images'
+    indices (paired comparisons need which, not only how many), work and wall time."""
+    out: dict = {"seeds": seeds, "test_size": test_size, "methods": {}}
     for r in results:
-        entry = out.setdefault(r["method"], {"test_error": {}, "outcome": {}, "training_work": {}, "tuning_work": {},
-                                             "wall_time_s": {}, "tuning_wall_s": {}})
-        for key in ("test_error", "outcome", "training_work", "tuning_work", "wall_time_s", "tuning_wall_s"):
+        entry = out["methods"].setdefault(r["method"], {"test_error": {}, "outcome": {}, "training_work": {}, "tuning_work": {},
+                                             "wall_time_s": {}, "tuning_wall_s": {}, "test_wrong": {}})
+        for key in ("test_error", "outcome", "training_work", "tuning_work", "wall_time_s", "tuning_wall_s",
+                    "test_wrong"):
             entry[key][f"seed{r['seed']}"] = r[key]
     return out
 

@@ -184,8 +184,10 @@ def verdict_section(root: Path, level: float, batchnorm: str) -> tuple[list[str]
     text = ["# Verdict\n",
             f"Every method's chosen hyperparameters retrained from scratch at the baseline's full schedule on "
             f"{n} seeds (seed: initialisation, batch order and dropout masks), each evaluated once on the test "
-            f"split {BATCHNORM[batchnorm]}. Intervals: {int(round(100 * level))}% Student-t over seeds; the "
-            "difference is paired, seed by seed, method minus baseline (negative: fewer errors). Costs are counted "
+            f"split {BATCHNORM[batchnorm]}. Intervals ({int(round(100 * level))}%, Student-t) carry both sources of "
+            "chance: the seed-to-seed spread and the sampling of the test images (one image is "
+            f"{100 / seeds['test_size'].iloc[0]:.2f} points); the difference is paired, seed by seed and image by "
+            "image, method minus baseline (negative: fewer errors). Costs are counted "
             "work in gradient evaluations (a training step 1; a reverse step 1 plus one HVP at `work.hvp_cost`; "
             "evaluations not counted), wall seconds beside them on this machine. Tuning: what choosing the "
             "hyperparameters spent (the searches at DrMAD's counted work; the adaptive method tunes while it "

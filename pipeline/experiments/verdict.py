@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 
 from pipeline import plots
 
-from pipeline.stats import Interval, mean_ci, paired_difference
+from pipeline.stats import Interval, seeds_and_items_ci
 
 REFERENCE = "baseline"
 KIND_ORDER = ("baseline", "search", "drmad", "adaptive")
@@ -31,17 +31,17 @@ def per_seed(root: Path) -> pd.DataFrame:
         path = root / f"metrics/final/{kind}.json"
         if not path.is_file():
             continue
-        for method, entry in json.loads(path.read_text()).items():
-            if method == "seeds":
-                continue
+        final = json.loads(path.read_text())
+        for method, entry in final["methods"].items():
             for seed, error in entry["test_error"].items():
                 rows.append({"kind": kind, "method": method, "seed": int(seed.removeprefix("seed")),
                              "test_error": error, "outcome": entry["outcome"][seed],
                              "final_work": entry["training_work"][seed], "final_wall_s": entry["wall_time_s"][seed],
                              "run_tuning_work": entry["tuning_work"][seed],
-                             "run_tuning_wall_s": entry.get("tuning_wall_s", {}).get(seed, 0.0)})
+                             "run_tuning_wall_s": entry["tuning_wall_s"][seed],
+                             "test_wrong": entry["test_wrong"][seed], "test_size": final["test_size"]})
     return pd.DataFrame(rows, columns=["kind", "method", "seed", "test_error", "outcome", "final_work", "final_wall_s",
-                                       "run_tuning_work", "run_tuning_wall_s"])
+                                       "run_tuning_work", "run_tuning_wall_s", "test_wrong", "test_size"])
 
 
 def tuning_costs(root: Path, method: str, kind: str) -> tuple[float | None, float | None]:
@@ -89,22 +89,35 @@ def sentence(method: str, diff: Interval | None, diverged: int, n: int) -> str:
     return f"no significant difference ({d:+.2f} points, {span})" + note
 
 
+def wrong_rows(runs: pd.DataFrame) -> dict[int, list[int]]:
+    """Seed -> 0/1 per test image (1: wrong), for the seeds whose run did not diverge."""
+    out = {}
+    for r in runs.dropna(subset=["test_error"]).itertuples(index=False):
+        row = [0] * int(r.test_size)
+        for i in r.test_wrong:
+            row[i] = 1
+        out[int(r.seed)] = row
+    return out
+
+
 def table(seeds: pd.DataFrame, level: float) -> pd.DataFrame:
-    """One row per method, the baseline first."""
-    reference = seeds[seeds["method"] == REFERENCE].set_index("seed")["test_error"]
+    """One row per method, the baseline first. Intervals carry the seed-to-seed spread and the
+    test split's sampling of images (`seeds_and_items_ci`); differences pair seeds and images."""
+    reference = wrong_rows(seeds[seeds["method"] == REFERENCE])
     rows = []
     for method, runs in seeds.groupby("method", sort=False):
-        finite = runs.dropna(subset=["test_error"])
-        error = mean_ci(finite["test_error"].tolist(), level) if len(finite) else None
-        both = finite.set_index("seed")["test_error"].align(reference.dropna(), join="inner")
-        diff = paired_difference(both[0].tolist(), both[1].tolist(), level) if len(both[0]) >= 2 else None
+        wrong = wrong_rows(runs)
+        error = seeds_and_items_ci(list(wrong.values()), level) if wrong else None
+        common = [s for s in wrong if s in reference]
+        diff = (seeds_and_items_ci([[a - b for a, b in zip(wrong[s], reference[s])] for s in common], level)
+                if len(common) >= 2 and method != REFERENCE else None)
         rows.append({"method": method, "seeds": len(runs), "test_error_mean": error.mean if error else None,
                      "test_error_low": error.low if error else None, "test_error_high": error.high if error else None,
                      "diff_mean": diff.mean if diff else None, "diff_low": diff.low if diff else None,
                      "diff_high": diff.high if diff else None,
                      "tuning_work": runs["tuning_work"].mean(), "tuning_wall_s": runs["tuning_wall_s"].mean(),
                      "final_work": runs["final_work"].mean(), "final_wall_s": runs["final_wall_s"].mean(),
-                     "verdict": sentence(method, None if method == REFERENCE else diff,
+                     "verdict": sentence(method, diff,
                                          int(runs["test_error"].isna().sum()), len(runs))})
     return pd.DataFrame(rows)
 

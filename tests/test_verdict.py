@@ -1,0 +1,90 @@
+"""The verdict table on hand-made finalist results: rows, intervals, sentences and costs."""
+import json
+
+import pytest
+
+from pipeline.experiments import report, verdict
+from pipeline.stats import Interval
+
+N = 100  # test images
+
+
+def write(path, payload):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload))
+
+
+def final_entry(wrong_by_seed, training_work=170, tuning_work=0.0):
+    seeds = [f"seed{s}" for s in wrong_by_seed]
+    return {"test_error": {f"seed{s}": (None if w is None else len(w) / N) for s, w in wrong_by_seed.items()},
+            "outcome": {f"seed{s}": ("diverged" if w is None else "finished") for s, w in wrong_by_seed.items()},
+            "training_work": dict.fromkeys(seeds, training_work), "tuning_work": dict.fromkeys(seeds, tuning_work),
+            "wall_time_s": dict.fromkeys(seeds, 7.0), "tuning_wall_s": dict.fromkeys(seeds, 0.0),
+            "test_wrong": {f"seed{s}": w for s, w in wrong_by_seed.items()}}
+
+
+def results(root):
+    """Baseline: 31-33 wrong images of 100. random: 20 fewer on every seed, the same images (a
+    clear gain). drmad -4: one image fewer on one seed only. adaptive: much worse; one seed diverged."""
+    base = {s: list(range(30 + s)) for s in (1, 2, 3)}
+    methods = {"baseline": base,
+               "random": {s: list(range(20, 30 + s)) for s in (1, 2, 3)},
+               "drmad -4": {1: list(range(30)), 2: list(range(32)), 3: list(range(33))},
+               "adaptive a": {1: list(range(80)), 2: list(range(85)), 3: None}}
+    kinds = {"baseline": ["baseline"], "search": ["random"], "drmad": ["drmad -4"], "adaptive": ["adaptive a"]}
+    for kind, names in kinds.items():
+        write(root / f"metrics/final/{kind}.json", {"seeds": [1, 2, 3], "test_size": N, "methods": {
+            m: final_entry(methods[m], tuning_work=30.0 if kind == "adaptive" else 0.0) for m in names}})
+    write(root / "metrics/search/random.json", {"sampler": "random", "trials": 3, "diverged_trials": 0,
+                                                "work_gradient_equivalents": 240.0, "budget_gradient_equivalents": 263.0,
+                                                "best_val_error": 0.05, "best_log10_l2": -4.0, "best_log10_alpha": 0.0,
+                                                "wall_time_s": 9.0})
+    write(root / "metrics/drmad/-4.json", {"work_gradient_equivalents": 263.0, "seconds_per_meta_iteration": 2.0,
+                                           "meta_iterations_completed": 3, "outcome": "finished",
+                                           "final_test_error": 0.1, "final_val_error": 0.1, "best_val_error": 0.1,
+                                           "hypergradient_work_share": 0.7})
+    (root / "plots/drmad/-4").mkdir(parents=True)
+    (root / "plots/drmad/-4/meta.csv").write_text("meta_iteration,test_error,seconds\n0,0.1,2\n1,0.1,2\n2,0.1,2\n")
+
+
+def test_the_table_says_only_what_the_intervals_support(tmp_path):
+    results(tmp_path)
+    seeds = verdict.with_total_compute(verdict.per_seed(tmp_path), tmp_path)
+    table = verdict.table(seeds, 0.95).set_index("method")
+    assert list(table.index) == ["baseline", "random", "drmad -4", "adaptive a"]
+    assert table.loc["random", "diff_mean"] == pytest.approx(-0.2)
+    assert table.loc["random", "verdict"].startswith("beats the baseline by 20.00 points")
+    assert table.loc["drmad -4", "verdict"].startswith("no significant difference")
+    assert "1 of 3 seeds diverged" in table.loc["adaptive a", "verdict"]
+    assert table.loc["adaptive a", "verdict"].startswith("worse than the baseline")
+    assert table.loc["adaptive a", "seeds"] == 3 and table.loc["adaptive a", "test_error_mean"] == pytest.approx(0.825)
+    # costs: the search's and DrMAD's tuning once, the adaptive's inside its runs; final work per seed
+    assert table.loc["baseline", "tuning_work"] == 0 and table.loc["random", "tuning_work"] == 240
+    assert table.loc["drmad -4", "tuning_work"] == 263 and table.loc["drmad -4", "tuning_wall_s"] == 6.0
+    assert table.loc["adaptive a", "tuning_work"] == 30 and table.loc["random", "final_work"] == 170
+    assert set(seeds[seeds["method"] == "random"]["total_work"]) == {410}
+
+
+def test_the_report_leads_with_the_verdict(tmp_path):
+    results(tmp_path)
+    paths = report.ReportPaths(*(tmp_path / p for p in ("reports/summary.md", "reports/summary.csv", "reports/quality.csv",
+                                                         "reports/figures", "reports/verdict.json",
+                                                         "reports/verdict_seeds.csv")))
+    report.run(tmp_path, paths=paths)
+    summary = paths.summary_md.read_text()
+    assert summary.startswith("# Verdict")
+    assert "| random | 3 | 12.00 [" in summary and "beats the baseline by 20.00 points, CI [" in summary
+    assert "one image is 1.00 points" in summary
+    assert (paths.figures / "test_error_vs_compute.png").stat().st_size > 10_000
+    metrics = json.loads(paths.verdict_json.read_text())
+    assert metrics["random"]["diff_mean"] == pytest.approx(-0.2) and metrics["baseline"]["diff_mean"] is None
+
+
+@pytest.mark.parametrize("low, high, expected", [
+    (-0.03, -0.01, "beats the baseline by 2.00 points, CI [-3.00, -1.00]"),
+    (0.01, 0.03, "worse than the baseline by 2.00 points, CI [+1.00, +3.00]"),
+    (-0.01, 0.05, "no significant difference (+2.00 points, CI [-1.00, +5.00])"),
+])
+def test_sentences_follow_the_interval(low, high, expected):
+    mean = (low + high) / 2 if expected.startswith(("beats", "worse")) else 0.02
+    assert verdict.sentence("x", Interval(mean, low, high, 3), 0, 3) == expected
