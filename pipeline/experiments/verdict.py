@@ -112,7 +112,9 @@ def table(seeds: pd.DataFrame, level: float) -> pd.DataFrame:
         diff = (seeds_and_items_ci([[a - b for a, b in zip(wrong[s], reference[s])] for s in common], level)
                 if len(common) >= 2 and method != REFERENCE else None)
         rows.append({"method": method, "seeds": len(runs), "test_error_mean": error.mean if error else None,
-                     "test_error_low": error.low if error else None, "test_error_high": error.high if error else None,
+                     # an error rate lies in [0, 1]: the interval is clipped to it
+                     "test_error_low": max(error.low, 0.0) if error else None,
+                     "test_error_high": min(error.high, 1.0) if error else None,
                      "diff_mean": diff.mean if diff else None, "diff_low": diff.low if diff else None,
                      "diff_high": diff.high if diff else None,
                      "tuning_work": runs["tuning_work"].mean(), "tuning_wall_s": runs["tuning_wall_s"].mean(),
