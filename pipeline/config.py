@@ -279,9 +279,9 @@ class SearchSpace(Section):
         for key, (low, high) in (("log10_l2", self.log10_l2), ("log10_alpha", self.log10_alpha)):
             if low >= high:
                 raise ValueError(f"{key}: [low, high] with low < high, got {[low, high]}")
-        if not -30.0 <= self.log10_l2[0] and self.log10_l2[1] <= 3.0:
+        if not (-30.0 <= self.log10_l2[0] and self.log10_l2[1] <= 3.0):
             raise ValueError(f"log10_l2: within [-30, 3] (got {self.log10_l2})")
-        if not -6.0 <= self.log10_alpha[0] and self.log10_alpha[1] <= 2.0:
+        if not (-6.0 <= self.log10_alpha[0] and self.log10_alpha[1] <= 2.0):
             raise ValueError(f"log10_alpha: within [-6, 2] (got {self.log10_alpha})")
         return self
 
@@ -438,7 +438,7 @@ def _describe(err: dict, model: type[BaseModel]) -> str:
         if not prefix:
             return msg
         # A section's validator names the key within it; a field's validator is about the field.
-        return f"{prefix}.{msg}" if re.match(r"[\w.]+: ", msg) else f"{prefix}: must be {msg}"
+        return f"{prefix}.{msg}" if re.match(r"[\w.-]+: ", msg) else f"{prefix}: must be {msg}"
     if kind in _BOUNDS:
         return f"{loc}: must be {_BOUNDS[kind]} {next(iter(err['ctx'].values()))} (got {given!r})"
     return f"{loc}: {err['msg'].replace('Input should be', 'must be')} (got {given!r})"

@@ -65,6 +65,22 @@ BAD = [  # (key path, bad value, words the message must contain)
     ("quality.lengths", [200], ["quality.lengths", "unknown key", "runs"]),
     ("paths.protocol", "other", ["paths.protocol", "thesis"]),
     ("drmad.epochs_start_by_init", {-2.0: 5}, ["drmad.epochs_cap", "epochs_start"]),
+    # the verdict's search spaces, budgets and seed lists
+    ("search.samplers", ["random", "grid"], ["search.samplers", "'random'", "'tpe'"]),
+    ("search.samplers", ["tpe", "tpe"], ["search.samplers", "at most once"]),
+    ("search.space.log10_l2", [-1.0, -7.0], ["search.space.log10_l2", "low < high"]),
+    ("search.space.log10_alpha", [0.0], ["search.space.log10_alpha", "at least 2"]),
+    ("search.space.log10_alpha", [-1.0, 5.0], ["search.space.log10_alpha", "within [-6, 2]"]),
+    ("search.space.lr", [0.0, 1.0], ["search.space.lr", "unknown key", "log10_alpha"]),
+    ("search.budget", 0, ["search.budget", "drmad", "> 0"]),
+    ("search.budget", "all", ["search.budget", "drmad"]),
+    ("search.trial_epochs", 0, ["search.trial_epochs", ">= 1"]),
+    ("search.storage", "redis://x", ["search.storage", "RDB URL"]),
+    ("final.seeds", [1], ["final.seeds", "at least 2"]),
+    ("final.seeds", [1, 2, 1], ["final.seeds", "distinct"]),
+    ("final.seeds", [1, -2], ["final.seeds", "within [0,"]),
+    ("final.seeds", [1, 2.5], ["final.seeds.1", "integer"]),
+    ("final.confidence", 1.0, ["final.confidence", "< 1"]),
 ]
 
 
@@ -100,7 +116,8 @@ def test_broken_yaml_is_one_line(tmp_path):
 STAGE_COMMANDS = {"prepare": ["stages.prepare"], "baseline": ["stages.baseline"],
                   "drmad": ["stages.drmad", "--init=-4.0"], "adaptive": ["stages.adaptive", "--variant=k100"],
                   "quality": ["stages.quality", "--run=thesis-200"], "paths": ["stages.paths"],
-                  "report": ["stages.report"], "validate": ["stages.cli", "validate", "--stamp", "checks/params.ok"]}
+                  "report": ["stages.report"], "validate": ["stages.cli", "validate", "--stamp", "checks/params.ok"],
+                  "search": ["stages.search", "--sampler=tpe"], "final": ["stages.final", "--kind=drmad"]}
 
 
 @pytest.mark.parametrize("stage", list(STAGE_COMMANDS))
