@@ -2,12 +2,14 @@
 
 The merged file holds every value, so `dvc params diff` and MLflow show exactly what changed;
 the merge is validated before anything is written and replaces params.yaml in one rename.
+params.yaml is edited as a round trip (ruamel.yaml): its comments, order and layout stay.
 """
 from __future__ import annotations
 
+import io as text_io
 from pathlib import Path
 
-import yaml
+from ruamel.yaml import YAML
 
 from pipeline import io
 from pipeline.config import ConfigError, parse_params, read_yaml
@@ -20,11 +22,14 @@ def available(root: Path = Path(".")) -> list[str]:
 
 
 def merge(base: dict, overlay: dict) -> dict:
-    """`overlay` over `base`, recursively for mappings (lists and values replace)."""
-    out = dict(base)
+    """`overlay` over `base`, recursively for mappings (lists and values replace), in place so
+    that a round-trip mapping keeps its comments."""
     for key, value in overlay.items():
-        out[key] = merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
-    return out
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge(base[key], value)
+        else:
+            base[key] = value
+    return base
 
 
 def apply(name: str, params_file: Path = Path("params.yaml"), root: Path = Path(".")) -> dict:
@@ -32,8 +37,13 @@ def apply(name: str, params_file: Path = Path("params.yaml"), root: Path = Path(
     overlay_file = root / SCALES_DIR / f"{name}.yaml"
     if not overlay_file.is_file():
         raise ConfigError(f"scale {name!r}: no {overlay_file}; available: {', '.join(available(root)) or 'none'}")
-    merged = merge(read_yaml(params_file.read_text()), read_yaml(overlay_file.read_text()))
-    parse_params(merged)  # a bad overlay fails here, before params.yaml is touched
-    io.write_text(params_file, f"# params.yaml with scales/{name}.yaml merged in (`pipeline scale {name}`)\n"
-                  + yaml.safe_dump(merged, sort_keys=False))
-    return merged
+    round_trip = YAML()  # YAML 1.2, like read_yaml: 1e-4 is a number
+    round_trip.width = 120
+    merged = merge(round_trip.load(params_file.read_text()), read_yaml(overlay_file.read_text()))
+    out = text_io.StringIO()
+    round_trip.dump(merged, out)
+    text = f"# params.yaml with scales/{name}.yaml merged in (`pipeline scale {name}`)\n" + out.getvalue()
+    settings = read_yaml(text)
+    parse_params(settings)  # a bad overlay fails here, before params.yaml is touched
+    io.write_text(params_file, text)
+    return settings

@@ -42,6 +42,16 @@ def test_paper_scale_validates_and_builds_the_thesis_models(paper):
         pytest.approx([1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
 
 
+def test_scale_keeps_the_comments_and_layout_of_params_yaml(tmp_path, paper):
+    """Every comment line of the shipped params.yaml is still there after the merge, and the
+    merged values are the overlay's."""
+    merged = (tmp_path / "params.yaml").read_text()
+    comments = [line.strip() for line in (ROOT / "params.yaml").read_text().splitlines() if line.strip().startswith("#")]
+    assert comments and all(c in merged for c in comments)
+    assert "  samplers: [random, tpe]" in merged  # flow style kept
+    assert paper.model.depth == 40 and paper.final.seeds == [1, 2, 3, 4, 5]
+
+
 def test_scale_keeps_other_values_and_rejects_a_bad_overlay(tmp_path, paper):
     assert paper.tracking.experiment == load_params(ROOT / "params.yaml").tracking.experiment
     (tmp_path / "scales" / "broken.yaml").write_text("baseline: {momentum: 1.5}\n")
