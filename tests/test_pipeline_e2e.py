@@ -136,8 +136,14 @@ def test_repro_runs_what_changed_and_records_it(tmp_path):
     epochs = db.execute("select count(*) from metrics where key = 'error/test' and run_uuid = ?",
                         (baseline_id,)).fetchone()[0]
     assert epochs == TINY["baseline"]["epochs"]
-    layers = db.execute("select count(*) from metrics where key like 'hyper/log10_l2/%/mean'").fetchone()[0]
-    assert layers > 0  # per-layer hyperparameter summaries of the drmad run
+    # A handful of hyperparameter curves per run (quantiles), not one per layer; one key, one meaning.
+    keys = {name: {k for (k,) in db.execute("select distinct m.key from metrics m join runs r on r.run_uuid = "
+                                             "m.run_uuid where r.name = ?", (name,))}
+            for name in ("drmad:-4.0", "adaptive:k100")}
+    assert {"hyper/log10_l2/median", "hyper/log10_l2/p95", "meta/error/val"} <= keys["drmad:-4.0"]
+    assert {"hyper/log10_lr/median", "error/val"} <= keys["adaptive:k100"]
+    assert not [k for ks in keys.values() for k in ks if ".weight" in k]  # no per-layer keys
+    assert "error/val" not in keys["drmad:-4.0"]  # separate trainings' epochs are not joined into one curve
 
     # Changing one value reruns exactly the stages that depend on it.
     parent = db.execute("select run_uuid from runs where name like 'pipeline%'").fetchone()[0]

@@ -25,6 +25,7 @@ from pipeline.tracking import Tracker
 from pipeline.checkpoint import Checkpoint, fingerprint
 from pipeline.config import AdaptiveVariant, ConfigError, Params
 from pipeline.hyper import HyperSpace
+from pipeline.experiments.summaries import hyper_quantiles
 from pipeline.work import Work
 from pipeline.meta import layer_summary
 from pipeline.seeds import INIT_STREAM, derive_seed
@@ -162,9 +163,8 @@ def _layer_rows(epoch: int, l2: HyperSpace, lr: HyperSpace) -> list[dict]:
 
 def _log_epoch(tracker: Tracker, row: dict, layer_rows: list[dict], l2: HyperSpace, lr: HyperSpace) -> None:
     metrics = {**epoch_metrics(row), "gap/test_minus_val": row["val_test_gap"]}
-    for r in (r for r in layer_rows if r["epoch"] == row["epoch"]):
-        metrics[f"hyper/{r['kind']}/{r['layer']}/mean"] = r["mean"]
-    tracker.log_metrics(metrics, step=row["epoch"])
+    metrics.update({**hyper_quantiles(l2, "log10_l2"), **hyper_quantiles(lr, "log10_lr", LOG10_E)})
+    tracker.log_metrics(metrics, step=row["epoch"])  # per-layer detail: layers.csv
     for space, kind, scale in ((l2, "log10_l2", 1.0), (lr, "log10_lr", LOG10_E)):
         values = torch.cat([space.log_value(n).reshape(-1).float().cpu() for n in space.shapes]) * scale
         tracker.log_figure(plots.histogram(values, f"{kind} after epoch {row['epoch']}", kind),

@@ -31,7 +31,8 @@ from pipeline.hypergrad.hvp import HVP_METHODS
 from pipeline.hypergrad.reverse import reverse
 from pipeline.meta import epochs_at, layer_summary, sign_step, zero_momentum
 from pipeline.training import setup_device
-from pipeline.training import Trainer, epoch_metrics, final_errors, finite_losses, train_epoch
+from pipeline.training import Trainer, final_errors, finite_losses, train_epoch
+from pipeline.experiments.summaries import hyper_quantiles
 from pipeline.work import Work
 
 
@@ -143,9 +144,7 @@ def meta_iteration(params: Params, run: Run, splits: dict, meta: dict, device: t
     row = {}
     for epoch in range(trainer.cfg.epochs):
         row = train_epoch(trainer, splits, epoch + 1, params.evaluation.batchnorm)
-        run.epoch_rows.append({"meta_iteration": i, **row})
-        if tracker:
-            tracker.log_metrics(epoch_metrics(row), step=len(run.epoch_rows))
+        run.epoch_rows.append({"meta_iteration": i, **row})  # each training's epochs: epochs.csv, not a metric
         if not finite_losses(row):
             return False
     forward_seconds = time.perf_counter() - start
@@ -159,6 +158,7 @@ def meta_iteration(params: Params, run: Run, splits: dict, meta: dict, device: t
     grad = grads["log10_l2"]
     if not finite(*grad.values()):
         return False
+    trained_with = hyper_quantiles(run.hypers, "log10_l2")  # logged at step i: what meta-iteration i trained with
     sign_step(run.hypers, grad, run.momentum, cfg.hyper_step, cfg.hyper_momentum)
 
     norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grad.values())).item()
@@ -173,19 +173,16 @@ def meta_iteration(params: Params, run: Run, splits: dict, meta: dict, device: t
         run.chosen = {"meta_iteration": i, "val_error": row["val_error"],
                       "l2_coefficients": {n: c.detach().cpu().clone() for n, c in coefs.items()}}
     if tracker:
-        _log_meta_iteration(tracker, run, i)
+        _log_meta_iteration(tracker, run, i, trained_with)
     return True
 
 
-def _log_meta_iteration(tracker: Tracker, run: Run, i: int) -> None:
+def _log_meta_iteration(tracker: Tracker, run: Run, i: int, trained_with: dict[str, float]) -> None:
     last = run.meta_rows[-1]
     metrics = {f"meta/error/{s}": last[f"{s}_error"] for s in ("train", "val", "test")}
-    metrics.update({"hypergrad/norm": last["hypergrad_norm"], "drmad/reverse_steps": last["reverse_steps"],
-                    "meta/seconds": last["seconds"]})
-    for row in (r for r in run.layer_rows if r["meta_iteration"] == i):
-        metrics[f"hyper/log10_l2/{row['layer']}/mean"] = row["mean"]
-        metrics[f"hyper/log10_l2/{row['layer']}/std"] = row["std"]
-    tracker.log_metrics(metrics, step=i)
+    metrics.update({"meta/hypergrad_norm": last["hypergrad_norm"], "meta/reverse_steps": last["reverse_steps"],
+                    "meta/val_loss": last["val_loss"], "meta/seconds": last["seconds"]})
+    tracker.log_metrics({**metrics, **trained_with}, step=i)
     values = torch.cat([run.hypers.log_value(n).reshape(-1).float().cpu() for n in run.hypers.shapes])
     tracker.log_figure(plots.histogram(values, f"log10 L2 after meta-iteration {i}", "log10 L2"),
                        f"histograms/log10_l2_meta{i:02d}.png")
