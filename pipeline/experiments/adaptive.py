@@ -8,20 +8,19 @@ A non-finite loss or hypergradient ends the run as the outcome `diverged`, not a
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from pipeline import io, plots
 from pipeline.adaptive import AdaptiveSettings, AdaptiveTrainer
 from pipeline.data import load_prepared
 from pipeline.models import build_densenet
 from pipeline.tracking import Tracker
+from pipeline.progress import Progress
 from pipeline.checkpoint import Checkpoint, fingerprint
 from pipeline.config import AdaptiveVariant, ConfigError, Params
 from pipeline.hyper import HyperSpace
@@ -126,14 +125,13 @@ def run(params: Params, prepared: Path, name: str, paths: AdaptivePaths, tracker
         trainer.refresh()
     history, outcome = trainer.state.history, "finished"
     start = time.perf_counter() - sum(h["seconds"] for h in history)
-    bar = tqdm(range(len(history), cfg.epochs), desc=f"adaptive {name}", unit="epoch", initial=len(history),
-               total=cfg.epochs, disable=not (sys.stderr.isatty() if progress is None else progress))
+    bar = Progress(len(history), cfg.epochs, f"adaptive {name}", "epoch", progress)
     for epoch in bar:
         row = train_epoch(trainer, splits, epoch + 1, params.evaluation.batchnorm)
         row["val_test_gap"] = row["test_error"] - row["val_error"]
         history.append(row)
         layer_rows += _layer_rows(epoch + 1, l2, lr)
-        bar.set_postfix(val=f"{row['val_error']:.3f}", test=f"{row['test_error']:.3f}")
+        bar.report(val=f"{row['val_error']:.3f}", test=f"{row['test_error']:.3f}")
         if tracker:
             _log_epoch(tracker, row, layer_rows, l2, lr)
         if not finite_losses(row) or not trainer.finite:

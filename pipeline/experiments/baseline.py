@@ -6,15 +6,14 @@ identical numbers; a non-finite loss ends the run as the outcome `diverged`, not
 """
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from tqdm import tqdm
 
 from pipeline import io, plots
+from pipeline.progress import Progress
 from pipeline.checkpoint import Checkpoint, fingerprint
 from pipeline.config import Params, TrainConfig
 from pipeline.data import load_prepared
@@ -83,12 +82,11 @@ def train(params: Params, cfg: TrainConfig, seed: int, splits: dict, meta: dict,
         trainer.load_state_dict(saved)
     history, outcome = trainer.state.history, "finished"
     start = time.perf_counter() - sum(h["seconds"] for h in history)
-    epochs = tqdm(range(len(history), cfg.epochs), desc=desc, unit="epoch", initial=len(history),
-                  total=cfg.epochs, disable=not (sys.stderr.isatty() if progress is None else progress))
+    epochs = Progress(len(history), cfg.epochs, desc, "epoch", progress)
     for epoch in epochs:
         row = train_epoch(trainer, splits, epoch + 1, params.evaluation.batchnorm)
         history.append(row)
-        epochs.set_postfix(val=f"{row['val_error']:.3f}", test=f"{row['test_error']:.3f}")
+        epochs.report(val=f"{row['val_error']:.3f}", test=f"{row['test_error']:.3f}")
         if tracker:
             tracker.log_metrics(epoch_metrics(row), step=row["epoch"])
         if not finite_losses(row):

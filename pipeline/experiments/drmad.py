@@ -9,19 +9,18 @@ ends with the same numbers.
 """
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from pipeline import io, plots
 from pipeline.data import load_prepared
 from pipeline.models import build_densenet
 from pipeline.tracking import Tracker
+from pipeline.progress import Progress
 from pipeline.checkpoint import Checkpoint, fingerprint
 from pipeline.config import ConfigError, Params
 from pipeline.hyper import HyperSpace
@@ -201,9 +200,7 @@ def run(params: Params, prepared: Path, init: float, paths: DrmadPaths, tracker:
                                                           cfg.model_dump(), meta["digest"]))
     if (saved := checkpoint.load(device)) is not None:
         state.restore(saved)
-    bar = tqdm(range(state.iteration, cfg.meta_iterations), desc=f"drmad {init:g}", unit="meta-it",
-               initial=state.iteration, total=cfg.meta_iterations,
-               disable=not (sys.stderr.isatty() if progress is None else progress))
+    bar = Progress(state.iteration, cfg.meta_iterations, f"drmad {init:g}", "meta-iteration", progress)
     for _ in bar:
         if state.outcome == "diverged":
             break
@@ -211,7 +208,7 @@ def run(params: Params, prepared: Path, init: float, paths: DrmadPaths, tracker:
             state.outcome = "diverged"  # the hyperparameters keep their last finite values
         else:
             state.iteration += 1
-            bar.set_postfix(test=f"{state.meta_rows[-1]['test_error']:.3f}")
+            bar.report(val=f"{state.meta_rows[-1]['val_error']:.3f}", test=f"{state.meta_rows[-1]['test_error']:.3f}")
         checkpoint.save(state.state())
         if tracker and state.outcome == "diverged":
             tracker.set_tag("outcome", "diverged")
