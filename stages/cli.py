@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from pipeline import scale as scale_module
+from pipeline import verify as verify_module
 from pipeline.config import load_params
 from pipeline.io import write_text
 from pipeline.training import resolve_device
@@ -56,6 +57,18 @@ def validate(params_file: str, stamp: str | None) -> None:
 def scale(name: str, params_file: str) -> None:
     scale_module.apply(name, Path(params_file))
     click.echo(f"{params_file}: scale {name} applied; `dvc params diff` shows the changes")
+
+
+@main.command(help="Rerun STAGE (e.g. baseline, drmad@-4.0) in a scratch copy of its inputs and compare its "
+                   "metrics with the workspace's (the committed results): identical, within seed noise (errors "
+                   "within twice the baseline finalists' seed-to-seed standard deviation), or beyond it. Exit code "
+                   "1 when beyond. Bit-identity is promised on one machine and software stack only.")
+@click.argument("stage")
+@user_errors_exit_2
+def verify(stage: str) -> None:
+    results = verify_module.rerun(Path("."), stage)
+    click.echo("\n".join(verify_module.describe(results)))
+    sys.exit(verify_module.main_exit_code(results))
 
 
 main.add_command(prepare.main, "prepare")

@@ -1,0 +1,126 @@
+"""`pipeline verify STAGE`: rerun one stage in a scratch copy and compare its metrics with the
+ones in the workspace (the committed results, after a clone).
+
+What may be promised: bit-identical on one machine and software stack (constraints.txt); on
+another machine CPU kernels can differ in the last bits, and results then agree only within seed
+noise. So the comparison says which: `identical`, `within seed noise` (every error differs by
+at most twice the seed-to-seed standard deviation of the baseline's finalists, from
+reports/verdict_seeds.csv), or `beyond seed noise`. Timings are not compared.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.config import ConfigError
+
+UNTIMED = ("time", "seconds", "wall", "per_s")  # keys that measure the machine, not the result
+NOISE_MULTIPLE = 2.0
+
+
+@dataclass(frozen=True)
+class Comparison:
+    verdict: str  # identical | within seed noise | beyond seed noise | differs
+    differences: dict[str, tuple[object, object]]
+    noise: float | None  # the seed-to-seed standard deviation of the baseline's test error
+
+
+def flat_numbers(node: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in flat_numbers(value, f"{prefix}{key}.").items()}
+    if isinstance(node, list):
+        return {k: v for i, value in enumerate(node) for k, v in flat_numbers(value, f"{prefix}{i}.").items()}
+    return {prefix.rstrip("."): node}
+
+
+def seed_noise(root: Path) -> float | None:
+    """Standard deviation over seeds of the baseline finalists' test error, if the verdict ran."""
+    path = root / "reports/verdict_seeds.csv"
+    if not path.is_file():
+        return None
+    errors = pd.read_csv(path).query("method == 'baseline'")["test_error"].dropna()
+    return float(errors.std(ddof=1)) if len(errors) >= 2 else None
+
+
+def compare(committed: dict, rerun: dict, noise: float | None) -> Comparison:
+    old, new = flat_numbers(committed), flat_numbers(rerun)
+    differences = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+                   if not any(word in k for word in UNTIMED) and old.get(k) != new.get(k)}
+    if not differences:
+        return Comparison("identical", {}, noise)
+    if noise is None:
+        return Comparison("differs", differences, None)
+    errors_close = all(isinstance(a, (int, float)) and isinstance(b, (int, float))
+                       and abs(a - b) <= NOISE_MULTIPLE * noise
+                       for k, (a, b) in differences.items() if "error" in k)
+    return Comparison("within seed noise" if errors_close else "beyond seed noise", differences, noise)
+
+
+def stage_spec(root: Path, name: str) -> tuple[str, list[str], list[str]]:
+    """The stage's command, dependency paths and metrics files, as DVC resolves them."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    try:
+        stage = Repo(str(root)).stage.collect(name)[0]
+    except (DvcException, IndexError) as exc:
+        raise ConfigError(f"pipeline verify: no stage {name!r} in dvc.yaml ({type(exc).__name__})") from None
+    metrics = [str(o.def_path) for o in stage.outs if o.metric]
+    if not metrics:
+        raise ConfigError(f"pipeline verify: stage {name!r} declares no metrics to compare")
+    return stage.cmd, [str(d.def_path) for d in stage.deps], metrics
+
+
+def rerun(root: Path, name: str) -> dict[str, Comparison]:
+    """Run stage `name` in a scratch copy of its inputs; compare each metrics file."""
+    cmd, deps, metrics = stage_spec(root, name)
+    missing = [m for m in metrics if not (root / m).is_file()]
+    if missing:
+        raise ConfigError(f"pipeline verify: {', '.join(missing)} missing; run the stage (dvc repro {name}) first")
+    with tempfile.TemporaryDirectory(prefix="verify-") as scratch:
+        work = Path(scratch)
+        for path in {*deps, "pipeline", "stages", "params.yaml", "dvc.yaml"}:
+            source = root / path
+            if source.is_dir():
+                shutil.copytree(source, work / path, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+            elif source.is_file():
+                (work / path).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, work / path)
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'verify.db'}", "PYTHONPATH": str(work)}
+        env.pop("DVC_ROOT", None)
+        done = subprocess.run(cmd, shell=True, cwd=work, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise ConfigError(f"pipeline verify: `{cmd}` failed in the scratch copy: {tail}")
+        noise = seed_noise(root)
+        return {m: compare(json.loads((root / m).read_text()), json.loads((work / m).read_text()), noise)
+                for m in metrics}
+
+
+def describe(results: dict[str, Comparison]) -> list[str]:
+    lines = []
+    for path, c in results.items():
+        scale = f" (seed noise: sd {100 * c.noise:.2f} points of test error)" if c.noise is not None else ""
+        lines.append(f"{path}: {c.verdict}{scale}")
+        for key, (old, new) in list(c.differences.items())[:12]:
+            gap = f", diff {new - old:+.3g}" if isinstance(old, (int, float)) and isinstance(new, (int, float)) \
+                and not isinstance(old, bool) and math.isfinite(old) and math.isfinite(new) else ""
+            lines.append(f"  {key}: committed {old}, rerun {new}{gap}")
+        if c.verdict == "differs":
+            lines.append("  (no seed spread to judge by: run the final stages, which write reports/verdict_seeds.csv)")
+    lines.append("Bit-identity holds on one machine and software stack (constraints.txt); across machines "
+                 "results agree within seed noise.")
+    return lines
+
+
+def main_exit_code(results: dict[str, Comparison]) -> int:
+    return 0 if all(c.verdict in ("identical", "within seed noise") for c in results.values()) else 1
+
