@@ -1,4 +1,4 @@
-"""The adaptive (online) method: hyperparameters that change during one training run (DESIGN §7).
+"""The adaptive (online) method: hyperparameters that change during one training run (algorithms §7).
 
 Every `every` (K) steps the validation loss of a validation batch is back-propagated through
 the last `window` (M) steps, whose states are kept in memory (exact by storage), giving the

@@ -102,7 +102,7 @@ class TrainConfig(Section):
 
 
 class DrmadConfig(Section):
-    """Meta-iterations tuning per-parameter log10 L2 with DrMAD hypergradients (DESIGN §5-6)."""
+    """Meta-iterations tuning per-parameter log10 L2 with DrMAD hypergradients (algorithms §5-6)."""
     inits: list[float] = Field(default_factory=lambda: [-4.0, -2.0, -7.0])  # one stage instance each
     sharing: Literal["parameter", "unit", "layer", "global"] = "parameter"
     bounds: list[float] = Field(default_factory=lambda: [-12.0, 0.0], min_length=2, max_length=2)
@@ -160,7 +160,7 @@ class AdaptiveVariant(Section):
 
 
 class AdaptiveConfig(Section):
-    """Online hypergradients tuning per-parameter L2 and learning rates (DESIGN §7)."""
+    """Online hypergradients tuning per-parameter L2 and learning rates (algorithms §7)."""
     variants: dict[str, AdaptiveVariant] = Field(default_factory=lambda: {
         "k100": AdaptiveVariant(), "k131": AdaptiveVariant(every=131, window=4, momentum=0.95, l2_step=0.02,
                                                            lr_step=0.1)})
@@ -226,7 +226,7 @@ class QualityRun(Section):
 
 
 class QualityConfig(Section):
-    """How good are DrMAD hypergradients? The MNIST MLP study of thesis 3.1 (DESIGN §8)."""
+    """How good are DrMAD hypergradients? The MNIST MLP study of thesis 3.1 (algorithms §8)."""
     data: DataConfig = DataConfig(source="mnist5k", train_size=3000, val_size=1000, test_size=1000)
     protocols: dict[str, QualityProtocol] = Field(default_factory=lambda: {"thesis": QualityProtocol()})
     runs: dict[str, QualityRun] = Field(default_factory=lambda: {

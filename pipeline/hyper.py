@@ -73,7 +73,7 @@ class HyperSpace:
 
     @classmethod
     def scales(cls, model: torch.nn.Module, init: float = 0.0, **kw) -> "HyperSpace":
-        """The scaled MLP's per-unit log scales s (w = e^s * z, DESIGN §8): hyperparameters held
+        """The scaled MLP's per-unit log scales s (w = e^s * z, algorithms §8): hyperparameters held
         in model buffers named `*.s`, natural log, one per output unit."""
         shapes = {n: b.shape for n, b in model.named_buffers() if n.endswith(".s")}
         return cls.create(shapes, "log_scale", init, "parameter", base=math.e, select=lambda n: True, **kw)

@@ -1,4 +1,4 @@
-"""Meta-iterations: sign steps on hyperparameters in log space (DESIGN §6).
+"""Meta-iterations: sign steps on hyperparameters in log space (algorithms §6).
 
     m <- mu * m - eta * sign(d theta);    theta <- clip(theta + m)
 

@@ -161,17 +161,26 @@ def runs_test_error(curves: dict[str, pd.DataFrame]) -> Figure:
 
 
 def layer_trajectories(trajectories: dict[str, pd.DataFrame]) -> Figure:
-    """Per-layer mean hyperparameters over meta-iterations or epochs, one panel per run and kind."""
+    """Per-layer mean hyperparameters over meta-iterations or epochs, one panel per run and kind;
+    layers coloured by depth (input dark, classifier light), the colour bar says which is which."""
     n = len(trajectories)
     cols = min(3, n)
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.5 * rows), squeeze=False)
+    cmap = plt.get_cmap("viridis")
     for ax, (title, frame) in zip(axes.flat, trajectories.items()):
-        for _, layer in frame.groupby("layer"):
-            ax.plot(layer["step"], layer["mean"], lw=0.8)
-        ax.set(title=title, xlabel="step", ylabel="mean (log10)")
+        order = list(dict.fromkeys(frame["layer"]))  # the network's order, input first
+        for depth, name in enumerate(order):
+            layer = frame[frame["layer"] == name]
+            ax.plot(layer["step"], layer["mean"], lw=0.8, color=cmap(depth / max(1, len(order) - 1)))
+        unit = "meta-iteration" if "meta-iteration" in title else "epoch"
+        ax.set(title=title, xlabel=unit, ylabel="layer mean (log10)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.title.set_fontsize(9)
         ax.grid(alpha=0.3)
+        bar = fig.colorbar(plt.cm.ScalarMappable(cmap=cmap), ax=ax, ticks=[0, 1])
+        bar.ax.set_yticklabels([order[0], order[-1]], fontsize=6)
+        bar.set_label(f"{len(order)} layers by depth", fontsize=7)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     fig.tight_layout()

@@ -1,6 +1,5 @@
-"""MLflow tracking for stages (DESIGN.md section 9).
-
-One MLflow run per stage execution, nested under one parent run per pipeline execution.
+"""MLflow tracking for stages: one run per stage execution, nested under one parent run per
+pipeline execution.
 The stages of one `dvc repro` are separate processes, so they meet through a shared key
 (`pipeline_key`) that tags the parent run. A stage execution also holds its instance's lock
 (`runlock`), and a run left RUNNING by a killed earlier attempt is marked KILLED and linked

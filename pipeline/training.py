@@ -1,4 +1,4 @@
-"""Seeded SGD in the thesis form (DESIGN §3), with explicit batches and dropout masks.
+"""Seeded SGD in the thesis form (algorithms §3), with explicit batches and dropout masks.
 
     g_t     = grad L(w_t, theta, t)          L = CE(B_t, m_t; w) + sum 10^l2 * w^2
     v_t     = beta * v_{t-1} - (1 - beta) * g_t
@@ -27,7 +27,7 @@ from pipeline.seeds import BATCH_STREAM, MASK_STREAM, generator
 
 
 def make_deterministic() -> None:
-    """Same inputs, same bits (DESIGN §3): exact reversal recomputes every gradient and needs
+    """Same inputs, same bits (algorithms §3): exact reversal recomputes every gradient and needs
     the forward one's bits. Must run before any CUDA work (cuBLAS reads its workspace setting
     once), which is why `setup_device` calls it."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -103,7 +103,7 @@ class TrainState:
 
 
 class Trainer:
-    """SGD on one model and one training split; `grad(step)` is the pure g_t of DESIGN §3."""
+    """SGD on one model and one training split; `grad(step)` is the pure g_t of algorithms §3."""
 
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, seed: int,
                  l2_coefficients: dict[str, torch.Tensor] | None = None, track_distance: bool = False):

@@ -1,7 +1,7 @@
 """Counted work: what a run spent, in gradient evaluations, whatever else ran on the machine.
 
 A training step costs one gradient evaluation (forward and backward of its batch); a reverse
-step one gradient (recomputed, DESIGN §4) and one Hessian-vector product; each hypergradient
+step one gradient (recomputed, algorithms §4) and one Hessian-vector product; each hypergradient
 one more gradient, of the validation loss at its end. An HVP counts as `hvp_cost` gradient
 evaluations (params.yaml `work.hvp_cost`, measured by `bench/hypergrad.py --only hvp`).
 Evaluations (validation, test, precise BN) tune nothing and are not counted.

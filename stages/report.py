@@ -1,7 +1,9 @@
 """DVC stage `report`: one table and figures comparing every run, plus the quality study."""
 import click
 
+from pipeline import machine
 from pipeline.experiments import report
+from pipeline.training import resolve_device
 from pipeline.config import load_params
 from pipeline.tracking import stage_run
 from stages.common import params_option, user_errors_exit_2
@@ -19,7 +21,7 @@ def main(params_file: str) -> None:
     params = load_params(params_file)
     with stage_run("report", params) as run:
         report.run(last_n=params.report.last_n, tracker=run, batchnorm=params.evaluation.batchnorm,
-                   level=params.final.confidence)
+                   level=params.final.confidence, here=machine.describe(resolve_device(params.device)))
     click.echo(report.ReportPaths().summary_md.read_text().split("\n# Tuning runs")[0])
 
 

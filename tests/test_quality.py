@@ -178,7 +178,7 @@ def test_projections_recover_a_straight_line():
 
 
 def test_thesis_protocol_is_the_thesis_to_the_letter():
-    """Thesis 3.1 / DESIGN §8: step 0.05, momentum 0.95, batch 50, e^-4 ||z||^2 (natural log),
+    """Thesis 3.1 / algorithms §8: step 0.05, momentum 0.95, batch 50, e^-4 ||z||^2 (natural log),
     z_0 = e^-3 N(0, 1), s_0 = 0.2, pixels in [0, 1], S = 1 / (10 gamma)."""
     thesis = parse_params({}).quality.protocols["thesis"]
     assert (thesis.alpha, thesis.momentum, thesis.batch_size, thesis.hidden) == (0.05, 0.95, 50, [50, 50, 50])

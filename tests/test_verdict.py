@@ -70,8 +70,12 @@ def test_the_report_leads_with_the_verdict(tmp_path):
     paths = report.ReportPaths(*(tmp_path / p for p in ("reports/summary.md", "reports/summary.csv", "reports/quality.csv",
                                                          "reports/figures", "reports/verdict.json",
                                                          "reports/verdict_seeds.csv")))
-    report.run(tmp_path, paths=paths)
+    random = json.loads((tmp_path / "metrics/search/random.json").read_text())
+    write(tmp_path / "metrics/search/random.json", {**random, "platform": "another CPU; torch 2.0; cpu"})
+    report.run(tmp_path, paths=paths, here="this CPU; torch 2.14; cpu")
     summary = paths.summary_md.read_text()
+    assert "| another CPU; torch 2.0; cpu | **no** | search/random |" in summary
+    assert "| not recorded | **no** | drmad/-4, final/adaptive, final/baseline, final/drmad, final/search |" in summary
     assert summary.startswith("# Verdict")
     assert "| random | 3 | 12.00 [" in summary and "beats the baseline by 20.00 points, CI [" in summary
     assert "one image is 1.00 points" in summary

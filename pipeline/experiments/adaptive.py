@@ -1,5 +1,5 @@
 """The `adaptive` stage: one training run whose per-parameter L2 and learning rates follow
-online hypergradients (DESIGN §7, thesis 3.2.2), for one configuration of `adaptive.variants`.
+online hypergradients (algorithms §7, thesis 3.2.2), for one configuration of `adaptive.variants`.
 
 A checkpoint after every epoch (weights, velocity, hyperparameters, the stored window, step)
 lets a killed run resume with identical numbers: batches and masks are functions of the step.
@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from pipeline import io, plots
+from pipeline import io, machine, plots
 from pipeline.adaptive import AdaptiveSettings, AdaptiveTrainer
 from pipeline.data import load_prepared
 from pipeline.models import build_densenet
@@ -146,6 +146,7 @@ def run(params: Params, prepared: Path, name: str, paths: AdaptivePaths, tracker
     metrics = summarise(history, cfg.last_n, outcome, seconds, trainer, name, params.work.hvp_cost)
     if paths.model:
         io.save_torch(paths.model, model.state_dict())
+    metrics["platform"] = machine.describe(device)  # bit-identity holds within one platform
     _write_outputs(paths, history, layer_rows, metrics, l2, lr, tracker)
     checkpoint.clear()
     return metrics

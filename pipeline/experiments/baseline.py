@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline import io, plots
+from pipeline import io, machine, plots
 from pipeline.progress import Progress
 from pipeline.checkpoint import Checkpoint, fingerprint
 from pipeline.config import Params, TrainConfig
@@ -64,6 +64,7 @@ def run(params: Params, prepared: Path, paths: BaselinePaths, tracker: Tracker |
                                                           cfg.model_dump(), meta["digest"]))
     trainer, metrics = train(params, cfg, params.seed, splits, meta, checkpoint, tracker=tracker,
                              progress=progress)
+    metrics["platform"] = machine.describe(device)  # bit-identity holds within one platform
     _write_outputs(paths, trainer, trainer.state.history, metrics, meta, tracker)
     checkpoint.clear()
     return metrics

@@ -2,7 +2,7 @@
 
 Every meta-iteration trains from the same w_0, batch order and dropout masks (the seed), with
 the current hyperparameters; DrMAD (or DrMAD2) gives the hypergradient of the validation loss;
-a sign step with momentum moves the hyperparameters (DESIGN §6). A non-finite loss, weight or
+a sign step with momentum moves the hyperparameters (algorithms §6). A non-finite loss, weight or
 hypergradient ends the run as the outcome `diverged` with the last finite hyperparameters
 kept; each completed meta-iteration is checkpointed, so an interrupted run resumes there and
 ends with the same numbers.
@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from pipeline import io, plots
+from pipeline import io, machine, plots
 from pipeline.data import load_prepared
 from pipeline.models import build_densenet
 from pipeline.tracking import Tracker
@@ -214,6 +214,7 @@ def run(params: Params, prepared: Path, init: float, paths: DrmadPaths, tracker:
             tracker.set_tag("outcome", "diverged")
 
     metrics = summarise(state, init, params.report.last_n, params.work.hvp_cost)
+    metrics["platform"] = machine.describe(device)  # bit-identity holds within one platform
     _write_outputs(paths, state, metrics, tracker)
     checkpoint.clear()
     return metrics

@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from pipeline import io
+from pipeline import io, machine
 from pipeline.checkpoint import Checkpoint, code_digest, fingerprint
 from pipeline.config import ConfigError, Params
 from pipeline.data import load_prepared
@@ -107,6 +107,7 @@ def run(params: Params, prepared: Path, kind: str, paths: FinalPaths, tracker: T
             if tracker:
                 tracker.log_metrics({f"{finalist.method}/test_error/seed{seed}": result["test_error"]})
     metrics = summarise(results, params.final.seeds, len(splits["test"][1]))
+    metrics["platform"] = machine.describe(device)  # bit-identity holds within one platform
     _write_outputs(paths, results, metrics, tracker)
     shutil.rmtree(paths.work_dir, ignore_errors=True)
     return metrics

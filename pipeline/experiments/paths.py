@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from pipeline import io, plots
+from pipeline import io, machine, plots
 from pipeline.tracking import Tracker
 from pipeline.config import Params
 from pipeline.hypergrad import FloatPath
@@ -75,6 +75,7 @@ def run(params: Params, paths: PathsPaths = PathsPaths(), tracker: Tracker | Non
     with io.atomic_dir(paths.figures) as tmp:
         for name, figure in plots.parameter_paths(path, coordinates, explained).items():
             plots.save(figure, tmp / name)
+    metrics["platform"] = machine.describe(problem.x.device)  # bit-identity holds within one platform
     io.write_json(paths.metrics, metrics)
     if tracker:
         tracker.log_metrics({"paths/straightness": metrics["straightness"]})

@@ -1,4 +1,4 @@
-"""The `quality` stage: how good are DrMAD hypergradients? (thesis 3.1, DESIGN §8)
+"""The `quality` stage: how good are DrMAD hypergradients? (thesis 3.1, algorithms §8)
 
 The MNIST MLP in the form w = e^s * z trains z on CE(e^s * z) + c ||z||^2 from a fixed seeded
 z_0; the per-unit log scales s are the hyperparameters. Each meta-iteration trains with one
@@ -12,7 +12,6 @@ the outcome `diverged`.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +19,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 from torch.func import functional_call
-from tqdm import tqdm
 
-from pipeline import data, io, plots
+from pipeline import data, io, machine, plots
+from pipeline.progress import Progress
 from pipeline.tracking import Tracker
 from pipeline.checkpoint import Checkpoint, fingerprint
 from pipeline.config import Params, QualityConfig, QualityProtocol
@@ -219,14 +218,14 @@ def run(params: Params, name: str, paths: QualityPaths, tracker: Tracker | None 
         study.restore(saved)
     hvp = HVP_METHODS[params.hvp]
     started = time.perf_counter()
-    bar = tqdm(range(study.iteration, cfg.meta_iterations), desc=f"quality {name}", unit="meta-it",
-               initial=study.iteration, total=cfg.meta_iterations,
-               disable=not (sys.stderr.isatty() if progress is None else progress))
+    bar = Progress(study.iteration, cfg.meta_iterations, f"quality {name}", "meta-iteration", progress)
     for _ in bar:
         if study.outcome == "diverged":
             break
         if meta_iteration(study, problem, l2, cfg, protocol.multiplier, splits, hvp, tracker):
             study.iteration += 1
+            drmad = [r for r in study.rows["hypergrads"] if r["method"] == FOLLOWED][-1]
+            bar.report(cos_drmad_exact=f"{drmad['cos_exact']:.3f}", norm_ratio=f"{drmad['norm_ratio']:.3g}")
         else:
             study.outcome = "diverged"  # s keeps its last finite values
             if tracker:
@@ -234,6 +233,7 @@ def run(params: Params, name: str, paths: QualityPaths, tracker: Tracker | None 
         checkpoint.save(study.state())
     metrics = {"run": name, "protocol": cfg.runs[name].protocol,
                **summarise(study, steps, time.perf_counter() - started)}
+    metrics["platform"] = machine.describe(problem.x.device)  # bit-identity holds within one platform
     write_outputs(paths, study, metrics, f"{cfg.runs[name].protocol} protocol, T = {steps:,}", tracker)
     checkpoint.clear()
     return metrics

@@ -200,8 +200,26 @@ def verdict_section(root: Path, level: float, batchnorm: str) -> tuple[list[str]
     return text, table, seeds
 
 
+def provenance(root: Path, here: str | None) -> list[str]:
+    """Which platform produced which stage's metrics, and whether that is this machine."""
+    produced: dict[str, list[str]] = {}
+    for path in sorted((root / "metrics").rglob("*.json")):
+        platform = _json(path).get("platform", "not recorded")
+        produced.setdefault(platform, []).append(str(path.relative_to(root / "metrics").with_suffix("")))
+    if not produced:
+        return []
+    lines = ["\n## Produced on\n", "Bit-identical results are promised within one platform (processor, software "
+             "stack, device); outputs from another platform agree within seed noise (`pipeline verify STAGE` "
+             "checks).\n", "| platform | this machine | stage outputs |", "|---|---|---|"]
+    for platform, outputs in produced.items():
+        mark = "n/a" if here is None else ("yes" if platform == here else "**no**")
+        lines.append(f"| {platform} | {mark} | {', '.join(outputs)} |")
+    return lines
+
+
 def run(root: Path = Path("."), last_n: int = 3, paths: ReportPaths = ReportPaths(),
-        tracker: Tracker | None = None, batchnorm: str = "precise", level: float = 0.95) -> pd.DataFrame:
+        tracker: Tracker | None = None, batchnorm: str = "precise", level: float = 0.95,
+        here: str | None = None) -> pd.DataFrame:
     rows = [r for r in (baseline_row(root),) if r] + drmad_rows(root, last_n) + adaptive_rows(root)
     summary = pd.DataFrame(rows, columns=list(COLUMNS))
     quality = pd.DataFrame(quality_rows(root))
@@ -228,8 +246,9 @@ def run(root: Path = Path("."), last_n: int = 3, paths: ReportPaths = ReportPath
                  "`standardised` is this project's first setting (see params.yaml). n/a where that hypergradient "
                  "was not finite (float reversal overflows on long runs). `wall_time_s` is the whole stage's.\n",
                  markdown(quality.drop(columns=["mean_cos_exact"]))]
+    text += provenance(root, here)
     paths.summary_md.parent.mkdir(parents=True, exist_ok=True)
-    io.write_text(paths.summary_md, "\n".join(text))
+    io.write_text(paths.summary_md, "\n".join(text) + "\n")
     for target, frame in ((paths.summary_csv, summary), (paths.quality_csv, quality)):
         with io.atomic_path(target) as tmp:
             frame.to_csv(tmp, index=False)

@@ -24,7 +24,7 @@ import pandas as pd
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from pipeline import io
+from pipeline import io, machine
 from pipeline.checkpoint import code_digest, fingerprint
 from pipeline.config import ConfigError, Params, TrainConfig
 from pipeline.data import load_prepared
@@ -124,6 +124,7 @@ def run(params: Params, prepared: Path, name: str, paths: SearchPaths, tracker: 
             trial.set_user_attr(key, attr)
         study.tell(trial, value)
     metrics = summarise(study, name, total, cost, time.perf_counter() - start)
+    metrics["platform"] = machine.describe(device)  # bit-identity holds within one platform
     _write_outputs(paths, study, metrics, tracker)
     return metrics
 

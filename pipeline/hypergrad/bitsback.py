@@ -2,7 +2,7 @@
 
 `v * n / d` destroys information (about log2(d/n) bits per element). Following Maclaurin et
 al. (2015) the remainder is stored and recovered later, but as range-ANS style bits-back
-coding instead of unbounded integers (DESIGN §4): each element keeps a state `x` in
+coding instead of unbounded integers (algorithms §4): each element keeps a state `x` in
 [L, L * 2^16) with L = n * 2^16 (an int64 tensor), and spills 16-bit words to a dense
 per-element stack [P, W] of int16. Every operation is a vectorised tensor op, so it runs on
 CPU and CUDA alike, and memory stays within a few percent of T * P * log2(d/n) bits.

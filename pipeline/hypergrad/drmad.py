@@ -1,4 +1,4 @@
-"""DrMAD and DrMAD2 (Fu et al. 2016; thesis ch. 1 and 3.1, DESIGN §5).
+"""DrMAD and DrMAD2 (Fu et al. 2016; thesis ch. 1 and 3.1, algorithms §5).
 
 DrMAD forgets the training path and walks back along the straight line from w_T to w_0 in S
 steps: only w_0 and w_T are kept. DrMAD2 first undoes the last K forward steps in floats, then

@@ -1,6 +1,6 @@
 """Training paths that can be walked backwards: exact fixed-point SGD and plain float SGD.
 
-Both run classical momentum (DESIGN §3)
+Both run classical momentum (algorithms §3)
 
     v_t = beta_t v_{t-1} - (1 - beta_t) g_t,    w_{t+1} = w_t + alpha_t v_t
 

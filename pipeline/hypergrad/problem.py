@@ -5,10 +5,10 @@ Weights are one flat vector `w` of P numbers; `unflatten` gives the named views 
 t's dropout masks (both pure functions of (seed, t)), `val_loss(w)` the validation
 cross-entropy with dropout off. BatchNorm always normalises with the statistics of the batch
 it sees (for validation: the whole, fixed validation set), so no running statistics enter a
-hypergradient and none are touched (DESIGN §3).
+hypergradient and none are touched (algorithms §3).
 
 Hyperparameters that live in model buffers (`scales`: the MLP's per-unit log scales s of
-w = e^s * z, DESIGN §8) enter every loss through `functional_call`; their hypergradients come
+w = e^s * z, algorithms §8) enter every loss through `functional_call`; their hypergradients come
 from the same passes as the weights' (`buffers` makes them differentiable leaves).
 
 Momenta are stored as the rationals n / 2^16 that exact reversal uses, so every method

@@ -1,4 +1,4 @@
-"""The reverse-mode recursion of DESIGN §4, over any path that can be walked backwards.
+"""The reverse-mode recursion of algorithms §4, over any path that can be walked backwards.
 
 A path has `reverse_steps` steps; reverse step s uses the batch, masks, alpha and beta of
 forward step `forward_step(s)` (the identity for exact and float paths; DrMAD's straight line

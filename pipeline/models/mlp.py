@@ -1,4 +1,4 @@
-"""MLP for the MNIST study, optionally in the thesis form w = e^s * z (DESIGN §8).
+"""MLP for the MNIST study, optionally in the thesis form w = e^s * z (algorithms §8).
 
 With `scaled=True` each layer trains `z` while `s` (one per output unit, a hyperparameter,
 so a buffer rather than a parameter) sets both the initial scale and the effective L2.
