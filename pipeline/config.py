@@ -356,6 +356,7 @@ class Params(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Hessian-vector products of the reverse passes: bench/hypergrad.py times both per device.
     hvp: Literal["double_backward", "forward_over_reverse"] = "double_backward"
+    threads: int = Field(default=1, ge=1, le=1024)  # intra-op CPU threads per stage process
     data: DataConfig = DataConfig(test_size=360)
     model: ModelConfig = ModelConfig()
     baseline: TrainConfig = TrainConfig()

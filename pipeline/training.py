@@ -37,10 +37,15 @@ def make_deterministic() -> None:
     torch.backends.cudnn.allow_tf32 = False
 
 
-def setup_device(name: str) -> torch.device:
+def setup_device(name: str, threads: int | None = None) -> torch.device:
     """The one way stages and benchmarks get their device: deterministic mode first, then the
-    device (`auto`: CUDA when present)."""
+    device (`auto`: CUDA when present). `threads`: intra-op CPU threads of this process (params.yaml
+    `threads`), set rather than inherited: a small model's step can be 100x slower with two
+    spinning OpenMP threads on two shared cores, and CPU reductions may round differently with
+    another thread count, so results are bit-identical only at one setting."""
     make_deterministic()
+    if threads is not None:
+        torch.set_num_threads(threads)
     return resolve_device(name)
 
 

@@ -56,6 +56,8 @@ BAD = [  # (key path, bad value, words the message must contain)
     ("tracking.experiment", "", ["tracking.experiment"]),
     ("colour", "blue", ["colour", "unknown key", "baseline"]),
     ("hvp", "finite_differences", ["hvp", "double_backward", "forward_over_reverse"]),
+    ("threads", 0, ["threads", ">= 1"]),
+    ("threads", "auto", ["threads", "integer"]),
     ("quality.runs.thesis-200.protocol", "thesys", ["quality.runs.thesis-200.protocol", "thesis", "standardised"]),
     ("quality.runs.thesis-200.steps", 0, ["quality.runs.thesis-200.steps", ">= 1"]),
     ("quality.protocols.thesis.l2_base", "2", ["quality.protocols.thesis.l2_base", "'e'", "'10'"]),

@@ -100,7 +100,7 @@ def eta_floor(cfg, momentum: float, total_steps: int | None = None):
 
 def run(params: Params, prepared: Path, name: str, paths: AdaptivePaths, tracker: Tracker | None = None,
         progress: bool | None = None) -> dict:
-    device = setup_device(params.device)
+    device = setup_device(params.device, params.threads)
     meta, splits = load_prepared(prepared, device, tracker)
     cfg, var = params.adaptive, variant(params, name, meta)
     splits = resplit(splits, var.val_size, params.seed)

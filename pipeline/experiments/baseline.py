@@ -57,7 +57,7 @@ def _training_work(steps: int) -> dict:
 
 def run(params: Params, prepared: Path, paths: BaselinePaths, tracker: Tracker | None = None,
         progress: bool | None = None) -> dict:
-    device = setup_device(params.device)
+    device = setup_device(params.device, params.threads)
     meta, splits = load_prepared(prepared, device, tracker)
     cfg = params.baseline
     checkpoint = Checkpoint(paths.checkpoint, fingerprint(params.seed, params.model.model_dump(),

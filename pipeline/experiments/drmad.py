@@ -189,7 +189,7 @@ def _log_meta_iteration(tracker: Tracker, run: Run, i: int, trained_with: dict[s
 
 def run(params: Params, prepared: Path, init: float, paths: DrmadPaths, tracker: Tracker | None = None,
         progress: bool | None = None) -> dict:
-    device = setup_device(params.device)
+    device = setup_device(params.device, params.threads)
     meta, splits = load_prepared(prepared, device, tracker)
     cfg = params.drmad
     template = build_densenet(params.model, meta, params.seed)

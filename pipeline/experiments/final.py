@@ -97,7 +97,7 @@ def adaptive_params(params: Params, seed: int) -> Params:
 
 def run(params: Params, prepared: Path, kind: str, paths: FinalPaths, tracker: Tracker | None = None,
         progress: bool | None = None, root: Path = Path(".")) -> dict:
-    device = setup_device(params.device)
+    device = setup_device(params.device, params.threads)
     meta, splits = load_prepared(prepared, device, tracker)
     results = []
     for finalist in finalists(params, kind, root):

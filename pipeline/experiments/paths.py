@@ -54,7 +54,7 @@ def run(params: Params, paths: PathsPaths = PathsPaths(), tracker: Tracker | Non
     start = time.perf_counter()
     protocol = q.protocols[cfg.protocol]
     splits, meta = load_data(q, protocol)
-    problem = build_problem(q, protocol, params.seed, cfg.steps, splits, meta, setup_device(params.device))
+    problem = build_problem(q, protocol, params.seed, cfg.steps, splits, meta, setup_device(params.device, params.threads))
     l2 = penalty(problem, protocol, problem.x.device)
     trained = FloatPath.train(problem, problem.l2_coefficients(l2), keep_every=cfg.every)
     iterates = torch.stack(trained.iterates).double()

@@ -206,7 +206,7 @@ def run(params: Params, name: str, paths: QualityPaths, tracker: Tracker | None 
     writes every output."""
     cfg = params.quality
     protocol, steps = cfg.protocol(name), cfg.runs[name].steps
-    device = setup_device(params.device)
+    device = setup_device(params.device, params.threads)
     splits, meta = load_data(cfg, protocol)
     problem = build_problem(cfg, protocol, params.seed, steps, splits, meta, device)
     l2 = penalty(problem, protocol, device)

@@ -107,7 +107,7 @@ def spent(study: optuna.Study) -> float:
 
 def run(params: Params, prepared: Path, name: str, paths: SearchPaths, tracker: Tracker | None = None,
         progress: bool | None = None, root: Path = Path(".")) -> dict:
-    device = setup_device(params.device)
+    device = setup_device(params.device, params.threads)
     meta, splits = load_prepared(prepared, device, tracker)
     total, cost = budget(params, root), trial_cost(params, meta)
     if cost > total:
