@@ -148,11 +148,32 @@ def parameter_paths(path: pd.DataFrame, coordinates: pd.DataFrame, explained: li
     return out
 
 
+FIXED_COLOURS = {"baseline": "black", "random": "tab:gray", "tpe": "tab:brown"}
+FAMILY_COLOURS = {"drmad": ("tab:blue", "tab:cyan", "tab:purple", "navy"), "adaptive": ("tab:green", "olive", "lime")}
+
+
+def method_colours(methods: list[str]) -> dict[str, str]:
+    """One colour per method, the same in every figure that shows the same methods: fixed for the
+    baseline and the searches, a family's shades (by sorted name) for the DrMAD initialisations
+    and the adaptive variants."""
+    family = {m: m.split(" ")[0] for m in methods}
+    out = {}
+    for method in methods:
+        if method in FIXED_COLOURS:
+            out[method] = FIXED_COLOURS[method]
+            continue
+        shades = FAMILY_COLOURS.get(family[method], ("tab:red", "tab:pink", "tab:orange"))
+        members = sorted(m for m in methods if family[m] == family[method] and m not in FIXED_COLOURS)
+        out[method] = shades[members.index(method) % len(shades)]
+    return out
+
+
 def runs_test_error(curves: dict[str, pd.DataFrame]) -> Figure:
-    """Test error per epoch of every run on one plot."""
+    """Test error per epoch of every run on one plot (each method in its colour of every figure)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    palette = method_colours(list(curves))
     for name, frame in curves.items():
-        ax.plot(frame["epoch"], 100 * frame["test_error"], marker=".", label=name)
+        ax.plot(frame["epoch"], 100 * frame["test_error"], marker=".", label=name, color=palette[name])
     ax.set(xlabel="epoch", ylabel="test error (%)", title="Test error per epoch (DrMAD: last meta-iteration)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -94,6 +94,10 @@ def test_stage_writes_long_tables_figures_and_metrics(tmp_path):
     assert metrics["drmad/cos_exact"][0] == pytest.approx(first["drmad"]["cos_exact"], rel=1e-5)
     assert metrics["drmad/norm_ratio"][0] == pytest.approx(first["drmad"]["norm_ratio"], rel=1e-5)
     assert json.loads(paths.metrics.read_text()) == metrics
+    # each method's cost: the reverse steps it walked (exact and float all T; DrMAD fixed its S; DrMAD2 K + line)
+    assert metrics["exact/reverse_steps"] == metrics["float/reverse_steps"] == [20, 20]
+    assert metrics["drmad_fixed/reverse_steps"] == [5, 5] and metrics["drmad/reverse_steps"] == metrics["reverse_steps"]
+    assert all(k >= 3 for k in metrics["drmad2/reverse_steps"])  # at least its K = 3 float steps
     hyper = pd.read_csv(paths.hypergrads_csv)
     assert set(hyper["method"]) == set(quality.METHODS) and len(hyper) == 2 * len(quality.METHODS)
     assert hyper[hyper["method"] == "exact"]["norm"].iloc[0] == pytest.approx(first["exact"]["norm"], rel=1e-9)

@@ -92,3 +92,12 @@ def test_the_report_leads_with_the_verdict(tmp_path):
 def test_sentences_follow_the_interval(low, high, expected):
     mean = (low + high) / 2 if expected.startswith(("beats", "worse")) else 0.02
     assert verdict.sentence("x", Interval(mean, low, high, 3), 0, 3) == expected
+
+
+def test_a_method_has_one_colour_in_every_figure():
+    """The verdict figure and the per-epoch figure list methods in different orders."""
+    from pipeline.plots import method_colours
+    verdict_order = method_colours(["baseline", "random", "tpe", "drmad -4", "drmad -2", "drmad -7", "adaptive k100"])
+    epochs_order = method_colours(["adaptive k100", "baseline", "drmad -2", "drmad -4", "drmad -7"])
+    assert all(epochs_order[m] == verdict_order[m] for m in epochs_order)
+    assert len(set(verdict_order.values())) == len(verdict_order)

@@ -21,6 +21,7 @@ import torch
 from torch.func import functional_call
 
 from pipeline import data, io, machine, plots
+from pipeline.experiments.summaries import hyper_quantiles
 from pipeline.progress import Progress
 from pipeline.tracking import Tracker
 from pipeline.checkpoint import Checkpoint, fingerprint
@@ -128,8 +129,9 @@ def hypergradients(problem: Problem, l2: HyperSpace, cfg: QualityConfig, multipl
     drmad2_path = Drmad2Path(problem, tail, k, heuristic(distances[:head]) if head else 0, cfg.step_map)
     results = (exact, plain, reverse(problem, line(steps), l2, hvp), reverse(problem, line(cfg.drmad_steps), l2, hvp),
                reverse(problem, drmad2_path, l2, hvp))
+    walked = dict(zip(METHODS, (problem.steps, problem.steps, steps, cfg.drmad_steps, drmad2_path.reverse_steps)))
     return {"grads": {m: flat(r["scale"]) for m, r in zip(METHODS, results)}, "named": results[2]["scale"],
-            "trace": trace, "w_T": exact_w_T, "reverse_steps": steps, "val_loss": exact["val_loss"]}
+            "trace": trace, "w_T": exact_w_T, "reverse_steps": steps, "walked": walked, "val_loss": exact["val_loss"]}
 
 
 def compare(grads: dict[str, torch.Tensor]) -> list[dict]:
@@ -176,7 +178,7 @@ def meta_iteration(study: Study, problem: Problem, l2: HyperSpace, cfg: QualityC
         return False
     if not all(bool(torch.isfinite(got["grads"][m]).all()) for m in ("exact", FOLLOWED)):
         return False  # the others may overflow (float reversal does, for long T): recorded as NaN
-    compared = compare(got["grads"])
+    compared = [{**row, "reverse_steps": got["walked"][row["method"]]} for row in compare(got["grads"])]
     errors = {s: error_rate(problem, got["w_T"], *(splits[s][k].to(problem.x.device) for k in ("x", "y")))
               for s in ("train", "val", "test")}
     sign_step(study.scales, got["named"], study.momentum, cfg.hyper_step, cfg.hyper_momentum)
@@ -194,9 +196,8 @@ def meta_iteration(study: Study, problem: Problem, l2: HyperSpace, cfg: QualityC
             metrics.update({f"hypergrad/norm/{row['method']}": row["norm"],
                             f"hypergrad/cos_exact/{row['method']}": row["cos_exact"],
                             f"hypergrad/sign_cos_exact/{row['method']}": row["sign_cos_exact"]})
-        for row in (r for r in study.rows["layers"] if r["meta_iteration"] == i):
-            metrics[f"hyper/log_scale/{row['layer']}/mean"] = row["mean"]
-        tracker.log_metrics({**metrics, "drmad/reverse_steps": got["reverse_steps"]}, step=i)
+        metrics.update(hyper_quantiles(study.scales, "log_scale"))  # per layer: layers.csv
+        tracker.log_metrics({**metrics, "meta/drmad_reverse_steps": got["reverse_steps"]}, step=i)
     return True
 
 
@@ -247,9 +248,10 @@ def summarise(study: Study, steps: int, seconds: float) -> dict:
            "reverse_steps": [r["reverse_steps"] for r in study.rows["meta"]]}
     exact = table[table["method"] == "exact"] if len(table) else table
     out["exact/norm"] = [number(v) for v in exact["norm"]] if len(exact) else []
+    out["exact/reverse_steps"] = [number(v) for v in exact["reverse_steps"]] if len(exact) else []
     for method in METHODS[1:]:
         rows = table[table["method"] == method] if len(table) else table
-        for key in ("norm_ratio", "cos_exact", "sign_cos_exact"):
+        for key in ("norm_ratio", "cos_exact", "sign_cos_exact", "reverse_steps"):
             out[f"{method}/{key}"] = [number(v) for v in rows[key]] if len(rows) else []
     errors = study.rows["meta"][-1] if study.rows["meta"] else {}
     out.update({f"final_{s}_error": errors.get(f"{s}_error") for s in ("train", "val", "test")})

@@ -93,7 +93,7 @@ def quality_rows(root: Path) -> list[dict]:
         rows.append({"forward_steps": m["forward_steps"], "protocol": m.get("protocol"), "method": "exact",
                      "cos_exact": "", "sign_cos_exact": "", "norm_ratio": "",
                      "norm": " / ".join(_fmt(n, ".3g") for n in m.get("exact/norm", [])), "mean_cos_exact": None,
-                     "reverse_steps": "", "outcome": m["outcome"], "wall_time_s": m["wall_time_s"]})
+                     "reverse_steps": _steps(m, "exact"), "outcome": m["outcome"], "wall_time_s": m["wall_time_s"]})
         for method in QUALITY_METHODS:
             cos, ratio = m[f"{method}/cos_exact"], m[f"{method}/norm_ratio"]
             finite = [c for c in cos if c is not None]
@@ -102,9 +102,17 @@ def quality_rows(root: Path) -> list[dict]:
                          "sign_cos_exact": " / ".join(_fmt(c, ".3f") for c in m[f"{method}/sign_cos_exact"]),
                          "norm_ratio": " / ".join(_fmt(r, ".3g") for r in ratio), "norm": "",
                          "mean_cos_exact": sum(finite) / len(finite) if finite else None,
-                         "reverse_steps": " / ".join(str(s) for s in m["reverse_steps"]) if method == "drmad" else "",
+                         "reverse_steps": _steps(m, method),
                          "outcome": m["outcome"], "wall_time_s": m["wall_time_s"]})
     return rows
+
+
+def _steps(m: dict, method: str) -> str:
+    """Reverse steps walked per meta-iteration (each a gradient and an HVP): the method's cost."""
+    steps = m.get(f"{method}/reverse_steps")
+    if steps is None:  # metrics written before every method recorded its steps
+        steps = m["reverse_steps"] if method == "drmad" else []
+    return " / ".join(_fmt(s, ",.0f") for s in steps)
 
 
 def _fmt(value, spec: str) -> str:
@@ -137,7 +145,7 @@ def test_error_curves(root: Path) -> dict[str, pd.DataFrame]:
     for path in sorted((root / "plots/drmad").glob("*/epochs.csv")):
         epochs = pd.read_csv(path)
         if len(epochs):
-            curves[f"drmad {path.parent.name}"] = epochs[epochs["meta_iteration"] == epochs["meta_iteration"].max()]
+            curves[f"drmad {float(path.parent.name):g}"] = epochs[epochs["meta_iteration"] == epochs["meta_iteration"].max()]
     for path in sorted((root / "plots/adaptive").glob("*/epochs.csv")):
         curves[f"adaptive {path.parent.name}"] = pd.read_csv(path)
     return curves
@@ -244,7 +252,9 @@ def run(root: Path = Path("."), last_n: int = 3, paths: ReportPaths = ReportPath
                  "`protocol`: `thesis` trains as thesis 3.1 did (step 0.05, momentum 0.95, batch 50, "
                  "e^-4 ||z||^2, z_0 = e^-3 N(0, 1), s_0 = 0.2, pixels in [0, 1], S = 1 / (10 gamma)); "
                  "`standardised` is this project's first setting (see params.yaml). n/a where that hypergradient "
-                 "was not finite (float reversal overflows on long runs). `wall_time_s` is the whole stage's.\n",
+                 "was not finite (float reversal overflows on long runs). `reverse_steps`: the steps each "
+                 "method's reverse pass walked per meta-iteration (one gradient and one HVP each), its cost beside "
+                 "its quality; exact and float reversal walk all T. `wall_time_s` is the whole stage's.\n",
                  markdown(quality.drop(columns=["mean_cos_exact"]))]
     text += provenance(root, here)
     paths.summary_md.parent.mkdir(parents=True, exist_ok=True)

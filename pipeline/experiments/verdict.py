@@ -152,30 +152,11 @@ def metrics(verdict: pd.DataFrame) -> dict:
     return {r["method"]: {k: clean(r[k]) for k in keys} for r in verdict.to_dict("records")}
 
 
-FIXED_COLOURS = {"baseline": "black", "random": "tab:gray", "tpe": "tab:brown"}
-FAMILY_COLOURS = {"drmad": ("tab:blue", "tab:cyan", "tab:purple", "navy"), "adaptive": ("tab:green", "olive", "lime")}
-
-
-def colours(methods: list[str]) -> dict[str, str]:
-    """One colour per method: fixed for the baseline and the searches, a family's shades for
-    the DrMAD initialisations and the adaptive variants."""
-    out, used = {}, {}
-    for method in methods:
-        family = method.split(" ")[0]
-        if method in FIXED_COLOURS:
-            out[method] = FIXED_COLOURS[method]
-        else:
-            shades = FAMILY_COLOURS.get(family, ("tab:red", "tab:pink", "tab:orange"))
-            out[method] = shades[used.get(family, 0) % len(shades)]
-            used[family] = used.get(family, 0) + 1
-    return out
-
-
 def figure(seeds: pd.DataFrame, verdict: pd.DataFrame, level: float) -> Figure:
     """Test error against total compute (tuning + final training, gradient evaluations): one
     small point per seed, the method's mean with its interval as a large one."""
     fig, ax = plots.plt.subplots(figsize=(7.5, 4.8))
-    palette = colours(list(verdict["method"]))
+    palette = plots.method_colours(list(verdict["method"]))
     for r in verdict.itertuples(index=False):
         runs = seeds[(seeds["method"] == r.method) & seeds["test_error"].notna()]
         colour = palette[r.method]
