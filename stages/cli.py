@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from pipeline import scale as scale_module
+from pipeline import service as service_module
 from pipeline import verify as verify_module
 from pipeline.config import load_params
 from pipeline.io import write_text
@@ -69,6 +70,34 @@ def verify(stage: str) -> None:
     results = verify_module.rerun(Path("."), stage)
     click.echo("\n".join(verify_module.describe(results)))
     sys.exit(verify_module.main_exit_code(results))
+
+
+@main.group(help="A tracking service for a team or a cluster: PostgreSQL (MLflow's runs and shared Optuna "
+                 "studies) and `mlflow server` with an artifact directory, on loopback by default.")
+def service() -> None:
+    pass
+
+
+@service.command("start", help="Start PostgreSQL and mlflow server under DIR (default .tracking); prints the "
+                               "MLFLOW_TRACKING_URI for stages and the Optuna URL for search.storage.")
+@click.option("--dir", "root", default=".tracking", show_default=True, type=click.Path(file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address mlflow server binds to.")
+@click.option("--port", default=5000, show_default=True, type=int)
+@click.option("--db-port", default=5433, show_default=True, type=int, help="PostgreSQL's port (loopback only).")
+@click.option("--artifacts", default=None, help="Artifact destination (default DIR/artifacts; e.g. s3://bucket/path).")
+@user_errors_exit_2
+def service_start(root: str, host: str, port: int, db_port: int, artifacts: str | None) -> None:
+    started = service_module.start(Path(root), host, port, db_port, artifacts)
+    click.echo(f"export MLFLOW_TRACKING_URI={started.tracking_uri}\n"
+               f"# search.storage for shared Optuna studies: {started.database_url('optuna')}")
+
+
+@service.command("stop", help="Stop the service started under DIR.")
+@click.option("--dir", "root", default=".tracking", show_default=True, type=click.Path(file_okay=False))
+@user_errors_exit_2
+def service_stop(root: str) -> None:
+    service_module.stop(Path(root))
+    click.echo(f"stopped the service in {root}")
 
 
 main.add_command(prepare.main, "prepare")

@@ -17,13 +17,20 @@ from stages.common import params_option, user_errors_exit_2
 @params_option
 @click.option("--sampler", "name", required=True, help="random or tpe (listed in search.samplers).")
 @click.option("--prepared", default="data/prepared", show_default=True, type=click.Path(file_okay=False))
+@click.option("--worker", is_flag=True, help="Only run trials of the shared study (search.storage), write no "
+              "outputs: start any number beside the DVC stage, on this machine or others.")
 @user_errors_exit_2
-def main(params_file: str, name: str, prepared: str) -> None:
+def main(params_file: str, name: str, prepared: str, worker: bool) -> None:
     params = load_params(params_file)
     if name not in params.search.samplers:
         raise ConfigError(f"--sampler: one of {', '.join(params.search.samplers)} (got {name!r})")
-    with stage_run("search", params, variant=name) as run:
-        metrics = experiment.run(params, Path(prepared), name, experiment.SearchPaths.for_sampler(name), tracker=run)
+    variant = f"{name} worker {experiment.WORKER}" if worker else name
+    with stage_run("search", params, variant=variant) as run:
+        metrics = experiment.run(params, Path(prepared), name, experiment.SearchPaths.for_sampler(name), tracker=run,
+                                 worker_only=worker)
+    if metrics is None:
+        click.echo(f"search {name}: worker {experiment.WORKER} done")
+        return
     click.echo(f"search {name}: {metrics['trials']} trials, {metrics['work_gradient_equivalents']:g} of "
                f"{metrics['budget_gradient_equivalents']:g} gradient evaluations; best val error "
                f"{metrics['best_val_error']:.4f} (trial {metrics['best_trial']})")

@@ -2,8 +2,8 @@
 
 Each trial trains a fresh DenseNet for `search.trial_epochs` epochs with the baseline's settings
 otherwise (its schedule compressed into those epochs) and reports the validation error. The
-search spends the budget in counted work (gradient evaluations, as DrMAD's is counted): trials
-run while one more full trial fits, so two searches given one budget spend it to within a trial.
+search spends the budget in counted work (gradient evaluations, as DrMAD's is counted):
+floor(budget / trial cost) trials, so two searches given one budget spend it to within a trial.
 
 The study lives in Optuna's RDB storage: a killed search resumes with its finished trials kept
 (a trial the dead attempt left running is marked failed and redone). Each trial's sampler is
@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
+import zlib
 import sys
 import time
 from dataclasses import dataclass
@@ -50,8 +53,10 @@ class SearchPaths:
                    root / f"plots/search/{name}/trials.csv", root / "checkpoints/search")
 
 
-def sampler(name: str, params: Params, finished: int) -> optuna.samplers.BaseSampler:
-    seed = derive_seed(params.seed, SEARCH_STREAM, finished) % 2 ** 32  # Optuna seeds numpy: 32 bits
+def sampler(name: str, params: Params, finished: int, worker: int = 0) -> optuna.samplers.BaseSampler:
+    """Seeded from (seed, finished trials): a resumed search draws what an uninterrupted one drew.
+    Helper workers (`worker` > 0) add their own stream, or two would draw the same point."""
+    seed = derive_seed(params.seed, SEARCH_STREAM + worker, finished) % 2 ** 32  # Optuna seeds numpy: 32 bits
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=params.search.tpe_startup_trials)
@@ -97,32 +102,69 @@ def open_study(name: str, params: Params, meta: dict, paths: SearchPaths) -> opt
     study = optuna.create_study(study_name=f"{name}-{key[:16]}", storage=storage, direction="minimize",
                                 load_if_exists=True)
     for trial in study.get_trials(states=(TrialState.RUNNING,)):
-        study.tell(trial.number, state=TrialState.FAIL)
+        if _dead(trial.user_attrs.get("worker")):
+            study.tell(trial.number, state=TrialState.FAIL)
     return study
 
 
-def spent(study: optuna.Study) -> float:
-    return sum(t.user_attrs["work"] for t in study.get_trials(states=(TrialState.COMPLETE,)))
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _dead(worker: str | None) -> bool:
+    """A trial left RUNNING by a process of this machine that is gone (or by this very process,
+    which runs no trial while it opens the study). Another machine's trial is left alone: its
+    worker may still be training it."""
+    if worker is None:
+        return True
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname():
+        return False
+    if int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def live(study: optuna.Study) -> list[int]:
+    """Numbers of the trials that count against the plan: finished or being trained."""
+    return sorted(t.number for t in study.get_trials(states=(TrialState.COMPLETE, TrialState.RUNNING)))
 
 
 def run(params: Params, prepared: Path, name: str, paths: SearchPaths, tracker: Tracker | None = None,
-        progress: bool | None = None, root: Path = Path(".")) -> dict:
+        progress: bool | None = None, root: Path = Path("."), worker_only: bool = False) -> dict | None:
+    """Run trials until the study holds floor(budget / trial cost) of them, then (unless
+    `worker_only`: a helper process on a shared study) wait for other workers' trials and
+    write the outputs. Several processes on one study share that plan: the earliest trials win
+    the last places, a surplus one is marked failed unrun."""
     device = setup_device(params.device, params.threads)
     meta, splits = load_prepared(prepared, device, tracker)
     total, cost = budget(params, root), trial_cost(params, meta)
     if cost > total:
         raise ConfigError(f"search.trial_epochs: one trial costs {cost} gradient evaluations, more than the "
                           f"budget of {total:g}; shorten the trials or raise search.budget")
-    study = open_study(name, params, meta, paths)
+    study, planned = open_study(name, params, meta, paths), int(total // cost)
     start = time.perf_counter()
-    while spent(study) + cost <= total:
+    while len(live(study)) < planned:
         finished = len(study.get_trials(states=(TrialState.COMPLETE,)))
-        study.sampler = sampler(name, params, finished)
+        study.sampler = sampler(name, params, finished, zlib.crc32(WORKER.encode()) + 1 if worker_only else 0)
         trial = study.ask(distributions(params))
+        trial.set_user_attr("worker", WORKER)
+        if trial.number not in live(study)[:planned]:  # another worker took the last place meanwhile
+            study.tell(trial, state=TrialState.FAIL)
+            break
         value, attrs = _trial(params, splits, meta, trial.params, trial.number, tracker, progress)
         for key, attr in attrs.items():
             trial.set_user_attr(key, attr)
         study.tell(trial, value)
+    if worker_only:
+        return None
+    while study.get_trials(states=(TrialState.RUNNING,)):  # other workers' last trials
+        time.sleep(2.0)
     metrics = summarise(study, name, total, cost, time.perf_counter() - start)
     metrics["platform"] = machine.describe(device)  # bit-identity holds within one platform
     _write_outputs(paths, study, metrics, tracker)

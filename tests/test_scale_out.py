@@ -1,0 +1,73 @@
+"""Scale-out on real parts: the tracking service (PostgreSQL + mlflow server) and two search
+workers on one Optuna study in that PostgreSQL."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from pipeline import service
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(shutil.which("initdb") is None, reason="PostgreSQL server binaries not installed")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def tracking():
+    root = Path(tempfile.mkdtemp(prefix="service-", dir="/tmp"))  # PostgreSQL's user must reach it
+    root.chmod(0o755)
+    started = service.start(root / "svc", port=free_port(), db_port=free_port())
+    try:
+        yield started
+    finally:
+        service.stop(root / "svc")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_two_workers_and_the_stage_finish_exactly_the_planned_trials(tracking, tmp_path):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw.update(device="cpu")
+    raw["data"].update(val_size=60, test_size=60, train_size=96)
+    raw["model"].update(depth=7, growth_rate=4, init_maps=4)
+    raw["baseline"].update(batch_size=32)
+    raw["adaptive"]["variants"]["k131"]["val_size"] = 50
+    raw["search"].update(samplers=["random"], trial_epochs=1, budget=15, storage=tracking.database_url("optuna"))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": tracking.tracking_uri,
+           "PIPELINE_RUN_ID": "scale-out-test"}
+    subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=tmp_path, env=env, check=True, capture_output=True)
+    command = [sys.executable, "-m", "stages.search", "--sampler", "random"]
+    workers = [subprocess.Popen([*command, "--worker"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    stage = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    outs = [w.communicate(timeout=600)[0] for w in workers]
+    assert stage.returncode == 0 and all(w.returncode == 0 for w in workers), (stage.stderr, outs)
+
+    (summary,) = optuna.get_all_study_summaries(tracking.database_url("optuna"))
+    study = optuna.load_study(study_name=summary.study_name, storage=tracking.database_url("optuna"))
+    done = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(done) == 5  # floor(15 / 3): each trial is one epoch of 96 // 32 steps
+    assert len({t.number for t in done}) == 5 and len({t.params["log10_l2"] for t in done}) == 5
+    assert len({t.user_attrs["worker"] for t in done}) >= 2  # the work was shared
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+
+    client = MlflowClient(tracking.tracking_uri)
+    experiment = client.get_experiment_by_name(raw["tracking"]["experiment"]).experiment_id
+    trials = client.search_runs([experiment], "attributes.run_name LIKE 'trial %'")
+    assert sorted(r.data.params["trial"] for r in trials) == sorted(str(t.number) for t in done)  # each once
+    assert '"trials": 5' in (tmp_path / "metrics/search/random.json").read_text()
