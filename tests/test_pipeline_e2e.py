@@ -181,6 +181,18 @@ def test_repro_runs_what_changed_and_records_it(tmp_path):
     assert ran(out) == {"validate", "report"} and "Running stage 'quality@other-10'" in out  # only the new run
     set_params(repo, {"data": {"val_size": 50}})
     assert ran(sh(repo, "dvc", "repro")) == {"validate"} | set(DENSENET_STAGES) | {"report"}
+    # A DVC remote: push from this clone, pull in another, and nothing is left to run there.
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "results")
+    sh(repo, "dvc", "remote", "add", "-d", "shared", str(tmp_path / "remote"))
+    sh(repo, "dvc", "push")
+    sh(tmp_path, "git", "clone", "-q", str(repo), "clone")
+    clone = tmp_path / "clone"
+    sh(clone, "dvc", "remote", "add", "-d", "shared", str(tmp_path / "remote"))
+    sh(clone, "dvc", "pull")
+    assert "up to date" in sh(clone, "dvc", "status") and ran(sh(clone, "dvc", "repro")) == set()
+    assert (clone / "models/baseline.pt").read_bytes() == (repo / "models/baseline.pt").read_bytes()
+
     sh(repo, "dvc", "plots", "show", "-o", "dvc_plots")
     page = (repo / "dvc_plots" / "index.html").read_text()
     assert "cdn.jsdelivr" not in page and "vegaEmbed" in page  # renders offline: Vega is inlined
