@@ -1,11 +1,13 @@
 """Scale-out on real parts: the tracking service (PostgreSQL + mlflow server) and two search
 workers on one Optuna study in that PostgreSQL."""
 import os
+import signal
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import optuna
@@ -71,3 +73,41 @@ def test_two_workers_and_the_stage_finish_exactly_the_planned_trials(tracking, t
     trials = client.search_runs([experiment], "attributes.run_name LIKE 'trial %'")
     assert sorted(r.data.params["trial"] for r in trials) == sorted(str(t.number) for t in done)  # each once
     assert '"trials": 5' in (tmp_path / "metrics/search/random.json").read_text()
+
+
+def test_a_server_gone_mid_stage_fails_it_in_seconds_and_a_rerun_completes(tracking, tmp_path):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw.update(device="cpu")
+    raw["data"].update(val_size=60, test_size=60, train_size=96)
+    raw["model"].update(depth=7, growth_rate=4, init_maps=4)
+    raw["baseline"].update(batch_size=32, epochs=400)  # long enough to lose the server mid-run
+    raw["adaptive"]["variants"]["k131"]["val_size"] = 50
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": tracking.tracking_uri}
+    subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=tmp_path, env=env, check=True, capture_output=True)
+    stage = subprocess.Popen([sys.executable, "-m", "stages.baseline"], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not list((tmp_path / "checkpoints").glob("baseline.pt")):  # a few epochs in
+        assert stage.poll() is None, stage.communicate()
+        time.sleep(0.2)
+    os.killpg(tracking.mlflow_pid, signal.SIGKILL)
+    gone = time.monotonic()
+    _, err = stage.communicate(timeout=120)
+    assert time.monotonic() - gone < 30 and stage.returncode == 2
+    errors = [line for line in err.strip().splitlines() if not line.startswith("baseline: epoch")]  # progress lines
+    assert errors == [errors[0]] and errors[0].startswith(f"error: tracking at {tracking.tracking_uri} failed"), err
+    assert not (tmp_path / "metrics/baseline.json").exists()  # nothing half-written
+
+    root = Path(tracking.root)
+    (root / service.STATE_FILE).unlink()
+    service._stop_postgres(root)
+    back = service.start(root, port=tracking.port, db_port=tracking.db_port)
+    raw["baseline"]["epochs"] = 3
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    done = subprocess.run([sys.executable, "-m", "stages.baseline"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "metrics/baseline.json").is_file()
+    assert any(r.info.status == "FINISHED" for r in MlflowClient(back.tracking_uri).search_runs(
+        [MlflowClient(back.tracking_uri).get_experiment_by_name(raw["tracking"]["experiment"]).experiment_id],
+        "attributes.run_name = 'baseline'"))
