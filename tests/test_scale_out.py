@@ -58,7 +58,8 @@ def test_two_workers_and_the_stage_finish_exactly_the_planned_trials(tracking, t
                                 stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     stage = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     outs = [w.communicate(timeout=600)[0] for w in workers]
-    assert stage.returncode == 0 and all(w.returncode == 0 for w in workers), (stage.stderr, outs)
+    tails = [out.strip().splitlines()[-3:] for out in [stage.stderr, *outs]]
+    assert stage.returncode == 0 and all(w.returncode == 0 for w in workers), tails
 
     (summary,) = optuna.get_all_study_summaries(tracking.database_url("optuna"))
     study = optuna.load_study(study_name=summary.study_name, storage=tracking.database_url("optuna"))

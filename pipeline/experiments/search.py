@@ -26,6 +26,7 @@ import optuna
 import pandas as pd
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline import io, machine
 from pipeline.checkpoint import code_digest, fingerprint
@@ -99,15 +100,29 @@ def open_study(name: str, params: Params, meta: dict, paths: SearchPaths) -> opt
         paths.storage_dir.mkdir(parents=True, exist_ok=True)
         storage = f"sqlite:///{(paths.storage_dir / f'{name}.db').resolve()}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=f"{name}-{key[:16]}", storage=storage, direction="minimize",
-                                load_if_exists=True)
+    for attempt in range(5):  # workers starting together race to create the schema and the study
+        try:
+            study = optuna.create_study(study_name=f"{name}-{key[:16]}", storage=storage, direction="minimize",
+                                        load_if_exists=True)
+            break
+        except (SQLAlchemyError, optuna.exceptions.OptunaError):
+            if attempt == 4:
+                raise
+            time.sleep(1.0 + attempt)
     for trial in study.get_trials(states=(TrialState.RUNNING,)):
-        if _dead(trial.user_attrs.get("worker")):
-            study.tell(trial.number, state=TrialState.FAIL)
+        unclaimed = "worker" not in trial.user_attrs and time.time() - trial.datetime_start.timestamp() > CLAIM_S
+        if unclaimed or _dead(trial.user_attrs.get("worker")):
+            try:
+                study.tell(trial.number, state=TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # its worker finished it meanwhile
     return study
 
 
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
+
+
+CLAIM_S = 60.0  # a worker names itself on a trial right after asking for it; one unnamed longer died
 
 
 def _dead(worker: str | None) -> bool:
@@ -115,7 +130,7 @@ def _dead(worker: str | None) -> bool:
     which runs no trial while it opens the study). Another machine's trial is left alone: its
     worker may still be training it."""
     if worker is None:
-        return True
+        return False
     host, _, pid = worker.rpartition(":")
     if host != socket.gethostname():
         return False
