@@ -3,7 +3,8 @@
 Seeds are few (3 at the embedded scale, 5 or more at paper scale), so intervals use Student's t
 with n - 1 degrees of freedom, not the normal approximation. A paired difference compares two
 methods on the same seeds (same initialisation, batch order and masks), which removes the
-seed-to-seed spread both share.
+seed-to-seed spread both share. The verdict uses `seeds_and_items_ci`, which adds the sampling
+of the test images to the seed spread; `mean_ci` and `paired_difference` are its seeds-only forms.
 """
 from __future__ import annotations
 
