@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline import data_parallel
 from pipeline.io import save_torch
 
 SOURCE = Path(__file__).resolve().parents[1]  # the folder holding pipeline/ and stages/
@@ -50,7 +51,8 @@ class Checkpoint:
 
     @property
     def key(self) -> str:
-        return fingerprint(self.settings, code_digest(), self.device)
+        # Ranks see other BatchNorm batches: a state trained on W ranks only resumes on W ranks.
+        return fingerprint(self.settings, code_digest(), self.device, data_parallel.world_size())
 
     def load(self, map_location: torch.device | str = "cpu") -> dict | None:
         """The saved state, or None when there is none, or it cannot be read, or other code,
@@ -73,4 +75,5 @@ class Checkpoint:
         save_torch(self.path, {"key": self.key, "state": state})
 
     def clear(self) -> None:
-        self.path.unlink(missing_ok=True)
+        if data_parallel.is_main():
+            self.path.unlink(missing_ok=True)

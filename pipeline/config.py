@@ -357,6 +357,8 @@ class Params(Section):
     # Hessian-vector products of the reverse passes: bench/hypergrad.py times both per device.
     hvp: Literal["double_backward", "forward_over_reverse"] = "double_backward"
     threads: int = Field(default=1, ge=1, le=1024)  # intra-op CPU threads per stage process
+    # Data-parallel ranks of the DenseNet training stages (torchrun; README "Scaling out").
+    processes: int = Field(default=1, ge=1, le=1024)
     data: DataConfig = DataConfig(test_size=360)
     model: ModelConfig = ModelConfig()
     baseline: TrainConfig = TrainConfig()
@@ -379,6 +381,9 @@ class Params(Section):
         for key in ("baseline", "drmad", "adaptive"):  # search trials and finalists use the baseline's
             if getattr(self, key).batch_size > train:
                 raise ValueError(f"{key}.batch_size: at most the {train} training images of data "
+                                 f"(got {getattr(self, key).batch_size})")
+            if getattr(self, key).batch_size % self.processes:
+                raise ValueError(f"{key}.batch_size: must split evenly over processes: {self.processes} "
                                  f"(got {getattr(self, key).batch_size})")
         pooled = train + self.data.val_size
         for name, variant in self.adaptive.variants.items():

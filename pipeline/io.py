@@ -13,6 +13,8 @@ from typing import Iterator
 
 import torch
 
+from pipeline import data_parallel
+
 
 class OutputError(OSError):
     """An output could not be written (disk full, no permission); one line naming it."""
@@ -48,8 +50,13 @@ def remove_stale(target: Path) -> None:
 @contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success it replaces `target` in one rename,
-    with the permissions of a plainly created file (mkstemp's are owner-only)."""
+    with the permissions of a plainly created file (mkstemp's are owner-only). Data-parallel
+    ranks other than 0 write to a scratch file that is then dropped: rank 0 alone writes outputs."""
     target = Path(target)
+    if not data_parallel.is_main():
+        with tempfile.TemporaryDirectory() as scratch:
+            yield Path(scratch) / target.name
+        return
     with _one_line(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale(target)
@@ -67,8 +74,13 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
 
 @contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `target`; on success it replaces `target` whole."""
+    """Yield a temporary folder beside `target`; on success it replaces `target` whole (on rank 0
+    alone, like `atomic_path`)."""
     target = Path(target)
+    if not data_parallel.is_main():
+        with tempfile.TemporaryDirectory() as scratch:
+            yield Path(scratch)
+        return
     with _one_line(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale(target)

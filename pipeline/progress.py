@@ -7,6 +7,8 @@ from typing import Iterator
 
 from tqdm import tqdm
 
+from pipeline import data_parallel
+
 
 class Progress:
     """Iterate `range(start, total)`; `report(**values)` after each step shows them."""
@@ -14,8 +16,9 @@ class Progress:
     def __init__(self, start: int, total: int, desc: str, unit: str, terminal: bool | None = None):
         self.desc, self.unit, self.total = desc, unit, total
         self.terminal = sys.stderr.isatty() if terminal is None else terminal
+        self.silent = not data_parallel.is_main()  # rank 0 alone reports
         self.bar = tqdm(range(start, total), desc=desc, unit=unit, initial=start, total=total,
-                        disable=not self.terminal)
+                        disable=self.silent or not self.terminal)
         self.done = start
 
     def __iter__(self) -> Iterator[int]:
@@ -24,6 +27,8 @@ class Progress:
             self.done = i + 1
 
     def report(self, **values: str) -> None:
+        if self.silent:
+            return
         if self.terminal:
             self.bar.set_postfix(values)
         else:

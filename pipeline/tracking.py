@@ -31,6 +31,7 @@ from mlflow.tracking.context.registry import resolve_tags
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from sqlalchemy.exc import SQLAlchemyError
 
+from pipeline import data_parallel
 from pipeline.config import PARAMS_FILE, Params, flatten, read_yaml
 from pipeline.runlock import LOCK_DIR, exclusive
 
@@ -156,6 +157,26 @@ class StageRun:
         self._call("log_table", self.run_id, table, name)
 
 
+class SilentRun:
+    """What data-parallel ranks other than 0 log to: nothing (rank 0 logs the run once)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def set_tag(self, key: str, value: str) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def log_parent_metrics(self, metrics: dict[str, float]) -> None: ...
+    def log_parent_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def log_table(self, table, name: str) -> None: ...
+
+    def log_figure(self, figure, name: str) -> None:
+        from matplotlib import pyplot as plt
+
+        plt.close(figure)
+
+    @contextmanager
+    def child(self, name: str, params: dict[str, object]) -> Iterator["SilentRun"]:
+        yield self
+
+
 @contextmanager
 def stage_run(stage: str, params: Params, *, variant: str | None = None,
               dataset_digest: str | None = None, root: Path | None = None) -> Iterator[StageRun]:
@@ -164,6 +185,9 @@ def stage_run(stage: str, params: Params, *, variant: str | None = None,
     `root` is the stage's workspace (default: the current directory): params.yaml and the
     git state are read there, which under `dvc exp run --queue` is the experiment's copy.
     """
+    if not data_parallel.is_main():  # rank 0 alone records the run (and holds the lock)
+        yield SilentRun()
+        return
     lock_dir = (Path(root) if root else Path.cwd()) / LOCK_DIR
     with exclusive(f"{stage}@{variant}" if variant else stage, lock_dir):
         with _stage_run(stage, params, variant, dataset_digest, root) as run:

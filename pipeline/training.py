@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pipeline import data_parallel
 from pipeline.config import PARAMS_FILE, ConfigError, TrainConfig
 from pipeline.models import MaskedDropout, dropout_masks
 from pipeline.seeds import BATCH_STREAM, MASK_STREAM, generator
@@ -46,7 +47,7 @@ def setup_device(name: str, threads: int | None = None) -> torch.device:
     make_deterministic()
     if threads is not None:
         torch.set_num_threads(threads)
-    return resolve_device(name)
+    return data_parallel.init(resolve_device(name))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -61,11 +62,15 @@ def resolve_device(name: str) -> torch.device:
 class BatchSchedule:
     """Batch of step t: a slice of the seeded permutation of epoch t // steps_per_epoch.
 
-    Incomplete last batches are dropped so every step sees `batch_size` examples."""
+    Incomplete last batches are dropped so every step sees `batch_size` examples. Under data
+    parallelism each rank gets its share of every batch (`data_parallel.shard`)."""
 
     def __init__(self, n: int, batch_size: int, seed: int):
         if batch_size > n:
             raise ValueError(f"batch_size {batch_size} is larger than the {n} training examples")
+        if batch_size % data_parallel.world_size():
+            raise ConfigError(f"{PARAMS_FILE}: batch_size {batch_size} does not split evenly over "
+                              f"{data_parallel.world_size()} processes (choose processes that divide it)")
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.steps_per_epoch = n // batch_size
         self._epoch, self._perm = -1, None
@@ -75,7 +80,7 @@ class BatchSchedule:
         if epoch != self._epoch:
             self._perm = torch.randperm(self.n, generator=generator(self.seed, BATCH_STREAM, epoch))
             self._epoch = epoch
-        return self._perm[k * self.batch_size:(k + 1) * self.batch_size]
+        return data_parallel.shard(self._perm[k * self.batch_size:(k + 1) * self.batch_size])
 
 
 def is_regularised(name: str) -> bool:
@@ -142,12 +147,13 @@ class Trainer:
 
     def grad(self, step: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         loss, wrong = self.loss(step)
-        grads = list(torch.autograd.grad(loss, self.params))
+        *grads, loss = data_parallel.average([*torch.autograd.grad(loss, self.params), loss.detach()])
+        wrong = data_parallel.total(wrong)
         # The L2 gradient in closed form: c * w (cheaper than through autograd).
         with torch.no_grad():
             reg = [g for n, g in zip(self.names, grads) if is_regularised(n)]
             torch._foreach_addcmul_(reg, self.regularised, self.l2_coefficients)
-        return grads, loss.detach(), wrong
+        return grads, loss, wrong
 
     @torch.no_grad()
     def update(self, step: int, grads: list[torch.Tensor]) -> None:

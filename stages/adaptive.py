@@ -7,7 +7,7 @@ from pipeline import data
 from pipeline.experiments import adaptive as experiment
 from pipeline.config import load_params
 from pipeline.tracking import stage_run
-from stages.common import params_option, user_errors_exit_2
+from stages.common import data_parallel_stage, params_option, say, user_errors_exit_2
 
 
 @click.command(help="Train DenseNet once with the adaptive method of the configuration VARIANT (a key of "
@@ -21,12 +21,13 @@ from stages.common import params_option, user_errors_exit_2
 @user_errors_exit_2
 def main(params_file: str, variant: str, prepared: str) -> None:
     params = load_params(params_file)
+    data_parallel_stage(params, "stages.adaptive")
     experiment.variant(params, variant, data.load_meta(Path(prepared)))  # a bad name or size fails before any run is recorded
     with stage_run("adaptive", params, variant=variant) as run:  # run() tags the dataset it loads
         metrics = experiment.run(params, Path(prepared), variant, experiment.AdaptivePaths.for_variant(variant),
                                    tracker=run)
-    click.echo(f"adaptive {variant} {metrics['outcome']}: test error {metrics['final_test_error']}, mean of last "
-               f"{metrics['last_n']} {metrics['mean_last_n_test_error']}")
+    say(f"adaptive {variant} {metrics['outcome']}: test error {metrics['final_test_error']}, mean of last "
+        f"{metrics['last_n']} {metrics['mean_last_n_test_error']}")
 
 
 if __name__ == "__main__":

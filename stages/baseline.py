@@ -6,7 +6,7 @@ import click
 from pipeline.experiments import baseline
 from pipeline.config import load_params
 from pipeline.tracking import stage_run
-from stages.common import params_option, user_errors_exit_2
+from stages.common import data_parallel_stage, params_option, say, user_errors_exit_2
 
 
 @click.command(help="Train the DenseNet of `model` on PREPARED with the `baseline` settings; write "
@@ -17,10 +17,11 @@ from stages.common import params_option, user_errors_exit_2
 @user_errors_exit_2
 def main(params_file: str, prepared: str) -> None:
     params = load_params(params_file)
+    data_parallel_stage(params, "stages.baseline")
     with stage_run("baseline", params) as run:  # run() tags the dataset it loads
         metrics = baseline.run(params, Path(prepared), baseline.BaselinePaths(), tracker=run)
-    click.echo(f"baseline {metrics['outcome']}: test error {metrics['final_test_error']}, "
-               f"mean of last {metrics['last_n']} {metrics['mean_last_n_test_error']}")
+    say(f"baseline {metrics['outcome']}: test error {metrics['final_test_error']}, "
+        f"mean of last {metrics['last_n']} {metrics['mean_last_n_test_error']}")
 
 
 if __name__ == "__main__":

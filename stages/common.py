@@ -7,7 +7,8 @@ from typing import Callable
 
 import click
 
-from pipeline.config import ConfigError
+from pipeline import data_parallel
+from pipeline.config import ConfigError, Params
 from pipeline.data import DataError
 from pipeline.io import OutputError
 from pipeline.runlock import StageBusy
@@ -29,3 +30,14 @@ def user_errors_exit_2(fn: Callable) -> Callable:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
     return wrapper
+
+
+def data_parallel_stage(params: Params, module: str) -> None:
+    """Rerun this stage (`python -m module`) under torchrun when params ask for several processes."""
+    data_parallel.relaunch(params.processes, module)
+
+
+def say(text: str) -> None:
+    """The stage's closing line, once (from rank 0 under torchrun)."""
+    if data_parallel.is_main():
+        click.echo(text)

@@ -6,7 +6,7 @@ import click
 from pipeline.experiments import drmad as experiment
 from pipeline.config import load_params
 from pipeline.tracking import stage_run
-from stages.common import params_option, user_errors_exit_2
+from stages.common import data_parallel_stage, params_option, say, user_errors_exit_2
 
 
 @click.command(help="Run `drmad.meta_iterations` meta-iterations from the initial log10 L2 INIT (one of "
@@ -20,11 +20,12 @@ from stages.common import params_option, user_errors_exit_2
 @user_errors_exit_2
 def main(params_file: str, init: str, prepared: str) -> None:
     params = load_params(params_file)
+    data_parallel_stage(params, "stages.drmad")
     value = experiment.parse_init(init, params.drmad)
     with stage_run("drmad", params, variant=init) as run:  # run() tags the dataset it loads
         metrics = experiment.run(params, Path(prepared), value, experiment.DrmadPaths.for_init(init), tracker=run)
-    click.echo(f"drmad {init} {metrics['outcome']}: test error {metrics['final_test_error']} after "
-               f"{metrics['meta_iterations_completed']} meta-iterations")
+    say(f"drmad {init} {metrics['outcome']}: test error {metrics['final_test_error']} after "
+        f"{metrics['meta_iterations_completed']} meta-iterations")
 
 
 if __name__ == "__main__":

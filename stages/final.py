@@ -6,7 +6,7 @@ import click
 from pipeline.config import load_params
 from pipeline.experiments import final as experiment
 from pipeline.tracking import stage_run
-from stages.common import params_option, user_errors_exit_2
+from stages.common import data_parallel_stage, params_option, say, user_errors_exit_2
 
 
 @click.command(help="Retrain from scratch, at the baseline's full schedule and once per seed of `final.seeds`, "
@@ -20,11 +20,12 @@ from stages.common import params_option, user_errors_exit_2
 @user_errors_exit_2
 def main(params_file: str, kind: str, prepared: str) -> None:
     params = load_params(params_file)
+    data_parallel_stage(params, "stages.final")
     with stage_run("final", params, variant=kind) as run:
         metrics = experiment.run(params, Path(prepared), kind, experiment.FinalPaths.for_kind(kind), tracker=run)
     for method, entry in metrics["methods"].items():
         errors = ", ".join("n/a" if e is None else f"{100 * e:.2f}%" for e in entry["test_error"].values())
-        click.echo(f"final {method}: test error per seed {errors}")
+        say(f"final {method}: test error per seed {errors}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from torch import nn
 from torch.func import functional_call, replace_all_batch_norm_modules_
 from torch.nn import functional as F
 
+from pipeline import data_parallel
 from pipeline.hyper import HyperSpace
 from pipeline.hypergrad.bitsback import D, rational_beta
 from pipeline.models import MaskedDropout, dropout_masks
@@ -120,9 +121,10 @@ class Problem:
         return F.cross_entropy(logits, self.val_y)
 
     def train_grad(self, w: torch.Tensor, t: int) -> torch.Tensor:
-        """Gradient of the cross-entropy of step t (the L2 part is added in closed form)."""
+        """Gradient of the cross-entropy of step t (the L2 part is added in closed form), averaged
+        over the data-parallel ranks."""
         w = w.detach().requires_grad_()
-        return torch.autograd.grad(self.train_loss(w, t), w)[0]
+        return data_parallel.average([torch.autograd.grad(self.train_loss(w, t), w)[0]])[0]
 
     # -- L2 hyperparameters as flat vectors ----------------------------------------------------
     def l2_coefficients(self, l2: HyperSpace | None) -> torch.Tensor:

@@ -29,6 +29,7 @@ from typing import Protocol
 
 import torch
 
+from pipeline import data_parallel
 from pipeline.hyper import HyperSpace
 from pipeline.hypergrad.hvp import HVP
 from pipeline.hypergrad.problem import LN10, Problem
@@ -78,6 +79,8 @@ class Reversal:
         self.dv = self.dv + alpha * self.dw
         g = problem.train_grad(w, t) + c * w  # exactly the forward step's expression
         hdv, mixed = self.hvp(problem, w, t, self.dv)
+        hdv, *products = data_parallel.average([hdv, *mixed.values()])  # each rank's share of the batch
+        mixed = dict(zip(mixed, products))
         path.undo_velocity(s, g)
         if self.has_velocity:
             self.d_beta[t] += torch.dot(self.dv, path.v() + g)

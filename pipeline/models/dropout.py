@@ -4,6 +4,7 @@ Reverse passes recompute the gradient of step t and must see the same masks, and
 `F.dropout` takes no generator. So a training forward runs inside `dropout_masks(model, g)`:
 every MaskedDropout draws from `g` in layer order, which makes the masks a pure function of
 the generator's seed. A training forward without a generator is an error, not hidden noise.
+Under data parallelism each rank keeps its rows of the whole batch's masks.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import Iterator
 
 import torch
 from torch import nn
+
+from pipeline import data_parallel
 
 
 class MaskedDropout(nn.Module):
@@ -25,7 +28,11 @@ class MaskedDropout(nn.Module):
             return x
         if self.generator is None:
             raise RuntimeError("training forward with dropout needs masks: wrap it in dropout_masks(model, generator)")
-        keep = torch.empty_like(x).bernoulli_(1 - self.p, generator=self.generator)
+        if data_parallel.world_size() == 1:
+            keep = torch.empty_like(x).bernoulli_(1 - self.p, generator=self.generator)
+        else:  # the whole batch's masks, so each rank's rows get the ones a single process would draw
+            whole = x.new_empty((len(x) * data_parallel.world_size(), *x.shape[1:]))
+            keep = data_parallel.shard(whole.bernoulli_(1 - self.p, generator=self.generator))
         return x * keep / (1 - self.p)
 
 
