@@ -1,6 +1,7 @@
 """Scale-out on real parts: the tracking service (PostgreSQL + mlflow server) and two search
 workers on one Optuna study in that PostgreSQL."""
 import os
+import re
 import signal
 import shutil
 import socket
@@ -112,3 +113,48 @@ def test_a_server_gone_mid_stage_fails_it_in_seconds_and_a_rerun_completes(track
     assert any(r.info.status == "FINISHED" for r in MlflowClient(back.tracking_uri).search_runs(
         [MlflowClient(back.tracking_uri).get_experiment_by_name(raw["tracking"]["experiment"]).experiment_id],
         "attributes.run_name = 'baseline'"))
+
+
+def test_queued_experiments_on_two_workers_all_land_in_the_server(tracking, tmp_path):
+    from test_pipeline_e2e import TINY, make_repo
+
+    repo = make_repo(tmp_path / "repo", {**TINY, "baseline": {**TINY["baseline"], "epochs": 1}})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "PIPELINE_"))}
+    env.update(PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}", PYTHONPATH=str(repo),
+               MLFLOW_TRACKING_URI=tracking.tracking_uri)
+
+    def dvc(*args: str) -> str:
+        done = subprocess.run(["dvc", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    names = [f"l2-{exponent}" for exponent in (3, 4, 5)]
+    for name in names:
+        dvc("exp", "run", "--queue", "-n", name, "-S", f"baseline.log10_l2=-{name[-1]}", "baseline")
+    dvc("queue", "start", "-j", "2")
+    deadline = time.monotonic() + 600
+    while (status := dvc("queue", "status")) and ("Queued" in status or "Running" in status):
+        assert time.monotonic() < deadline, status
+        time.sleep(3)
+    assert status.count("Success") == 3 and "Failed" not in status, status
+    logs = {name: dvc("queue", "logs", name) for name in names}
+    assert not any("database is locked" in log or "Traceback" in log for log in logs.values())
+
+    client = MlflowClient(tracking.tracking_uri)
+    experiment = client.get_experiment_by_name("gbhpo").experiment_id
+    runs = client.search_runs([experiment])
+    parents = {r.info.run_id: r.info.run_name for r in runs if r.info.run_name.startswith("pipeline")}
+    assert sorted(parents.values()) == [f"pipeline:{n}" for n in names]  # one parent run per experiment
+    recorded = sorted((r.info.run_name, r.data.tags.get("dvc.exp_name"), r.info.status) for r in runs
+                      if r.info.run_id not in parents)
+    assert all(parents[r.data.tags["mlflow.parentRunId"]] == f"pipeline:{r.data.tags['dvc.exp_name']}"
+               for r in runs if r.info.run_id not in parents)
+    # Every stage an experiment ran, once (DVC's run cache restores a stage it ran before with the
+    # same inputs, e.g. the second `prepare`, without running it).
+    ran = sorted((stage, name, "FINISHED") for name, log in logs.items()
+                 for stage in re.findall(r"Running stage '([^']+)'", log) if stage != "validate")  # checks, logs nothing
+    assert recorded == ran and [r for r in ran if r[0] == "baseline"] == [("baseline", n, "FINISHED") for n in names]
+    for run in client.search_runs([experiment], "attributes.run_name = 'baseline'"):
+        assert run.data.params["baseline.log10_l2"] == f"-{run.data.tags['dvc.exp_name'][-1]}.0"
+        assert "error/test" in run.data.metrics
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"errors.csv", "baseline.json"}
