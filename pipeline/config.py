@@ -296,6 +296,8 @@ class SearchConfig(Section):
     budget: Union[Literal["drmad"], float] = "drmad"
     tpe_startup_trials: int = Field(default=4, ge=1)  # TPE samples at random until this many trials are done
     storage: Optional[str] = None  # Optuna RDB URL; null: a SQLite file per study under checkpoints/search/
+    # Workers' heartbeat period; a trial silent for twice this long is failed and redone (a worker died).
+    heartbeat_s: int = Field(default=30, ge=1)
 
     @field_validator("budget", mode="before")
     @classmethod

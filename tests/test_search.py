@@ -119,3 +119,52 @@ def test_budget_drmad_reads_what_each_init_spent(tmp_path):
     for tag, work in (("-4", 300.0), ("-2.0", 340.0), ("-7.0", 1000.0)):  # -7 is not an init here
         (tmp_path / f"metrics/drmad/{tag}.json").write_text(json.dumps({"work_gradient_equivalents": work}))
     assert search.budget(params, tmp_path) == 320.0
+
+
+def test_a_trial_whose_worker_stops_beating_is_failed_and_redone(prepared, tmp_path):
+    """A helper killed mid-trial (as on another machine: nothing local tells the stage it died)
+    leaves its trial RUNNING; its heartbeat stops, and the stage fails it and runs another."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    for key, value in {**TINY, "search": {**TINY["search"], "budget": 3 * 3 * 40, "trial_epochs": 40, "heartbeat_s": 1,
+                                          "samplers": ["random"], "storage": f"sqlite:///{tmp_path / 'study.db'}"},
+                       "adaptive": {"variants": {"k100": {"every": 2, "window": 2}}}}.items():
+        raw[key] = {**raw[key], **value} if isinstance(value, dict) else value
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    shutil.copytree(prepared, tmp_path / "data/prepared")
+    env = {**os.environ, "PYTHONPATH": str(root), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "stages.search", "--sampler", "random"]
+    helper = subprocess.Popen([*command, "--worker"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    stage = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    deadline = time.monotonic() + 120
+    while True:  # both are training a trial: the stage opened the study before the helper dies
+        assert time.monotonic() < deadline and helper.poll() is None and stage.poll() is None
+        studies = optuna.get_all_study_summaries(storage) if (tmp_path / "study.db").exists() else []
+        running = {t.user_attrs.get("worker", "").rpartition(":")[2] for t in optuna.load_study(
+            study_name=studies[0].study_name, storage=storage).get_trials(states=(TrialState.RUNNING,))} if studies else set()
+        if {str(helper.pid), str(stage.pid)} <= running:
+            break
+        time.sleep(0.2)
+    os.kill(helper.pid, signal.SIGKILL)
+    helper.wait()
+    _, err = stage.communicate(timeout=120)
+    assert stage.returncode == 0, err
+    study = optuna.load_study(study_name=studies[0].study_name, storage=storage)
+    by_state = {s: [t for t in study.trials if t.state == s] for s in TrialState}
+    assert len(by_state[TrialState.COMPLETE]) == 3 and not by_state[TrialState.RUNNING]
+    (dead,) = by_state[TrialState.FAIL]
+    assert dead.user_attrs["worker"].endswith(f":{helper.pid}")
+    assert json.loads((tmp_path / "metrics/search/random.json").read_text())["trials"] == 3

@@ -8,7 +8,9 @@ floor(budget / trial cost) trials, so two searches given one budget spend it to 
 The study lives in Optuna's RDB storage: a killed search resumes with its finished trials kept
 (a trial the dead attempt left running is marked failed and redone). Each trial's sampler is
 seeded from (seed, number of finished trials), so a resumed search draws what an uninterrupted
-one would have drawn.
+one would have drawn. Trials run through `Study.optimize`, the one Optuna interface with
+heartbeats: a trial whose worker stopped beating (killed, on any machine) for twice
+`search.heartbeat_s` is failed and its place taken by another trial.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import socket
 import zlib
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,14 +97,18 @@ def open_study(name: str, params: Params, meta: dict, paths: SearchPaths) -> opt
     """The study of these settings (a changed setting starts a new one), trials a dead attempt
     left running marked failed."""
     key = fingerprint(code_digest(), name, params.seed, params.model.model_dump(), params.baseline.model_dump(),
-                      params.search.model_dump(exclude={"storage"}), params.evaluation.model_dump(), meta["digest"])
-    storage = params.search.storage
-    if storage is None:
+                      params.search.model_dump(exclude={"storage", "heartbeat_s"}), params.evaluation.model_dump(),
+                      meta["digest"])
+    url = params.search.storage
+    if url is None:
         paths.storage_dir.mkdir(parents=True, exist_ok=True)
-        storage = f"sqlite:///{(paths.storage_dir / f'{name}.db').resolve()}"
+        url = f"sqlite:///{(paths.storage_dir / f'{name}.db').resolve()}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     for attempt in range(5):  # workers starting together race to create the schema and the study
         try:
+            with warnings.catch_warnings():  # Optuna calls heartbeats experimental since 2.5
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                storage = optuna.storages.RDBStorage(url, heartbeat_interval=params.search.heartbeat_s)
             study = optuna.create_study(study_name=f"{name}-{key[:16]}", storage=storage, direction="minimize",
                                         load_if_exists=True)
             break
@@ -164,22 +171,35 @@ def run(params: Params, prepared: Path, name: str, paths: SearchPaths, tracker: 
                           f"budget of {total:g}; shorten the trials or raise search.budget")
     study, planned = open_study(name, params, meta, paths), int(total // cost)
     start = time.perf_counter()
-    while len(live(study)) < planned:
-        finished = len(study.get_trials(states=(TrialState.COMPLETE,)))
-        study.sampler = sampler(name, params, finished, zlib.crc32(WORKER.encode()) + 1 if worker_only else 0)
-        trial = study.ask(distributions(params))
+
+    plan_full = False
+
+    def objective(trial: optuna.Trial) -> float:
+        nonlocal plan_full
+        values = {key: trial.suggest_float(key, d.low, d.high) for key, d in distributions(params).items()}
         trial.set_user_attr("worker", WORKER)
         if trial.number not in live(study)[:planned]:  # another worker took the last place meanwhile
-            study.tell(trial, state=TrialState.FAIL)
-            break
-        value, attrs = _trial(params, splits, meta, trial.params, trial.number, tracker, progress)
+            plan_full = True
+            raise optuna.TrialPruned("surplus")
+        value, attrs = _trial(params, splits, meta, values, trial.number, tracker, progress)
         for key, attr in attrs.items():
             trial.set_user_attr(key, attr)
-        study.tell(trial, value)
+        return value
+
+    while True:
+        while len(live(study)) < planned and not plan_full:
+            finished = len(study.get_trials(states=(TrialState.COMPLETE,)))
+            study.sampler = sampler(name, params, finished, zlib.crc32(WORKER.encode()) + 1 if worker_only else 0)
+            study.optimize(objective, n_trials=1)
+        plan_full = False
+        if worker_only or not study.get_trials(states=(TrialState.RUNNING,)):
+            break
+        time.sleep(2.0)  # other workers' last trials; one whose worker died is failed, and its place redone
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
     if worker_only:
         return None
-    while study.get_trials(states=(TrialState.RUNNING,)):  # other workers' last trials
-        time.sleep(2.0)
     metrics = summarise(study, name, total, cost, time.perf_counter() - start)
     metrics["platform"] = machine.describe(device)  # bit-identity holds within one platform
     _write_outputs(paths, study, metrics, tracker)
