@@ -1,10 +1,15 @@
 """A sweep as the README shows it: queued `dvc exp run`s log into the repository's MLflow DB."""
 import io
+import os
+import subprocess
+import sys
 import sqlite3
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from test_pipeline_e2e import TINY, make_repo, sh
 
@@ -37,3 +42,26 @@ def test_queued_experiments_land_in_mlflow_and_dvc_exp_show(tmp_path):
         "select t.value from tags t join runs r on r.run_uuid = t.run_uuid "
         "where r.name = 'baseline' and t.key = 'dvc.exp_name'")}
     assert experiments == {"epochs1", "epochs2"}
+
+
+def test_experiments_pinned_one_per_device_as_the_readme_runs_them(tmp_path):
+    """`CUDA_VISIBLE_DEVICES=i dvc exp run --temp ... &` for i = 0, 1: both run at once, each
+    under its own setting."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    stage = {"cmd": "sleep 3; echo {\\\"device\\\": $CUDA_VISIBLE_DEVICES} > m.json", "params": ["x"], "metrics": ["m.json"]}
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"s": stage}}))
+    (repo / "params.yaml").write_text("x: 0\n")
+    sh(repo, "git", "init", "-q")
+    sh(repo, "dvc", "init", "-q")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "one stage")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    runs = [subprocess.Popen(["dvc", "exp", "run", "--temp", "-S", f"x={device + 1}", "-n", f"gpu{device}"], cwd=repo,
+                             env={**env, "CUDA_VISIBLE_DEVICES": str(device)}, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+            for device in (0, 1)]
+    for run in runs:
+        assert run.wait(timeout=300) == 0, run.stdout.read()
+    shown = pd.read_csv(io.StringIO(sh(repo, "dvc", "exp", "show", "--csv"))).set_index("Experiment")
+    assert shown.loc[["gpu0", "gpu1"], "device"].astype(int).tolist() == [0, 1]
