@@ -19,6 +19,8 @@ class ConstantGradient(Problem):
     of equally spaced iterates; the validation loss is curved so dw_0 is not trivial."""
 
     def train_loss(self, w, t, batch=None, buffers=None):
+        if isinstance(w, list):  # per-parameter leaves (train_grad, double_backward)
+            w = self.join(w)
         return (self.direction * w).sum()
 
     def val_loss(self, w, buffers=None):

@@ -110,7 +110,7 @@ def line(w0, w_end, steps):
     return [(s / steps) * w_end + (1 - s / steps) * w0 for s in range(steps)]
 
 
-def flat_grad(result, l2):
+def join(result, l2):
     return torch.stack([result["log10_l2"][k].reshape(()) for k in l2.values])
 
 
@@ -125,7 +125,7 @@ def test_drmad_equals_algorithm3_on_a_curved_problem(step_map):
     dw, _, d_lam = algorithm3(problem, lam, groups, line(ws[0], ws[-1], S), maps[step_map], dw0)
     got = hypergradient(problem, l2, "drmad", reverse_steps=S, step_map=step_map)
     assert got["reverse_steps"] == S
-    assert torch.allclose(flat_grad(got, l2), d_lam, rtol=1e-9, atol=0)
+    assert torch.allclose(join(got, l2), d_lam, rtol=1e-9, atol=0)
     assert torch.allclose(got["w0"], dw, rtol=1e-9, atol=1e-14)
     # the curvature matters: a line at other positions (w_T -> w_0 shifted by one step) differs
     _, _, d_shift = algorithm3(problem, lam, groups, line(ws[0], ws[-1], S)[1:] + [ws[-1]], maps[step_map], dw0)
@@ -143,7 +143,7 @@ def test_drmad2_equals_float_reversal_then_the_line():
     dw, _, d_lam = algorithm3(problem, lam, groups, line(ws[0], ws[head], S), lambda s: min(s, head - 1), dw, dv, d_lam)
     got = hypergradient(problem, l2, "drmad2", last=K, reverse_steps=S)
     assert got["reverse_steps"] == K + S
-    assert torch.allclose(flat_grad(got, l2), d_lam, rtol=1e-8, atol=0)
+    assert torch.allclose(join(got, l2), d_lam, rtol=1e-8, atol=0)
     assert torch.allclose(got["w0"], dw, rtol=1e-8, atol=1e-13)
 
 
@@ -163,7 +163,7 @@ def test_the_drmad_stage_wires_the_same_path(method):
     distances = torch.stack([(w - ws[0]).norm() for w in ws[1:]])
     params = parse_params({"drmad": {"method": method, "reverse_steps": 6, "last": 4, "step_map": "same"}})
     path = reverse_path(params, problem, EndState, distances)
-    got = flat_grad(reverse(problem, path, l2, double_backward), l2)
+    got = join(reverse(problem, path, l2, double_backward), l2)
     dw0 = torch.func.grad(lambda u: val_loss(problem, u))(ws[-1])
     if method == "drmad":
         expected = algorithm3(problem, lam, groups, line(ws[0], ws[-1], 6), lambda s: s, dw0)[2]

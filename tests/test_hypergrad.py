@@ -99,7 +99,7 @@ def test_a_corrupted_buffer_word_is_an_error_not_a_hypergradient():
     problem = make_problem(steps=400)  # 0.152 bits a step at beta = 0.9: a few words each
     path = ExactPath.train(problem, problem.l2_coefficients(None))
     assert bool((path.buffer.top > 3).all())  # every element has spilled words of its own
-    path.buffer.stack[7, 2] ^= 1  # one bit of element 7's first spilled word
+    path.buffer.stack[2, 7] ^= 1  # one bit of element 7's first spilled word
     with pytest.raises(ReversalError, match="did not return to the start"):
         reverse(problem, path, None, double_backward)
 
@@ -112,7 +112,20 @@ def test_a_reverse_gradient_unlike_the_forward_ones_is_an_error(monkeypatch):
     train_grad = problem.train_grad
     monkeypatch.setattr(problem, "train_grad", lambda w, t: train_grad(w, t) + 1e-9)
     with pytest.raises(ReversalError, match="no hypergradient"):
-        reverse(problem, path, None, double_backward)
+        reverse(problem, path, None, forward_over_reverse)  # the reverse pass's own train_grad
+
+
+def test_a_reverse_gradient_from_the_product_unlike_the_forward_ones_is_an_error():
+    """Double backward hands its gradient to the reverse step: one off in the last bits is caught."""
+    problem = make_problem(steps=30)
+    path = ExactPath.train(problem, problem.l2_coefficients(None))
+
+    def off(problem, w, t, dv):
+        hdv, mixed, g = double_backward(problem, w, t, dv)
+        return hdv, mixed, g + 1e-9
+
+    with pytest.raises(ReversalError, match="no hypergradient"):
+        reverse(problem, path, None, off)
 
 
 def test_float_reversal_drifts_where_exact_does_not():
@@ -222,8 +235,7 @@ def test_hvp_implementations_agree_and_match_differences_of_gradients():
     problem = make_problem("densenet", steps=3)
     w = problem.w0
     dv = torch.randn(w.shape, generator=torch.Generator().manual_seed(5), dtype=F64)
-    h1, _ = double_backward(problem, w, 2, dv)
-    h2, _ = forward_over_reverse(problem, w, 2, dv)
+    h1, h2 = double_backward(problem, w, 2, dv).hdv, forward_over_reverse(problem, w, 2, dv).hdv
     assert rel(h2, h1) <= 1e-10
     eps = 1e-6
     finite = (problem.train_grad(w + eps * dv, 2) - problem.train_grad(w - eps * dv, 2)) / (2 * eps)
@@ -334,8 +346,8 @@ def scaled_problem(steps=30, method_seed=0):
 def test_scale_mixed_products_agree_between_hvp_implementations():
     problem = scaled_problem()
     dv = torch.randn(problem.w0.shape, generator=torch.Generator().manual_seed(5), dtype=F64)
-    h1, m1 = double_backward(problem, problem.w0, 3, dv)
-    h2, m2 = forward_over_reverse(problem, problem.w0, 3, dv)
+    h1, m1, _ = double_backward(problem, problem.w0, 3, dv)
+    h2, m2, _ = forward_over_reverse(problem, problem.w0, 3, dv)
     assert rel(h2, h1) <= 1e-10 and rel(flat(m2), flat(m1)) <= 1e-10
     assert set(m1) == {"layers.0.s", "layers.1.s", "layers.2.s"} and flat(m1).norm() > 0
 

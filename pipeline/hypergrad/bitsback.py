@@ -4,7 +4,7 @@
 al. (2015) the remainder is stored and recovered later, but as range-ANS style bits-back
 coding instead of unbounded integers (algorithms §4): each element keeps a state `x` in
 [L, L * 2^16) with L = n * 2^16 (an int64 tensor), and spills 16-bit words to a dense
-per-element stack [P, W] of int16. Every operation is a vectorised tensor op, so it runs on
+stack [W, P] of int16 (word-major). Every operation is a vectorised tensor op, so it runs on
 CPU and CUDA alike, and memory stays within a few percent of T * P * log2(d/n) bits.
 
 Forward `multiply(v, n)`:  r = v mod d; v = v div d; spill words while x >= L (one, unless n
@@ -52,7 +52,9 @@ class BitsBackBuffer:
         self.n_prev = self.N_START
         self.x = torch.full((numel,), self.N_START * D, dtype=torch.int64, device=device)
         self.top = torch.full((numel,), self.SEED_WORDS, dtype=torch.int64, device=device)
-        self.stack = torch.zeros(numel, self.SEED_WORDS, dtype=torch.int16, device=device)
+        # Word-major [W, P]: element p's k-th word at stack[k, p]. Elements' tops stay close, so a
+        # push or pop of all P elements touches a few contiguous rows (6x faster than [P, W] on CPU).
+        self.stack = torch.zeros(self.SEED_WORDS, numel, dtype=torch.int16, device=device)
         # Host-side bound on the information 16 * top + log2 x: the stack grows without a device sync.
         self.bits_bound = float(self.START_BITS)
         self._history: list[tuple[int, float]] = []  # (n_prev, bits_bound) per step, for the reverse
@@ -64,14 +66,14 @@ class BitsBackBuffer:
         flight (one word, more when n falls)."""
         in_flight = 1 + max(0, math.ceil(math.log2(self.n_prev / n) / WORD_BITS))
         needed = math.ceil((self.bits_bound - math.log2(n * D)) / WORD_BITS) + 1 + in_flight
-        width = self.stack.shape[1]
+        width = self.stack.shape[0]
         if needed > width:
             grow = max(needed - width, 2, width // 50)  # few copies, under 2% slack
-            pad = torch.zeros(self.stack.shape[0], grow, dtype=torch.int16, device=self.stack.device)
-            self.stack = torch.cat([self.stack, pad], dim=1)
+            pad = torch.zeros(grow, self.stack.shape[1], dtype=torch.int16, device=self.stack.device)
+            self.stack = torch.cat([self.stack, pad], dim=0)
 
     def _push(self, word: torch.Tensor, where: torch.Tensor | None = None) -> None:
-        self.stack.scatter_(1, self.top[:, None], word.to(torch.int16)[:, None])
+        self.stack.scatter_(0, self.top[None, :], word.to(torch.int16)[None, :])
         self.top += 1 if where is None else where
 
     def _pop(self, where: torch.Tensor | None = None) -> torch.Tensor:
@@ -81,7 +83,7 @@ class BitsBackBuffer:
         else:
             self.top -= 1
             index = self.top
-        return self.stack.gather(1, index[:, None])[:, 0].long() & MASK
+        return self.stack.gather(0, index[None, :])[0].long() & MASK
 
     def _spill_below(self, limit: int, switch: bool) -> None:
         """Spill low words until x < limit: exactly one when n is unchanged."""
@@ -140,7 +142,7 @@ class BitsBackBuffer:
         if self._history or self.n_prev != self.N_START:
             return self.x.numel()
         off = (self.x != self.N_START * D) | (self.top != self.SEED_WORDS)
-        return int((off | (self.stack[:, :self.SEED_WORDS] != 0).any(1)).sum())
+        return int((off | (self.stack[:self.SEED_WORDS] != 0).any(0)).sum())
 
     # -- accounting --------------------------------------------------------------------------
     def stored_bits(self) -> float:
@@ -149,4 +151,4 @@ class BitsBackBuffer:
 
     def allocated_bits(self) -> float:
         """Memory the buffer occupies per element: the stack row, the state x and the top index."""
-        return WORD_BITS * self.stack.shape[1] + 64 + 64
+        return WORD_BITS * self.stack.shape[0] + 64 + 64

@@ -80,7 +80,10 @@ class Problem:
         return sum(self.numels)
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {n: t.view(s) for n, t, s in zip(self.names, flat.split(self.numels), self.shapes)}
+        return dict(zip(self.names, self.views(flat)))
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [t.view(s) for t, s in zip(flat.split(self.numels), self.shapes)]
 
     def flatten(self, named: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([named[n].reshape(-1) for n in self.names])
@@ -96,11 +99,24 @@ class Problem:
             return {}
         return {n: self.scales.log_value(n).to(self.dtype) for n in self.scales.shapes}
 
-    def named(self, w: torch.Tensor, buffers: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """What `functional_call` needs: the weights' named views and the buffer hyperparameters."""
-        return {**self.unflatten(w), **(self.buffers() if buffers is None else buffers)}
+    def named(self, w: torch.Tensor | list[torch.Tensor],
+              buffers: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """What `functional_call` needs: the weights' named views (of the flat w, or w as
+        per-parameter tensors already) and the buffer hyperparameters."""
+        weights = dict(zip(self.names, w)) if isinstance(w, list) else self.unflatten(w)
+        return {**weights, **(self.buffers() if buffers is None else buffers)}
 
-    def train_loss(self, w: torch.Tensor, t: int, batch: tuple[torch.Tensor, torch.Tensor] | None = None,
+    def leaves(self, w: torch.Tensor) -> list[torch.Tensor]:
+        """w as per-parameter leaves to differentiate by. Differentiating by the flat w instead
+        would make autograd build a zero-filled P-vector per parameter in every backward pass
+        (the backward of a slice); the per-parameter gradients are the same numbers."""
+        return [p.detach().requires_grad_() for p in self.views(w.detach())]
+
+    def join(self, parts) -> torch.Tensor:
+        """Per-parameter tensors (weights or gradients) as one flat vector, `views`' inverse."""
+        return torch.cat([p.reshape(-1) for p in parts])
+
+    def train_loss(self, w: torch.Tensor | list[torch.Tensor], t: int, batch: tuple[torch.Tensor, torch.Tensor] | None = None,
                    buffers: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Pass `batch` (= self.batch(t)) when calling inside a torch.func transform: the batch
         order is cached, and a cache filled inside a transform would leak its tensors.
@@ -113,7 +129,7 @@ class Problem:
             logits = functional_call(self.model, self.named(w, buffers), (x,))
         return F.cross_entropy(logits, y)
 
-    def val_loss(self, w: torch.Tensor, buffers: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def val_loss(self, w: torch.Tensor | list[torch.Tensor], buffers: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         self.model.train()
         for m in self._dropout:
             m.eval()  # dropout off, BatchNorm on the validation set's own statistics
@@ -123,8 +139,8 @@ class Problem:
     def train_grad(self, w: torch.Tensor, t: int) -> torch.Tensor:
         """Gradient of the cross-entropy of step t (the L2 part is added in closed form), averaged
         over the data-parallel ranks."""
-        w = w.detach().requires_grad_()
-        return data_parallel.average([torch.autograd.grad(self.train_loss(w, t), w)[0]])[0]
+        leaves = self.leaves(w)
+        return data_parallel.average([self.join(torch.autograd.grad(self.train_loss(leaves, t), leaves))])[0]
 
     # -- L2 hyperparameters as flat vectors ----------------------------------------------------
     def l2_coefficients(self, l2: HyperSpace | None) -> torch.Tensor:

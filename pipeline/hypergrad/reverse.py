@@ -77,9 +77,12 @@ class Reversal:
         path.undo_position(s)
         w = path.w()
         self.dv = self.dv + alpha * self.dw
-        g = problem.train_grad(w, t) + c * w  # exactly the forward step's expression
-        hdv, mixed = self.hvp(problem, w, t, self.dv)
-        hdv, *products = data_parallel.average([hdv, *mixed.values()])  # each rank's share of the batch
+        hdv, mixed, g = self.hvp(problem, w, t, self.dv)
+        # The forward step's gradient bit for bit (from the product when it computed it so), then
+        # exactly the forward step's expression; the ranks' shares averaged like training's.
+        g = problem.train_grad(w, t) if g is None else data_parallel.average([g])[0]
+        g = g + c * w
+        hdv, *products = data_parallel.average([hdv, *mixed.values()])
         mixed = dict(zip(mixed, products))
         path.undo_velocity(s, g)
         if self.has_velocity:
