@@ -121,7 +121,7 @@ def hypergradients(problem: Problem, l2: HyperSpace, cfg: QualityConfig, multipl
 
     exact_w_T = path.w()
     tail = FloatPath(problem, w_T, v_T)  # DrMAD2's copy: lockstep walks `floats` back to w_0
-    exact, plain, trace = lockstep(problem, path, floats, l2, hvp)
+    exact, plain, trace = lockstep(problem, path, floats, l2, hvp, keep=set(spread(problem.steps, cfg.trace_points)))
     steps = heuristic(distances)
     k = min(cfg.last, problem.steps)
     tail.distances = distances
@@ -142,9 +142,8 @@ def compare(grads: dict[str, torch.Tensor]) -> list[dict]:
             for m, g in grads.items()]
 
 
-def thin(trace: dict[str, list[float]], points: int) -> list[int]:
-    """Evenly spread row indices of a reverse trace, first and last always kept."""
-    n = len(trace["step"])
+def spread(n: int, points: int) -> list[int]:
+    """`points` evenly spread indices of range(n), first and last always kept (all when n <= points)."""
     return sorted({round(i * (n - 1) / (points - 1)) for i in range(points)}) if n > points else list(range(n))
 
 
@@ -186,8 +185,8 @@ def meta_iteration(study: Study, problem: Problem, l2: HyperSpace, cfg: QualityC
     study.rows["hypergrads"] += [{"meta_iteration": i, **row} for row in compared]
     study.rows["errors"] += [{"meta_iteration": i, "split": s, "error": e} for s, e in errors.items()]
     trace = got["trace"]
-    study.rows["reverse"] += [{"meta_iteration": i, "steps_back": j + 1, "quantity": q, "value": trace[q][j]}
-                              for j in thin(trace, cfg.trace_points) for q in TRACE]
+    study.rows["reverse"] += [{"meta_iteration": i, "steps_back": problem.steps - s, "quantity": q, "value": trace[q][j]}
+                              for j, s in enumerate(trace["step"]) for q in TRACE]  # the traced rows only
     study.rows["meta"].append({"meta_iteration": i, "reverse_steps": got["reverse_steps"], "val_loss": got["val_loss"],
                                "seconds": time.perf_counter() - start, **{f"{s}_error": e for s, e in errors.items()}})
     if tracker:
@@ -218,7 +217,7 @@ def run(params: Params, name: str, paths: QualityPaths, tracker: Tracker | None 
     if (saved := checkpoint.load(device)) is not None:
         study.restore(saved)
     hvp = HVP_METHODS[params.hvp]
-    started = time.perf_counter()
+    started, first = time.perf_counter(), study.iteration
     bar = Progress(study.iteration, cfg.meta_iterations, f"quality {name}", "meta-iteration", progress)
     for _ in bar:
         if study.outcome == "diverged":
@@ -234,10 +233,37 @@ def run(params: Params, name: str, paths: QualityPaths, tracker: Tracker | None 
         checkpoint.save(study.state())
     metrics = {"run": name, "protocol": cfg.runs[name].protocol,
                **summarise(study, steps, time.perf_counter() - started)}
+    metrics.update(op_floor(problem, hvp, [r for r in study.rows["hypergrads"] if r["meta_iteration"] >= first],
+                            metrics["wall_time_s"]))
     metrics["platform"] = machine.describe(problem.x.device)  # bit-identity holds within one platform
     write_outputs(paths, study, metrics, f"{cfg.runs[name].protocol} protocol, T = {steps:,}", tracker)
     checkpoint.clear()
     return metrics
+
+
+def op_floor(problem: Problem, hvp: HVP, walked: list[dict], seconds: float, sample: int = 100) -> dict:
+    """The run's op-cost floor, timed in this process after the run: every meta-iteration needs
+    2T training gradients (the exact and the float run) and, per reverse step walked by any
+    method (2T for exact and float reversal, S for each DrMAD line), one gradient-plus-HVP
+    (double backward computes both). Each cost is the best of two passes over `sample` steps;
+    `walked`: the hypergradient rows of the meta-iterations this attempt ran (five per meta-iteration)."""
+    k, w = min(sample, problem.steps), problem.w0
+    dv = torch.ones_like(w)
+
+    def per_step(fn) -> float:
+        best = math.inf
+        for _ in range(2):
+            start = time.perf_counter()
+            for t in range(k):
+                fn(w, t)
+            best = min(best, (time.perf_counter() - start) / k)
+        return best
+
+    grad_s, hvp_s = per_step(problem.train_grad), per_step(lambda w, t: hvp(problem, w, t, dv))
+    meta_iterations = len(walked) // len(METHODS)
+    floor = meta_iterations * 2 * problem.steps * grad_s + sum(r["reverse_steps"] for r in walked) * hvp_s
+    return {"floor_time_grad_ms": round(1e3 * grad_s, 4), "floor_time_hvp_ms": round(1e3 * hvp_s, 4),
+            "floor_time_s": round(floor, 1), "wall_over_floor": round(seconds / floor, 3) if floor else None}
 
 
 def summarise(study: Study, steps: int, seconds: float) -> dict:

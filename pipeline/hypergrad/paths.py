@@ -108,7 +108,8 @@ class ExactPath(_ForwardStepsOneToOne):
     def _flag(self, x: torch.Tensor) -> None:
         # Accumulated on the device, checked once per step: nothing is multiplied or shifted
         # up after an out-of-range value, so int64 never wraps into a wrong number.
-        self._overflow |= ~(x.abs() < self.LIMIT).all()  # NaN compares False: flagged too
+        low, high = torch.aminmax(x)  # one pass; NaN propagates and compares False: flagged too
+        self._overflow |= ~((high < self.LIMIT) & (low > -self.LIMIT))
 
     def _step_integer(self, t: int) -> torch.Tensor:
         """round(alpha_t * v) on the weights' grid: the position update of step t."""

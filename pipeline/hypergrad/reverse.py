@@ -143,17 +143,19 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def lockstep(problem: Problem, exact_path: ReversiblePath, float_path: ReversiblePath,
-             l2: HyperSpace | None, hvp: HVP) -> tuple[dict, dict, dict[str, list[float]]]:
+             l2: HyperSpace | None, hvp: HVP, keep: set[int] | None = None) -> tuple[dict, dict, dict[str, list[float]]]:
     """Walk a trajectory back with exact arithmetic and with floats side by side (the float
     path from the same w_T, v_T, or from its own float run of the same seed): both results, and per reverse step (thesis figs 3.4-3.6) the
     norms of the exact d theta and dw, the distances between the two reversals' w, v, d theta
     and dw, and the cosine of their d theta. Float reversal that overflows is stopped and its
-    hypergradient is NaN from there on (it has no finite value to report)."""
+    hypergradient is NaN from there on (it has no finite value to report). `keep`: the rows to
+    trace, as counts of steps back less one (default: every step; each row costs a few passes
+    over the weights)."""
     exact, plain = Reversal(problem, exact_path, l2, hvp), Reversal(problem, float_path, l2, hvp)
     keys = ("step", "theta_norm", "dw_norm", "w", "v", "d_theta", "dw", "cos_d_theta")
     out = {k: [] for k in keys}
     lost = False  # once float reversal is not finite it stays so: stop paying for its steps
-    for s in reversed(range(exact_path.reverse_steps)):
+    for j, s in enumerate(reversed(range(exact_path.reverse_steps))):
         exact.step(s)
         if not lost:
             plain.step(s)
@@ -162,6 +164,8 @@ def lockstep(problem: Problem, exact_path: ReversiblePath, float_path: Reversibl
                 plain.dw = torch.full_like(plain.dw, float("nan"))
                 plain.d_l2 = torch.full_like(plain.d_l2, float("nan"))
                 plain.d_scale = {k: torch.full_like(v, float("nan")) for k, v in plain.d_scale.items()}
+        if keep is not None and j not in keep:
+            continue
         d_exact, d_float = exact.d_theta(), plain.d_theta()
         row = (s, d_exact.norm(), exact.dw.norm(), (exact_path.w() - float_path.w()).norm(),
                (exact_path.v() - float_path.v()).norm(), (d_exact - d_float).norm(),
