@@ -358,7 +358,8 @@ class Params(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Hessian-vector products of the reverse passes: bench/hypergrad.py times both per device.
     hvp: Literal["double_backward", "forward_over_reverse"] = "double_backward"
-    threads: int = Field(default=1, ge=1, le=1024)  # intra-op CPU threads per stage process
+    # Intra-op CPU threads per stage process; auto: the cores divided among the processes sharing them.
+    threads: Union[Literal["auto"], int] = 1
     # Data-parallel ranks of the DenseNet training stages (torchrun; README "Scaling out").
     processes: int = Field(default=1, ge=1, le=1024)
     data: DataConfig = DataConfig(test_size=360)
@@ -374,6 +375,13 @@ class Params(Section):
     evaluation: EvaluationConfig = EvaluationConfig()
     work: WorkConfig = WorkConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _threads(cls, value):
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 1024):
+            return value
+        raise ValueError(f"a whole number from 1 to 1024, or auto (got {value!r})")
 
     @model_validator(mode="after")
     def _across_sections(self):

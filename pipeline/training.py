@@ -38,16 +38,26 @@ def make_deterministic() -> None:
     torch.backends.cudnn.allow_tf32 = False
 
 
-def setup_device(name: str, threads: int | None = None) -> torch.device:
+def setup_device(name: str, threads: int | str | None = None) -> torch.device:
     """The one way stages and benchmarks get their device: deterministic mode first, then the
     device (`auto`: CUDA when present). `threads`: intra-op CPU threads of this process (params.yaml
-    `threads`), set rather than inherited: a small model's step can be 100x slower with two
-    spinning OpenMP threads on two shared cores, and CPU reductions may round differently with
-    another thread count, so results are bit-identical only at one setting."""
+    `threads`, or `auto`: `auto_threads()`), set rather than inherited: a small model's step can be
+    3x slower with two spinning OpenMP threads per process on two shared cores
+    (bench/threads.py), and CPU reductions may round differently with another thread count, so
+    results are bit-identical only at one setting."""
     make_deterministic()
     if threads is not None:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(auto_threads() if threads == "auto" else threads)
     return data_parallel.init(resolve_device(name))
+
+
+def auto_threads() -> int:
+    """The cores divided among the processes sharing them: this machine's torchrun ranks, pytest
+    workers, and `PIPELINE_WORKERS` (set it to N for `dvc queue start -j N` or N helpers)."""
+    sharers = 1
+    for key in ("LOCAL_WORLD_SIZE", "PYTEST_XDIST_WORKER_COUNT", "PIPELINE_WORKERS"):
+        sharers *= max(1, int(os.environ.get(key, 1)))
+    return max(1, (os.cpu_count() or 1) // sharers)
 
 
 def resolve_device(name: str) -> torch.device:

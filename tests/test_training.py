@@ -139,3 +139,17 @@ def test_precise_batchnorm_recomputes_the_population_statistics():
     torch.testing.assert_close(bn.running_mean, mean, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(bn.running_var, var, rtol=1e-12, atol=1e-14)
     assert bn.momentum == 0.1  # restored
+
+
+def test_auto_threads_divide_the_cores_among_the_processes_sharing_them(monkeypatch):
+    from pipeline.training import auto_threads
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    for key in ("LOCAL_WORLD_SIZE", "PYTEST_XDIST_WORKER_COUNT", "PIPELINE_WORKERS"):
+        monkeypatch.delenv(key, raising=False)
+    assert auto_threads() == 16
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+    assert auto_threads() == 4
+    monkeypatch.setenv("PIPELINE_WORKERS", "8")
+    assert auto_threads() == 1  # never below one
