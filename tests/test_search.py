@@ -5,6 +5,7 @@ import optuna
 import pandas as pd
 import pytest
 from optuna.trial import TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline import data
 from pipeline.config import ConfigError, parse_params
@@ -152,9 +153,12 @@ def test_a_trial_whose_worker_stops_beating_is_failed_and_redone(prepared, tmp_p
     deadline = time.monotonic() + 120
     while True:  # both are training a trial: the stage opened the study before the helper dies
         assert time.monotonic() < deadline and helper.poll() is None and stage.poll() is None
-        studies = optuna.get_all_study_summaries(storage) if (tmp_path / "study.db").exists() else []
-        running = {t.user_attrs.get("worker", "").rpartition(":")[2] for t in optuna.load_study(
-            study_name=studies[0].study_name, storage=storage).get_trials(states=(TrialState.RUNNING,))} if studies else set()
+        try:  # the workers may be creating the schema right now: look again
+            studies = optuna.get_all_study_summaries(storage) if (tmp_path / "study.db").exists() else []
+            running = {t.user_attrs.get("worker", "").rpartition(":")[2] for t in optuna.load_study(
+                study_name=studies[0].study_name, storage=storage).get_trials(states=(TrialState.RUNNING,))} if studies else set()
+        except SQLAlchemyError:
+            studies, running = [], set()
         if {str(helper.pid), str(stage.pid)} <= running:
             break
         time.sleep(0.2)
