@@ -1,6 +1,7 @@
 """Per-step costs of the quality stage's passes on its MLP (thesis protocol, float64, one thread):
 the op floor (a training gradient; a gradient-plus-HVP by double backward) beside the exact
-and float forward and reverse passes, best of three runs of T steps. Writes JSON.
+and float forward and reverse passes, best of `repeats` runs of T steps taken round robin.
+Writes JSON. PIPELINE_COMPILE=0 times the exact passes with eager (unfused) kernels.
 
 Run it against two checkouts (PYTHONPATH) in one session to compare code side by side:
 
@@ -9,6 +10,7 @@ Run it against two checkouts (PYTHONPATH) in one session to compare code side by
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -25,9 +27,10 @@ from pipeline.training import setup_device
 
 @click.command(help=__doc__)
 @click.option("--steps", default=300, show_default=True)
+@click.option("--repeats", default=5, show_default=True, help="Round-robin repetitions; the best of each is kept.")
 @click.option("--params", "params_file", default="params.yaml", show_default=True)
 @click.option("--out", default="bench/results/reverse_costs.json", show_default=True)
-def main(steps: int, params_file: str, out: str) -> None:
+def main(steps: int, repeats: int, params_file: str, out: str) -> None:
     params = load_params(params_file)
     device = setup_device("cpu", 1)
     cfg = params.quality
@@ -37,23 +40,25 @@ def main(steps: int, params_file: str, out: str) -> None:
     l2 = quality.penalty(problem, protocol, device)
     coef, hvp = problem.l2_coefficients(l2), HVP_METHODS["double_backward"]
 
-    def ms_per_step(fn, setup=lambda: None) -> float:
-        best = float("inf")
-        for _ in range(3):
+    w, dv = problem.w0.clone(), torch.ones_like(problem.w0)
+    passes = {  # name: (setup, timed pass)
+        "grad_ms": (lambda: None, lambda _: [problem.train_grad(w, t) for t in range(steps)]),
+        "grad_and_hvp_ms": (lambda: None, lambda _: [hvp(problem, w, t, dv) for t in range(steps)]),
+        "exact_forward_ms": (lambda: None, lambda _: ExactPath.train(problem, coef)),
+        "float_forward_ms": (lambda: None, lambda _: FloatPath.train(problem, coef)),
+        "exact_reverse_ms": (lambda: ExactPath.train(problem, coef), lambda p: reverse(problem, p, l2, hvp)),
+        "float_reverse_ms": (lambda: FloatPath.train(problem, coef), lambda p: reverse(problem, p, l2, hvp)),
+    }
+    # Round robin, best of `repeats` each: the machine's speed drifts, so every pass sees every phase.
+    best = dict.fromkeys(passes, float("inf"))
+    for _ in range(repeats):
+        for name, (setup, timed) in passes.items():
             state = setup()
             start = time.perf_counter()
-            fn(state)
-            best = min(best, time.perf_counter() - start)
-        return round(1e3 * best / steps, 4)
-
-    w, dv = problem.w0.clone(), torch.ones_like(problem.w0)
-    row = {"steps": steps, "params": problem.numel,
-           "grad_ms": ms_per_step(lambda _: [problem.train_grad(w, t) for t in range(steps)]),
-           "grad_and_hvp_ms": ms_per_step(lambda _: [hvp(problem, w, t, dv) for t in range(steps)]),
-           "exact_forward_ms": ms_per_step(lambda _: ExactPath.train(problem, coef)),
-           "float_forward_ms": ms_per_step(lambda _: FloatPath.train(problem, coef)),
-           "exact_reverse_ms": ms_per_step(lambda p: reverse(problem, p, l2, hvp), lambda: ExactPath.train(problem, coef)),
-           "float_reverse_ms": ms_per_step(lambda p: reverse(problem, p, l2, hvp), lambda: FloatPath.train(problem, coef))}
+            timed(state)
+            best[name] = min(best[name], time.perf_counter() - start)
+    row = {"steps": steps, "params": problem.numel, "repeats": repeats, "compiled_kernels": os.environ.get("PIPELINE_COMPILE", "1") != "0",
+           **{name: round(1e3 * b / steps, 4) for name, b in best.items()}}
     row["exact_over_float_reverse"] = round(row["exact_reverse_ms"] / row["float_reverse_ms"], 3)
     row["exact_and_float_over_floor"] = round(
         (row["exact_forward_ms"] + row["float_forward_ms"] + row["exact_reverse_ms"] + row["float_reverse_ms"])

@@ -19,14 +19,14 @@ from pipeline.models import MLP, DenseNet, MaskedDropout
 F64 = torch.float64
 
 
-def make_problem(kind="mlp", steps=50, beta=0.9, alpha=0.3, seed=0, n=64, batch=16):
+def make_problem(kind="mlp", steps=50, beta=0.9, alpha=0.3, seed=0, n=64, batch=16, dtype=F64):
     torch.manual_seed(seed)
     if kind == "mlp":
-        model, shape = MLP((12, 10, 10, 4)).to(F64), (12,)
+        model, shape = MLP((12, 10, 10, 4)).to(dtype), (12,)
     else:
-        model, shape = DenseNet(depth=7, growth_rate=4, init_maps=4, dropout=0.2, in_channels=1).to(F64), (1, 8, 8)
+        model, shape = DenseNet(depth=7, growth_rate=4, init_maps=4, dropout=0.2, in_channels=1).to(dtype), (1, 8, 8)
     classes = 4 if kind == "mlp" else 10
-    x, vx = torch.randn(n, *shape, dtype=F64), torch.randn(32, *shape, dtype=F64)
+    x, vx = torch.randn(n, *shape, dtype=dtype), torch.randn(32, *shape, dtype=dtype)
     y, vy = torch.randint(0, classes, (n,)), torch.randint(0, classes, (32,))
     betas = beta if isinstance(beta, torch.Tensor) else torch.full((steps,), beta)
     alphas = alpha if isinstance(alpha, torch.Tensor) else torch.full((steps,), alpha)

@@ -5,7 +5,9 @@ al. (2015) the remainder is stored and recovered later, but as range-ANS style b
 coding instead of unbounded integers (algorithms §4): each element keeps a state `x` in
 [L, L * 2^16) with L = n * 2^16 (an int64 tensor), and spills 16-bit words to a dense
 stack [W, P] of int16 (word-major). Every operation is a vectorised tensor op, so it runs on
-CPU and CUDA alike, and memory stays within a few percent of T * P * log2(d/n) bits.
+CPU and CUDA alike, and memory stays within a few percent of T * P * log2(d/n) bits. While n
+stays the same (every step but a change of momentum) a multiply or divide is one fused kernel
+(`fused`) and one write or read of the stack.
 
 Forward `multiply(v, n)`:  r = v mod d; v = v div d; spill words while x >= L (one, unless n
 changed); x = x * 2^16 + r; u = x mod n; x = x div n; where x < L read a word back;
@@ -16,6 +18,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from pipeline.hypergrad.fused import fused
 
 WORD_BITS = 16
 D = 1 << WORD_BITS  # the denominator of every beta, and the word size
@@ -38,6 +42,49 @@ def _divmod_state(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return q, x - q * n
 
 
+def _floor_divmod(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x div n, x mod n), rounding down, for |x| < 2^62 and 1 <= n <= 2^16, in vectorisable ops
+    (int64 division is not): the float64 quotient is within 2^10 / n + 1 of the true one, so the
+    remainder left by it is exact in float64 and its own quotient is off by at most one (upwards)."""
+    q = torch.floor(x.to(torch.float64) / n).to(torch.int64)
+    q = q + torch.floor((x - q * n).to(torch.float64) / n).to(torch.int64)
+    under = (x - q * n < 0).long()
+    q = q - under
+    return q, x - q * n
+
+
+def _flat_index(top: torch.Tensor) -> torch.Tensor:
+    """Each element's slot at height `top` in the flattened word-major [W, P] stack."""
+    return top * top.shape[0] + torch.arange(top.shape[0], device=top.device)
+
+
+@fused
+def _multiply_same_n(v, x, top, n: int):
+    """`multiply` while n is unchanged: one word spills, and a word read back is the one just
+    spilled, so the stack is only written: `word` at `push_at` (as the two-pass version leaves it).
+    Returns v * n / D, the state, the top, the word (int32: int16 does not vectorise), where it
+    goes, and where the next `divide` reads."""
+    word = x & MASK
+    q, u = _floor_divmod((x - word) | (v & MASK), n)
+    read = q < n * D
+    new_top = top + 1 - read.long()
+    return ((v >> WORD_BITS) * n + u, torch.where(read, (q << WORD_BITS) | word, q), new_top,
+            word.int(), _flat_index(top), _flat_index((new_top - 1).clamp(min=0)))
+
+
+@fused
+def _divide_same_n(v, x, top, below, n: int):
+    """`divide` while n is unchanged, mirroring `_multiply_same_n`: a word its read-back undo
+    spills is read straight back, so the stack is only read (`below`: every element's top word)."""
+    q, u = _floor_divmod(v, n)
+    read = x >= READ_THRESHOLD
+    x_up = torch.where(read, x >> WORD_BITS, x) * n + u
+    word = torch.where(read, x & MASK, below.long() & MASK)
+    new_top = top + read.long() - 1
+    return ((q << WORD_BITS) | (x_up & MASK), (x_up & ~MASK) | word, new_top,
+            _flat_index((new_top - 1).clamp(min=0)))
+
+
 class BitsBackBuffer:
     """The information buffer of one flat tensor of P fixed-point velocities."""
 
@@ -58,6 +105,7 @@ class BitsBackBuffer:
         # Host-side bound on the information 16 * top + log2 x: the stack grows without a device sync.
         self.bits_bound = float(self.START_BITS)
         self._history: list[tuple[int, float]] = []  # (n_prev, bits_bound) per step, for the reverse
+        self._pop_at: torch.Tensor | None = None  # flat index of every top word, when known
 
     # -- the stack ---------------------------------------------------------------------------
     def _reserve(self, n: int) -> None:
@@ -110,6 +158,11 @@ class BitsBackBuffer:
         self._history.append((self.n_prev, self.bits_bound))
         self.bits_bound += WORD_BITS - math.log2(n) + self.ROUNDING_BITS
         self._reserve(n)
+        if n == self.n_prev:
+            v, self.x, self.top, word, push_at, self._pop_at = _multiply_same_n(v, self.x, self.top, n)
+            self.stack.view(-1).index_copy_(0, push_at, word.to(torch.int16))
+            return v.reshape(shape)
+        self._pop_at = None
         low = n * D
         r, v = v & MASK, v >> WORD_BITS
         self._spill_below(low, switch=n != self.n_prev)
@@ -125,6 +178,12 @@ class BitsBackBuffer:
         """Undo the last `multiply(·, n)`: returns the v it was given, bit for bit."""
         shape, v = v.shape, v.reshape(-1)
         n_prev, self.bits_bound = self._history.pop()
+        if n == n_prev:
+            pop_at = _flat_index((self.top - 1).clamp(min=0)) if self._pop_at is None else self._pop_at
+            below = self.stack.view(-1).index_select(0, pop_at).int()
+            v, self.x, self.top, self._pop_at = _divide_same_n(v, self.x, self.top, below, n)
+            return v.reshape(shape)
+        self._pop_at = None
         q = v // n
         u, v = v - q * n, q
         read = self.x >= READ_THRESHOLD

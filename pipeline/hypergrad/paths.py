@@ -17,7 +17,11 @@ from __future__ import annotations
 import torch
 
 from pipeline.hypergrad.bitsback import BitsBackBuffer
+from pipeline.hypergrad.fused import fused
 from pipeline.hypergrad.problem import Problem
+
+# |x| < 2^61 leaves headroom for undoing beta (v * 2^16 / n, beta >= 0.5) within int64.
+LIMIT = 2 ** 61
 
 
 class FixedPointOverflow(ArithmeticError):
@@ -75,6 +79,43 @@ class FloatPath(_ForwardStepsOneToOne):
         self._v = (self._v + (1 - beta) * g) / beta
 
 
+def _out_of_range(x: torch.Tensor) -> torch.Tensor:
+    return ~((x < LIMIT) & (x > -LIMIT))  # NaN compares False: out of range too
+
+
+def _scaled_gradient(g: torch.Tensor, gain: float, v_scale: float) -> torch.Tensor:
+    """(1 - beta) g on the velocities' grid, before rounding."""
+    return gain * g.to(torch.float64) * v_scale
+
+
+def _rounded(x: torch.Tensor) -> torch.Tensor:
+    """round(x) as int64, and 0 where x is out of range or NaN (training stops there: see
+    `_descend`), so the conversion is always defined (a where, not nan_to_num: it vectorises)."""
+    return torch.round(torch.where(x.abs() < LIMIT, x, 0.0)).to(torch.int64)
+
+
+@fused
+def _descend(w_int, v_beta, g, gain: float, v_scale: float, step_scale, w_scale: float):
+    """One exact step after the buffer's v * beta: v = v * beta - round((1 - beta) g), then
+    w += round(alpha v); also w as floats and whether anything left the exact range."""
+    scaled = _scaled_gradient(g, gain, v_scale)
+    v = v_beta - _rounded(scaled)
+    w = w_int + torch.round(step_scale * v.to(torch.float64)).to(torch.int64)
+    overflow = (_out_of_range(scaled) | _out_of_range(v) | _out_of_range(w)).any()
+    return w, v, overflow, w.to(torch.float64) / w_scale
+
+
+@fused
+def _undo_position(w_int, v_int, step_scale, w_scale: float):
+    w = w_int - torch.round(step_scale * v_int.to(torch.float64)).to(torch.int64)
+    return w, w.to(torch.float64) / w_scale
+
+
+@fused
+def _add_gradient(v_int, g, gain: float, v_scale: float):
+    return v_int + _rounded(_scaled_gradient(g, gain, v_scale))
+
+
 class ExactPath(_ForwardStepsOneToOne):
     """Fixed-point SGD: w = w_int * 2^-w_bits, v = v_int * 2^-v_bits.
 
@@ -82,8 +123,7 @@ class ExactPath(_ForwardStepsOneToOne):
     error of up to 2^16 units per step: so v carries 16 more fractional bits than the precision
     wanted (v_bits = 48: |v| < 8192 at 2^-32 per step; w_bits = 40: |w| < 2e6 at 1e-12)."""
 
-    # |x| < 2^61 leaves headroom for undoing beta (v * 2^16 / n, beta >= 0.5) within int64.
-    LIMIT = 2 ** 61
+    LIMIT = LIMIT
 
     def __init__(self, problem: Problem, w_bits: int = 40, v_bits: int = 48):
         self.problem, self.w_bits, self.v_bits = problem, w_bits, v_bits
@@ -92,7 +132,7 @@ class ExactPath(_ForwardStepsOneToOne):
         self.v_int = torch.zeros_like(self.w_int)
         self.w_start = self.w_int.clone()
         self.buffer = BitsBackBuffer(problem.numel, problem.w0.device)
-        self._overflow = torch.zeros((), dtype=torch.bool, device=problem.w0.device)
+        self._w = self._v = None  # (integers, their floats) of the last conversion
 
     def to_fixed(self, x: torch.Tensor, bits: int, what: str) -> torch.Tensor:
         scaled = x.to(torch.float64) * 2.0 ** bits
@@ -105,22 +145,12 @@ class ExactPath(_ForwardStepsOneToOne):
                 f"|v| < {self.LIMIT / self.v_scale:.3g}) or are not finite: clip the weights, "
                 f"or lower w_bits / v_bits")
 
-    def _flag(self, x: torch.Tensor) -> None:
-        # Accumulated on the device, checked once per step: nothing is multiplied or shifted
-        # up after an out-of-range value, so int64 never wraps into a wrong number.
-        low, high = torch.aminmax(x)  # one pass; NaN propagates and compares False: flagged too
-        self._overflow |= ~((high < self.LIMIT) & (low > -self.LIMIT))
+    def _step_scale(self, t: int) -> torch.Tensor:
+        """alpha_t on the weights' grid per velocity unit (a power-of-two shift: exact)."""
+        return self.problem.alpha[t] * 2.0 ** (self.w_bits - self.v_bits)
 
-    def _step_integer(self, t: int) -> torch.Tensor:
-        """round(alpha_t * v) on the weights' grid: the position update of step t."""
-        shift = 2.0 ** (self.w_bits - self.v_bits)
-        return torch.round(self.problem.alpha[t] * shift * self.v_int.to(torch.float64)).to(torch.int64)
-
-    def _gradient_integer(self, t: int, g: torch.Tensor) -> torch.Tensor:
-        """round((1 - beta_t) g) on the velocities' grid."""
-        scaled = (1 - self.problem.beta[t].item()) * g.to(torch.float64) * self.v_scale
-        self._flag(scaled)
-        return torch.round(torch.nan_to_num(scaled)).to(torch.int64)
+    def _gain(self, t: int) -> float:
+        return 1 - self.problem.beta[t].item()
 
     @classmethod
     def train(cls, problem: Problem, l2_coef: torch.Tensor, **bits: int) -> "ExactPath":
@@ -130,27 +160,36 @@ class ExactPath(_ForwardStepsOneToOne):
         for t in range(problem.steps):
             w = path.w()
             g = problem.train_grad(w, t) + l2_coef * w
-            path.v_int = path.buffer.multiply(path.v_int, problem.n[t]) - path._gradient_integer(t, g)
-            path._flag(path.v_int)
-            path.w_int = path.w_int + path._step_integer(t)
-            path._flag(path.w_int)
-            if bool(path._overflow):
+            # Checked every step: nothing is multiplied or shifted up after an out-of-range
+            # value, so int64 never wraps into a wrong number.
+            path.w_int, path.v_int, overflow, w_float = _descend(
+                path.w_int, path.buffer.multiply(path.v_int, problem.n[t]), g, path._gain(t), path.v_scale,
+                path._step_scale(t), path.w_scale)
+            if bool(overflow):
                 raise FixedPointOverflow(path._range_message(f"weights or velocities at step {t}"))
+            path._w = (path.w_int, w_float.to(problem.dtype))
             distances.append(torch.linalg.vector_norm(path.w() - problem.w0))
         path.distances = torch.stack(distances).double().cpu() if distances else torch.zeros(0, dtype=torch.float64)
         return path
 
     def w(self) -> torch.Tensor:
-        return (self.w_int.to(torch.float64) / self.w_scale).to(self.problem.dtype)
+        """The weights as floats (kept from the kernel that computed w_int, while it is current)."""
+        if self._w is None or self._w[0] is not self.w_int:
+            self._w = (self.w_int, (self.w_int.to(torch.float64) / self.w_scale).to(self.problem.dtype))
+        return self._w[1]
 
     def v(self) -> torch.Tensor:
-        return (self.v_int.to(torch.float64) / self.v_scale).to(self.problem.dtype)
+        if self._v is None or self._v[0] is not self.v_int:
+            self._v = (self.v_int, (self.v_int.to(torch.float64) / self.v_scale).to(self.problem.dtype))
+        return self._v[1]
 
     def undo_position(self, t: int) -> None:
-        self.w_int = self.w_int - self._step_integer(t)
+        self.w_int, w_float = _undo_position(self.w_int, self.v_int, self._step_scale(t), self.w_scale)
+        self._w = (self.w_int, w_float.to(self.problem.dtype))
 
     def undo_velocity(self, t: int, g: torch.Tensor) -> None:
-        self.v_int = self.buffer.divide(self.v_int + self._gradient_integer(t, g), self.problem.n[t])
+        v_beta = _add_gradient(self.v_int, g, self._gain(t), self.v_scale)
+        self.v_int = self.buffer.divide(v_beta, self.problem.n[t])
 
     def verify_round_trip(self) -> None:
         """After the last reverse step: w_0 and v_{-1} = 0 bit for bit and the buffer emptied.

@@ -1,0 +1,48 @@
+"""Elementwise kernels of exact reversal, fused into one loop each by torch.compile.
+
+An exact step is some 40 elementwise integer passes over the P weights; run one by one they
+cost more than the step's gradient on a small model. `@fused` compiles a pure function of
+tensors into a single kernel (inductor: vectorised C++ on CPU, Triton on CUDA) and runs it
+eagerly where compiling is off or fails. Both give the same bits: the kernels do integer
+arithmetic, and their few float operations (a product, a quotient, rounding) are single IEEE
+operations that inductor neither reassociates nor contracts (its default C++ flags keep
+`-fno-unsafe-math-optimizations -ffp-contract=off`; no kernel feeds a product into a sum).
+The tests compare the two bit for bit.
+
+Set PIPELINE_COMPILE=0 to run every kernel eagerly (no C compiler, or to rule compiling out).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from typing import Callable
+
+import torch
+
+
+def enabled() -> bool:
+    return os.environ.get("PIPELINE_COMPILE", "1") != "0"
+
+
+def fused(fn: Callable) -> Callable:
+    compiled: list[Callable] = []  # filled on first use: compiling costs nothing until a kernel runs
+    failed = False
+
+    @functools.wraps(fn)
+    def call(*args):
+        nonlocal failed
+        if failed or not enabled():
+            return fn(*args)
+        if not compiled:  # dynamic: one kernel for every P; ints and floats enter as arguments
+            compiled.append(torch.compile(fn, dynamic=True, fullgraph=True))
+        try:
+            return compiled[0](*args)
+        except Exception as error:  # no compiler, unsupported device: the eager kernel is the same maths
+            failed = True
+            warnings.warn(f"{fn.__name__} runs eagerly: torch.compile failed ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0] if str(error) else ''})", RuntimeWarning, stacklevel=2)
+            return fn(*args)
+
+    call.eager = fn
+    return call
