@@ -1,7 +1,9 @@
 """Per-step costs of the quality stage's passes on its MLP (thesis protocol, float64, one thread):
 the op floor (a training gradient; a gradient-plus-HVP by double backward) beside the exact
 and float forward and reverse passes, best of `repeats` runs of T steps taken round robin.
-Writes JSON. PIPELINE_COMPILE=0 times the exact passes with eager (unfused) kernels.
+Writes JSON. PIPELINE_COMPILE=0 times the exact passes with eager (unfused) kernels. The
+lockstep_* fields time exact and float reverse steps alternately (medians per step): the ratio
+to quote on a machine whose speed drifts.
 
 Run it against two checkouts (PYTHONPATH) in one session to compare code side by side:
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -21,8 +24,26 @@ from pipeline.config import load_params
 from pipeline.experiments import quality
 from pipeline.hypergrad import ExactPath, FloatPath
 from pipeline.hypergrad.hvp import HVP_METHODS
-from pipeline.hypergrad.reverse import reverse
+from pipeline.hypergrad.reverse import Reversal, reverse
 from pipeline.training import setup_device
+
+
+def lockstep_ratio(problem, coef, l2, hvp) -> dict:
+    """Exact and float reverse steps timed alternately, step by step: both see the same phase of
+    the machine's speed, so their ratio is steadier than that of two separate passes."""
+    exact = Reversal(problem, ExactPath.train(problem, coef), l2, hvp)
+    plain = Reversal(problem, FloatPath.train(problem, coef), l2, hvp)
+    times = {"exact": [], "float": []}
+    for s in reversed(range(problem.steps)):
+        for name, state in (("exact", exact), ("float", plain)):
+            start = time.perf_counter()
+            state.step(s)
+            times[name].append(time.perf_counter() - start)
+    exact.result()  # the round trip must hold, or the timing is of a broken reversal
+    median = {k: statistics.median(v) for k, v in times.items()}
+    return {"lockstep_exact_reverse_ms": round(1e3 * median["exact"], 4),
+            "lockstep_float_reverse_ms": round(1e3 * median["float"], 4),
+            "lockstep_exact_over_float": round(median["exact"] / median["float"], 3)}
 
 
 @click.command(help=__doc__)
@@ -60,6 +81,7 @@ def main(steps: int, repeats: int, params_file: str, out: str) -> None:
     row = {"steps": steps, "params": problem.numel, "repeats": repeats, "compiled_kernels": os.environ.get("PIPELINE_COMPILE", "1") != "0",
            **{name: round(1e3 * b / steps, 4) for name, b in best.items()}}
     row["exact_over_float_reverse"] = round(row["exact_reverse_ms"] / row["float_reverse_ms"], 3)
+    row.update(lockstep_ratio(problem, coef, l2, hvp))
     row["exact_and_float_over_floor"] = round(
         (row["exact_forward_ms"] + row["float_forward_ms"] + row["exact_reverse_ms"] + row["float_reverse_ms"])
         / (2 * row["grad_ms"] + 2 * row["grad_and_hvp_ms"]), 3)

@@ -177,12 +177,11 @@ class BitsBackBuffer:
     def divide(self, v: torch.Tensor, n: int) -> torch.Tensor:
         """Undo the last `multiply(·, n)`: returns the v it was given, bit for bit."""
         shape, v = v.shape, v.reshape(-1)
-        n_prev, self.bits_bound = self._history.pop()
-        if n == n_prev:
-            pop_at = _flat_index((self.top - 1).clamp(min=0)) if self._pop_at is None else self._pop_at
-            below = self.stack.view(-1).index_select(0, pop_at).int()
-            v, self.x, self.top, self._pop_at = _divide_same_n(v, self.x, self.top, below, n)
+        if (below := self.words_below(n)) is not None:
+            v, *state = _divide_same_n(v, self.x, self.top, below, n)
+            self.divided(*state)
             return v.reshape(shape)
+        n_prev, self.bits_bound = self._history.pop()
         self._pop_at = None
         q = v // n
         u, v = v - q * n, q
@@ -194,6 +193,20 @@ class BitsBackBuffer:
         self._unspill_to(n_prev * D, switch=n != n_prev)
         self.n_prev = n_prev
         return ((v << WORD_BITS) | r).reshape(shape)
+
+    # -- a caller's own fused divide: its kernel ends in `_divide_same_n` ---------------------
+    def words_below(self, n: int) -> torch.Tensor | None:
+        """Every element's top word, for `_divide_same_n` undoing a `multiply(·, n)` that kept n;
+        None when that multiply changed n (then only `divide` can undo it)."""
+        if self._history[-1][0] != n:
+            return None
+        pop_at = _flat_index((self.top - 1).clamp(min=0)) if self._pop_at is None else self._pop_at
+        return self.stack.view(-1).index_select(0, pop_at).int()
+
+    def divided(self, x: torch.Tensor, top: torch.Tensor, pop_at: torch.Tensor) -> None:
+        """Take the state `_divide_same_n` returned after `words_below`."""
+        self.bits_bound = self._history.pop()[1]
+        self.x, self.top, self._pop_at = x, top, pop_at
 
     def elements_off_start(self) -> int:
         """How many elements' state, stack top or seed words differ from the initial ones (0

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.hypergrad.bitsback import BitsBackBuffer
+from pipeline.hypergrad.bitsback import BitsBackBuffer, _divide_same_n
 from pipeline.hypergrad.fused import fused
 from pipeline.hypergrad.problem import Problem
 
@@ -111,9 +111,16 @@ def _undo_position(w_int, v_int, step_scale, w_scale: float):
     return w, w.to(torch.float64) / w_scale
 
 
-@fused
 def _add_gradient(v_int, g, gain: float, v_scale: float):
     return v_int + _rounded(_scaled_gradient(g, gain, v_scale))
+
+
+@fused
+def _undo_velocity(v_int, g, gain: float, v_scale: float, x, top, below, n: int):
+    """v_{t-1} = (v_t + round((1 - beta) g)) / beta through the buffer's equal-momentum divide, and
+    v_{t-1} as floats: one kernel."""
+    v, x, top, pop_at = _divide_same_n.eager(_add_gradient(v_int, g, gain, v_scale), x, top, below, n)
+    return v, v.to(torch.float64) / v_scale, x, top, pop_at
 
 
 class ExactPath(_ForwardStepsOneToOne):
@@ -188,8 +195,13 @@ class ExactPath(_ForwardStepsOneToOne):
         self._w = (self.w_int, w_float.to(self.problem.dtype))
 
     def undo_velocity(self, t: int, g: torch.Tensor) -> None:
-        v_beta = _add_gradient(self.v_int, g, self._gain(t), self.v_scale)
-        self.v_int = self.buffer.divide(v_beta, self.problem.n[t])
+        n, gain, buffer = self.problem.n[t], self._gain(t), self.buffer
+        if (below := buffer.words_below(n)) is None:  # the momentum changed at this step
+            self.v_int = buffer.divide(_add_gradient(self.v_int, g, gain, self.v_scale), n)
+            return
+        self.v_int, v, *state = _undo_velocity(self.v_int, g, gain, self.v_scale, buffer.x, buffer.top, below, n)
+        buffer.divided(*state)
+        self._v = (self.v_int, v.to(self.problem.dtype))
 
     def verify_round_trip(self) -> None:
         """After the last reverse step: w_0 and v_{-1} = 0 bit for bit and the buffer emptied.

@@ -31,7 +31,6 @@ import torch
 
 from pipeline import data_parallel
 from pipeline.hyper import HyperSpace
-from pipeline.hypergrad.fused import fused
 from pipeline.hypergrad.hvp import HVP
 from pipeline.hypergrad.problem import LN10, Problem
 
@@ -52,13 +51,6 @@ def validation_gradient(problem: Problem, w: torch.Tensor) -> tuple[torch.Tensor
     loss = problem.val_loss(w, theta)
     dw, *d_theta = torch.autograd.grad(loss, [w, *theta.values()], materialize_grads=True)
     return dw, dict(zip(theta, d_theta)), loss.item()
-
-
-@fused
-def _carry_back(dw, dv, d_l2, hdv, c, w, gain: float, beta: float):
-    """The step's elementwise updates in one pass, each the expression of algorithms §4 (the same
-    IEEE operations in the same order as evaluated one by one: the tests compare both)."""
-    return dw - gain * (hdv + c * dv), d_l2 - gain * LN10 * c * w * dv, beta * dv
 
 
 class Reversal:
@@ -95,9 +87,11 @@ class Reversal:
         path.undo_velocity(s, g)
         if self.has_velocity:
             self.d_beta[t] += torch.dot(self.dv, path.v() + g)
+        self.dw = self.dw - (1 - beta) * (hdv + c * self.dv)
+        self.d_l2 = self.d_l2 - (1 - beta) * LN10 * c * w * self.dv
         for name, m in mixed.items():
             self.d_scale[name] = self.d_scale[name] - (1 - beta) * m
-        self.dw, self.d_l2, self.dv = _carry_back(self.dw, self.dv, self.d_l2, hdv, c, w, 1 - beta, beta)
+        self.dv = beta * self.dv
 
     def d_theta(self) -> torch.Tensor:
         """The tuned hyperparameters' accumulated hypergradient, per element, as one vector:
