@@ -78,7 +78,7 @@ def main(steps: int, repeats: int, params_file: str, out: str) -> None:
             start = time.perf_counter()
             timed(state)
             best[name] = min(best[name], time.perf_counter() - start)
-    row = {"steps": steps, "params": problem.numel, "repeats": repeats, "compiled_kernels": os.environ.get("PIPELINE_COMPILE", "1") != "0",
+    row = {"steps": steps, "params": problem.numel, "repeats": repeats, "compile": os.environ.get("PIPELINE_COMPILE", "auto"),
            **{name: round(1e3 * b / steps, 4) for name, b in best.items()}}
     row["exact_over_float_reverse"] = round(row["exact_reverse_ms"] / row["float_reverse_ms"], 3)
     row.update(lockstep_ratio(problem, coef, l2, hvp))

@@ -20,6 +20,9 @@ PARAMS_FILE = "params.yaml"
 SOURCE_SIZES = {"digits": (1797, 0), "mnist5k": (5000, 0), "cifar10": (50000, 10000), "mnist": (60000, 10000)}
 
 
+FINAL_KINDS = ("baseline", "search", "drmad", "adaptive")  # the kinds of method the verdict retrains
+
+
 class ConfigError(ValueError):
     """A bad params.yaml: the message is one line naming the key and what is allowed."""
 

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from pipeline.config import DataConfig
 from pipeline.io import atomic_dir, write_json
+from pipeline.errors import DataError
 
 if TYPE_CHECKING:
     from pipeline.tracking import Tracker
@@ -27,10 +28,6 @@ SPLITS = ("train", "val", "test")  # also the order the digest hashes them in
 NUM_CLASSES = 10  # every source is a 10-class problem
 # An own test split is permuted with seed + 1 so its order does not mirror the training pool's.
 TEST_SEED_OFFSET = 1
-
-
-class DataError(RuntimeError):
-    """A dataset problem the user can fix; the message is one actionable line."""
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,7 @@ from typing import Iterator
 import torch
 
 from pipeline import data_parallel
-
-
-class OutputError(OSError):
-    """An output could not be written (disk full, no permission); one line naming it."""
+from pipeline.errors import OutputError
 
 
 @contextmanager

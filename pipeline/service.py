@@ -116,12 +116,34 @@ def stop(root: Path, service: Service | None = None) -> None:
         pass
     for _ in range(100):
         try:
-            os.killpg(service.mlflow_pid, 0)
-        except ProcessLookupError:
+            os.waitpid(service.mlflow_pid, os.WNOHANG)  # reap it when this process started it
+        except ChildProcessError:
+            pass
+        if not _group_running(service.mlflow_pid):
             break
         time.sleep(0.1)
     _stop_postgres(root)
     (root / STATE_FILE).unlink(missing_ok=True)
+
+
+def _group_running(pgid: int) -> bool:
+    """Whether a process of group `pgid` still runs: zombies do not count (a container's PID 1 may
+    never reap the server's workers)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp ...
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 def _stop_postgres(root: Path) -> None:

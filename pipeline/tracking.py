@@ -34,6 +34,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from pipeline import data_parallel
 from pipeline.config import PARAMS_FILE, Params, flatten, read_yaml
 from pipeline.runlock import LOCK_DIR, exclusive
+from pipeline.errors import TrackingError
 
 BACKEND_ERRORS = (MlflowException, SQLAlchemyError, OSError, requests.RequestException)
 
@@ -53,10 +54,6 @@ class Tracker(Protocol):
     def log_artifact(self, path: str | Path) -> None: ...
     def log_figure(self, figure, name: str) -> None: ...
     def set_tag(self, key: str, value: str) -> None: ...
-
-
-class TrackingError(RuntimeError):
-    """The tracking backend cannot be used; the message is one line naming the URI."""
 
 
 def tracking_uri(root: Path | None = None) -> str:

@@ -3,10 +3,7 @@ from pathlib import Path
 
 import click
 
-from pipeline import data
-from pipeline.experiments import adaptive as experiment
 from pipeline.config import load_params
-from pipeline.tracking import stage_run
 from stages.common import data_parallel_stage, params_option, say, user_errors_exit_2
 
 
@@ -22,6 +19,9 @@ from stages.common import data_parallel_stage, params_option, say, user_errors_e
 def main(params_file: str, variant: str, prepared: str) -> None:
     params = load_params(params_file)
     data_parallel_stage(params, "stages.adaptive")
+    from pipeline import data
+    from pipeline.experiments import adaptive as experiment
+    from pipeline.tracking import stage_run
     experiment.variant(params, variant, data.load_meta(Path(prepared)))  # a bad name or size fails before any run is recorded
     with stage_run("adaptive", params, variant=variant) as run:  # run() tags the dataset it loads
         metrics = experiment.run(params, Path(prepared), variant, experiment.AdaptivePaths.for_variant(variant),

@@ -3,9 +3,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.experiments import baseline
 from pipeline.config import load_params
-from pipeline.tracking import stage_run
 from stages.common import data_parallel_stage, params_option, say, user_errors_exit_2
 
 
@@ -18,6 +16,8 @@ from stages.common import data_parallel_stage, params_option, say, user_errors_e
 def main(params_file: str, prepared: str) -> None:
     params = load_params(params_file)
     data_parallel_stage(params, "stages.baseline")
+    from pipeline.experiments import baseline
+    from pipeline.tracking import stage_run
     with stage_run("baseline", params) as run:  # run() tags the dataset it loads
         metrics = baseline.run(params, Path(prepared), baseline.BaselinePaths(), tracker=run)
     say(f"baseline {metrics['outcome']}: test error {metrics['final_test_error']}, "

@@ -9,12 +9,7 @@ from pathlib import Path
 
 import click
 
-from pipeline import scale as scale_module
-from pipeline import service as service_module
-from pipeline import verify as verify_module
 from pipeline.config import load_params
-from pipeline.io import write_text
-from pipeline.training import resolve_device
 from stages import adaptive, baseline, drmad, paths, prepare, quality, report
 from stages.common import params_option, user_errors_exit_2
 
@@ -43,6 +38,8 @@ def run(ctx: click.Context) -> None:
 @user_errors_exit_2
 def validate(params_file: str, stamp: str | None) -> None:
     params = load_params(params_file)
+    from pipeline.io import write_text
+    from pipeline.training import resolve_device
     resolve_device(params.device)
     if stamp:
         write_text(stamp, "params.yaml validated\n")  # constant: never a reason to rerun what depends on it
@@ -56,6 +53,7 @@ def validate(params_file: str, stamp: str | None) -> None:
 @params_option
 @user_errors_exit_2
 def scale(name: str, params_file: str) -> None:
+    from pipeline import scale as scale_module
     scale_module.apply(name, Path(params_file))
     click.echo(f"{params_file}: scale {name} applied; `dvc params diff` shows the changes")
 
@@ -67,6 +65,7 @@ def scale(name: str, params_file: str) -> None:
 @click.argument("stage")
 @user_errors_exit_2
 def verify(stage: str) -> None:
+    from pipeline import verify as verify_module
     results = verify_module.rerun(Path("."), stage)
     click.echo("\n".join(verify_module.describe(results)))
     sys.exit(verify_module.main_exit_code(results))
@@ -87,6 +86,7 @@ def service() -> None:
 @click.option("--artifacts", default=None, help="Artifact destination (default DIR/artifacts; e.g. s3://bucket/path).")
 @user_errors_exit_2
 def service_start(root: str, host: str, port: int, db_port: int, artifacts: str | None) -> None:
+    from pipeline import service as service_module
     started = service_module.start(Path(root), host, port, db_port, artifacts)
     click.echo(f"export MLFLOW_TRACKING_URI={started.tracking_uri}\n"
                f"# search.storage for shared Optuna studies: {started.database_url('optuna')}")
@@ -96,6 +96,7 @@ def service_start(root: str, host: str, port: int, db_port: int, artifacts: str 
 @click.option("--dir", "root", default=".tracking", show_default=True, type=click.Path(file_okay=False))
 @user_errors_exit_2
 def service_stop(root: str) -> None:
+    from pipeline import service as service_module
     service_module.stop(Path(root))
     click.echo(f"stopped the service in {root}")
 

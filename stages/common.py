@@ -1,4 +1,7 @@
-"""What every stage shares: user errors become one line on stderr and exit code 2."""
+"""What every stage shares: user errors become one line on stderr and exit code 2.
+
+Stages import torch, mlflow and the experiments inside their command, after params.yaml has
+been read: `--help` and a rejected params.yaml answer in a fraction of a second."""
 from __future__ import annotations
 
 import functools
@@ -7,15 +10,8 @@ from typing import Callable
 
 import click
 
-from pipeline import data_parallel
-from pipeline.config import ConfigError, Params
-from pipeline.data import DataError
-from pipeline.io import OutputError
-from pipeline.runlock import StageBusy
-from pipeline.tracking import TrackingError
-
-# Faults the user can fix: one line on stderr, exit code 2, no traceback.
-USER_ERRORS = (ConfigError, DataError, TrackingError, OutputError, StageBusy)
+from pipeline.config import Params
+from pipeline.errors import USER_ERRORS  # faults the user can fix: one line on stderr, exit code 2
 
 params_option = click.option("--params", "params_file", default="params.yaml", show_default=True,
                              type=click.Path(dir_okay=False), help="Settings file to read.")
@@ -34,10 +30,12 @@ def user_errors_exit_2(fn: Callable) -> Callable:
 
 def data_parallel_stage(params: Params, module: str) -> None:
     """Rerun this stage (`python -m module`) under torchrun when params ask for several processes."""
+    from pipeline import data_parallel
     data_parallel.relaunch(params.processes, module)
 
 
 def say(text: str) -> None:
     """The stage's closing line, once (from rank 0 under torchrun)."""
+    from pipeline import data_parallel
     if data_parallel.is_main():
         click.echo(text)

@@ -3,9 +3,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.experiments import drmad as experiment
 from pipeline.config import load_params
-from pipeline.tracking import stage_run
 from stages.common import data_parallel_stage, params_option, say, user_errors_exit_2
 
 
@@ -21,6 +19,8 @@ from stages.common import data_parallel_stage, params_option, say, user_errors_e
 def main(params_file: str, init: str, prepared: str) -> None:
     params = load_params(params_file)
     data_parallel_stage(params, "stages.drmad")
+    from pipeline.experiments import drmad as experiment
+    from pipeline.tracking import stage_run
     value = experiment.parse_init(init, params.drmad)
     with stage_run("drmad", params, variant=init) as run:  # run() tags the dataset it loads
         metrics = experiment.run(params, Path(prepared), value, experiment.DrmadPaths.for_init(init), tracker=run)

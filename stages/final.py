@@ -3,9 +3,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import load_params
-from pipeline.experiments import final as experiment
-from pipeline.tracking import stage_run
+from pipeline.config import FINAL_KINDS as KINDS, load_params
 from stages.common import data_parallel_stage, params_option, say, user_errors_exit_2
 
 
@@ -15,12 +13,14 @@ from stages.common import data_parallel_stage, params_option, say, user_errors_e
                     "while it trains). Writes metrics/final/KIND.json and plots/final/KIND.csv; an interrupted "
                     "run keeps its finished seeds.")
 @params_option
-@click.option("--kind", required=True, type=click.Choice(experiment.KINDS), help="Which methods to retrain.")
+@click.option("--kind", required=True, type=click.Choice(KINDS), help="Which methods to retrain.")
 @click.option("--prepared", default="data/prepared", show_default=True, type=click.Path(file_okay=False))
 @user_errors_exit_2
 def main(params_file: str, kind: str, prepared: str) -> None:
     params = load_params(params_file)
     data_parallel_stage(params, "stages.final")
+    from pipeline.experiments import final as experiment
+    from pipeline.tracking import stage_run
     with stage_run("final", params, variant=kind) as run:
         metrics = experiment.run(params, Path(prepared), kind, experiment.FinalPaths.for_kind(kind), tracker=run)
     for method, entry in metrics["methods"].items():

@@ -1,9 +1,7 @@
 """DVC stage `paths`: the quality MLP's parameter path (thesis figs 2.1-2.2)."""
 import click
 
-from pipeline.experiments import paths as experiment
 from pipeline.config import load_params
-from pipeline.tracking import stage_run
 from stages.common import params_option, user_errors_exit_2
 
 
@@ -15,6 +13,8 @@ from stages.common import params_option, user_errors_exit_2
 @user_errors_exit_2
 def main(params_file: str) -> None:
     params = load_params(params_file)
+    from pipeline.experiments import paths as experiment
+    from pipeline.tracking import stage_run
     with stage_run("paths", params) as run:
         metrics = experiment.run(params, tracker=run)
     click.echo(f"paths: straightness {metrics['straightness']}, top-2 PCA share {metrics['pca_explained_top2']}")

@@ -3,9 +3,7 @@ from pathlib import Path
 
 import click
 
-from pipeline import data
 from pipeline.config import load_params
-from pipeline.tracking import stage_run
 from stages.common import params_option, user_errors_exit_2
 
 
@@ -16,6 +14,8 @@ from stages.common import params_option, user_errors_exit_2
 @user_errors_exit_2
 def main(params_file: str, out: str) -> None:
     params = load_params(params_file)
+    from pipeline import data
+    from pipeline.tracking import stage_run
     with stage_run("prepare", params) as run:
         meta = data.prepare(params.data, Path(out))
         run.set_tag("dataset.digest", meta["digest"])

@@ -1,9 +1,7 @@
 """DVC stage `quality`: exact vs float reversal vs DrMAD vs DrMAD2 hypergradients, one run."""
 import click
 
-from pipeline.experiments import quality
 from pipeline.config import ConfigError, load_params
-from pipeline.tracking import stage_run
 from stages.common import params_option, user_errors_exit_2
 
 
@@ -20,6 +18,8 @@ def main(params_file: str, name: str) -> None:
     params = load_params(params_file)
     if name not in params.quality.runs:
         raise ConfigError(f"--run: one of {', '.join(params.quality.runs)} (got {name!r})")
+    from pipeline.experiments import quality
+    from pipeline.tracking import stage_run
     with stage_run("quality", params, variant=name) as run:
         metrics = quality.run(params, name, quality.QualityPaths.for_run(name), tracker=run)
     click.echo(f"quality {name} {metrics['outcome']}: cos(DrMAD, exact) {metrics['drmad/cos_exact']}, "

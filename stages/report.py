@@ -1,11 +1,7 @@
 """DVC stage `report`: one table and figures comparing every run, plus the quality study."""
 import click
 
-from pipeline import machine
-from pipeline.experiments import report
-from pipeline.training import resolve_device
 from pipeline.config import load_params
-from pipeline.tracking import stage_run
 from stages.common import params_option, user_errors_exit_2
 
 
@@ -19,6 +15,10 @@ from stages.common import params_option, user_errors_exit_2
 @user_errors_exit_2
 def main(params_file: str) -> None:
     params = load_params(params_file)
+    from pipeline import machine
+    from pipeline.experiments import report
+    from pipeline.training import resolve_device
+    from pipeline.tracking import stage_run
     with stage_run("report", params) as run:
         report.run(last_n=params.report.last_n, tracker=run, batchnorm=params.evaluation.batchnorm,
                    level=params.final.confidence, here=machine.describe(resolve_device(params.device)))

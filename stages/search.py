@@ -4,8 +4,6 @@ from pathlib import Path
 import click
 
 from pipeline.config import ConfigError, load_params
-from pipeline.experiments import search as experiment
-from pipeline.tracking import stage_run
 from stages.common import params_option, user_errors_exit_2
 
 
@@ -24,6 +22,8 @@ def main(params_file: str, name: str, prepared: str, worker: bool) -> None:
     params = load_params(params_file)
     if name not in params.search.samplers:
         raise ConfigError(f"--sampler: one of {', '.join(params.search.samplers)} (got {name!r})")
+    from pipeline.experiments import search as experiment
+    from pipeline.tracking import stage_run
     variant = f"{name} worker {experiment.WORKER}" if worker else name
     with stage_run("search", params, variant=variant) as run:
         metrics = experiment.run(params, Path(prepared), name, experiment.SearchPaths.for_sampler(name), tracker=run,

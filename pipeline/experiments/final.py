@@ -26,14 +26,13 @@ import torch
 
 from pipeline import io, machine
 from pipeline.checkpoint import Checkpoint, code_digest, fingerprint
-from pipeline.config import ConfigError, Params
+from pipeline.config import FINAL_KINDS as KINDS, ConfigError, Params
 from pipeline.data import load_prepared
 from pipeline.experiments import adaptive, baseline
 from pipeline.tracking import Tracker
 from pipeline.models import build_densenet
 from pipeline.training import setup_device, wrong_examples
 
-KINDS = ("baseline", "search", "drmad", "adaptive")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,9 @@ operations that inductor neither reassociates nor contracts (its default C++ fla
 `-fno-unsafe-math-optimizations -ffp-contract=off`; no kernel feeds a product into a sum).
 The tests compare the two bit for bit.
 
-Set PIPELINE_COMPILE=0 to run every kernel eagerly (no C compiler, or to rule compiling out).
+PIPELINE_COMPILE: `auto` (default) compiles kernels over at least MIN_NUMEL elements (below
+that, compiling, a few seconds per process, costs more than it saves), `1` always, `0` never
+(no C compiler, or to rule compiling out).
 """
 from __future__ import annotations
 
@@ -21,8 +23,12 @@ from typing import Callable
 import torch
 
 
-def enabled() -> bool:
-    return os.environ.get("PIPELINE_COMPILE", "1") != "0"
+MIN_NUMEL = 1 << 14
+
+
+def enabled(numel: int) -> bool:
+    mode = os.environ.get("PIPELINE_COMPILE", "auto")
+    return mode == "1" or (mode != "0" and numel >= MIN_NUMEL)
 
 
 def fused(fn: Callable) -> Callable:
@@ -32,7 +38,7 @@ def fused(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def call(*args):
         nonlocal failed
-        if failed or not enabled():
+        if failed or not enabled(args[0].numel()):
             return fn(*args)
         if not compiled:  # dynamic: one kernel for every P; ints and floats enter as arguments
             compiled.append(torch.compile(fn, dynamic=True, fullgraph=True))
