@@ -34,14 +34,6 @@ def rational_beta(beta: float) -> int:
     return math.floor(beta * D) + 1
 
 
-def _divmod_state(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x div n, x mod n) for states x < 2^48: float64 division is exact there (the distance of
-    x / n from the next integer, >= 1/n >= 2^-16, is far above its rounding error) and much
-    faster than int64 division."""
-    q = torch.floor(x.to(torch.float64) / n).to(torch.int64)
-    return q, x - q * n
-
-
 def _floor_divmod(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(x div n, x mod n), rounding down, for |x| < 2^62 and 1 <= n <= 2^16, in vectorisable ops
     (int64 division is not): the float64 quotient is within 2^10 / n + 1 of the true one, so the
@@ -167,7 +159,7 @@ class BitsBackBuffer:
         r, v = v & MASK, v >> WORD_BITS
         self._spill_below(low, switch=n != self.n_prev)
         self.x = (self.x << WORD_BITS) | r
-        self.x, u = _divmod_state(self.x, n)
+        self.x, u = _floor_divmod(self.x, n)
         read = self.x < low
         word = self._pop(read.long())
         self.x = torch.where(read, (self.x << WORD_BITS) | word, self.x)
@@ -183,8 +175,7 @@ class BitsBackBuffer:
             return v.reshape(shape)
         n_prev, self.bits_bound = self._history.pop()
         self._pop_at = None
-        q = v // n
-        u, v = v - q * n, q
+        v, u = _floor_divmod(v, n)
         read = self.x >= READ_THRESHOLD
         self._push(self.x & MASK, read.long())
         self.x = torch.where(read, self.x >> WORD_BITS, self.x)
