@@ -3,7 +3,7 @@ against eager bit for bit (whole hypergradients, float64 and float32)."""
 import pytest
 import torch
 
-from pipeline.hypergrad import hypergradient
+from pipeline.hypergrad import fused, hypergradient
 from pipeline.hypergrad.bitsback import D, MASK, READ_THRESHOLD, WORD_BITS, BitsBackBuffer, _floor_divmod, rational_beta
 from tests.test_hypergrad import make_problem
 
@@ -109,3 +109,24 @@ def test_compiled_kernels_give_the_eager_bits(method, dtype, monkeypatch):
         if key in eager:
             assert torch.equal(compiled[key], eager[key]), key
     assert compiled["val_loss"] == eager["val_loss"]
+
+
+def test_auto_compiles_large_kernels_after_their_warmup_calls(monkeypatch):
+    """auto: a kernel runs eagerly for its first WARMUP_CALLS calls, then compiled; a small
+    one never compiles; `1` compiles from the first call, `0` never."""
+    compiled_calls = []
+
+    def fake_compile(fn, **kwargs):
+        return lambda *args: compiled_calls.append(args[0].numel()) or fn(*args)
+
+    monkeypatch.setattr(fused.torch, "compile", fake_compile)
+    monkeypatch.setattr(fused, "WARMUP_CALLS", 3)
+    for mode, numel, expected in (("auto", fused.MIN_NUMEL, 2), ("auto", fused.MIN_NUMEL - 1, 0),
+                                  ("1", 8, 5), ("0", fused.MIN_NUMEL, 0)):
+        monkeypatch.setenv("PIPELINE_COMPILE", mode)
+        compiled_calls.clear()
+        kernel = fused.fused(lambda x: x + 1)
+        x = torch.zeros(numel)
+        for _ in range(5):
+            assert torch.equal(kernel(x), x + 1)
+        assert len(compiled_calls) == expected, (mode, numel)

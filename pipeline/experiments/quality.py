@@ -30,7 +30,9 @@ from pipeline.hyper import HyperSpace
 from pipeline.hypergrad import ExactPath, FixedPointOverflow, FloatPath, Problem
 from pipeline.hypergrad.drmad import Drmad2Path, LinePath, heuristic_steps, step_map
 from pipeline.hypergrad.hvp import HVP, HVP_METHODS
-from pipeline.hypergrad.reverse import cosine, lockstep, reverse
+from pipeline.hypergrad import exact_process
+from pipeline.hypergrad.exact_process import ExactProcess
+from pipeline.hypergrad.reverse import Walk, compare_walks, cosine, reverse
 from pipeline.meta import layer_summary, sign_step, zero_momentum
 from pipeline.models import MLP
 from pipeline.seeds import INIT_STREAM, derive_seed
@@ -39,6 +41,10 @@ from pipeline.training import setup_device
 METHODS = ("exact", "float", "drmad", "drmad_fixed", "drmad2")
 FOLLOWED = "drmad"  # the hypergradient whose sign the meta-iterations follow
 TRACE = ("theta_norm", "dw_norm", "w", "v", "d_theta", "dw", "cos_d_theta")
+
+
+class Diverged(ArithmeticError):
+    """A meta-iteration's float run left the float range: no float method has a value."""
 
 
 @dataclass(frozen=True)
@@ -101,17 +107,26 @@ def error_rate(problem: Problem, w: torch.Tensor, x: torch.Tensor, y: torch.Tens
     return (logits.argmax(1) != y).double().mean().item()
 
 
-def hypergradients(problem: Problem, l2: HyperSpace, cfg: QualityConfig, multiplier: float, hvp: HVP) -> dict:
+def hypergradients(problem: Problem, l2: HyperSpace, cfg: QualityConfig, multiplier: float, hvp: HVP,
+                   exact_process: ExactProcess | None = None) -> dict:
     """The five hypergradients of s (flat, by method) of one seeded training, the reverse-pass
-    trace of exact vs float reversal, w_T and the reverse steps DrMAD took.
+    trace of exact vs float reversal, w_T and the reverse steps DrMAD took. With
+    `exact_process`, the exact half (training in fixed point, reversal) runs there meanwhile.
 
     Exact reversal undoes the fixed-point run; the float methods use the float run of the same
     seed (the two differ by rounding only). Float reversal must undo its own run: undoing the
     fixed-point one in floats would miss the bits the buffer restores (up to 2^-32 in v per
     step) and so overstate its error."""
-    coef = problem.l2_coefficients(l2)
-    path, floats = ExactPath.train(problem, coef), FloatPath.train(problem, coef)
+    coef, keep = problem.l2_coefficients(l2), set(spread(problem.steps, cfg.trace_points))
+    if exact_process:
+        exact_process.start(problem.scales.values)
+    floats = FloatPath.train(problem, coef)
     w_T, v_T, distances = floats.w(), floats.v(), floats.distances  # what the float methods see
+    if not bool(torch.isfinite(distances).all()):
+        if exact_process:  # its verdict first: the fixed-point run overflows before floats do
+            for _ in exact_process.walk():
+                pass
+        raise Diverged("the float run left the float range")
 
     def line(steps: int) -> LinePath:
         return LinePath(problem.w0, w_T, steps, step_map(cfg.step_map, steps, problem.steps, distances))
@@ -119,19 +134,20 @@ def hypergradients(problem: Problem, l2: HyperSpace, cfg: QualityConfig, multipl
     def heuristic(d: torch.Tensor) -> int:
         return min(heuristic_steps(d, multiplier), cfg.max_reverse_steps)
 
-    exact_w_T = path.w()
-    tail = FloatPath(problem, w_T, v_T)  # DrMAD2's copy: lockstep walks `floats` back to w_0
-    exact, plain, trace = lockstep(problem, path, floats, l2, hvp, keep=set(spread(problem.steps, cfg.trace_points)))
-    steps = heuristic(distances)
-    k = min(cfg.last, problem.steps)
-    tail.distances = distances
-    head = problem.steps - k
+    steps, k = heuristic(distances), min(cfg.last, problem.steps)
+    tail = FloatPath(problem, w_T, v_T)  # DrMAD2's copy: float reversal walks `floats` back to w_0
+    tail.distances, head = distances, problem.steps - k
     drmad2_path = Drmad2Path(problem, tail, k, heuristic(distances[:head]) if head else 0, cfg.step_map)
-    results = (exact, plain, reverse(problem, line(steps), l2, hvp), reverse(problem, line(cfg.drmad_steps), l2, hvp),
-               reverse(problem, drmad2_path, l2, hvp))
+    lines = (reverse(problem, line(steps), l2, hvp), reverse(problem, line(cfg.drmad_steps), l2, hvp),
+             reverse(problem, drmad2_path, l2, hvp))
+    exact = exact_process.walk() if exact_process else Walk(problem, ExactPath.train(problem, coef), l2, hvp, keep)
+    plain = Walk(problem, floats, l2, hvp, keep, stop_when_lost=True)
+    trace = compare_walks(exact, plain)
+    results = (exact.result, plain.result, *lines)
     walked = dict(zip(METHODS, (problem.steps, problem.steps, steps, cfg.drmad_steps, drmad2_path.reverse_steps)))
     return {"grads": {m: flat(r["scale"]) for m, r in zip(METHODS, results)}, "named": results[2]["scale"],
-            "trace": trace, "w_T": exact_w_T, "reverse_steps": steps, "walked": walked, "val_loss": exact["val_loss"]}
+            "trace": trace, "w_T": exact.w_T, "reverse_steps": steps, "walked": walked,
+            "val_loss": exact.result["val_loss"]}
 
 
 def compare(grads: dict[str, torch.Tensor]) -> list[dict]:
@@ -167,13 +183,13 @@ class Study:
 
 
 def meta_iteration(study: Study, problem: Problem, l2: HyperSpace, cfg: QualityConfig, multiplier: float,
-                   splits: dict, hvp: HVP, tracker: Tracker | None) -> bool:
+                   splits: dict, hvp: HVP, tracker: Tracker | None, exact_process: ExactProcess | None = None) -> bool:
     """Five hypergradients, their comparison, errors, a sign step. False when it diverged."""
     i, start = study.iteration, time.perf_counter()
     study.rows["layers"] += [{"meta_iteration": i, "layer": n, **s} for n, s in layer_summary(study.scales).items()]
     try:
-        got = hypergradients(problem, l2, cfg, multiplier, hvp)
-    except FixedPointOverflow:
+        got = hypergradients(problem, l2, cfg, multiplier, hvp, exact_process)
+    except (FixedPointOverflow, Diverged):
         return False
     if not all(bool(torch.isfinite(got["grads"][m]).all()) for m in ("exact", FOLLOWED)):
         return False  # the others may overflow (float reversal does, for long T): recorded as NaN
@@ -201,15 +217,21 @@ def meta_iteration(study: Study, problem: Problem, l2: HyperSpace, cfg: QualityC
 
 
 def run(params: Params, name: str, paths: QualityPaths, tracker: Tracker | None = None,
-        progress: bool | None = None) -> dict:
+        progress: bool | None = None, child: ExactProcess | None | str = "auto") -> dict:
     """`quality.meta_iterations` meta-iterations of run `name` (a protocol at a forward length);
-    writes every output."""
+    writes every output. `child`: the process for the exact half (`exact_process`): "auto"
+    starts one when wanted; the stage starts it before its imports and passes it (or None)."""
+    if child == "auto":
+        with exact_process.for_params(params.device, params.threads, params.hvp) as started:
+            return run(params, name, paths, tracker, progress, started)
     cfg = params.quality
-    protocol, steps = cfg.protocol(name), cfg.runs[name].steps
     device = setup_device(params.device, params.threads)
+    protocol, steps = cfg.protocol(name), cfg.runs[name].steps
     splits, meta = load_data(cfg, protocol)
     problem = build_problem(cfg, protocol, params.seed, steps, splits, meta, device)
     l2 = penalty(problem, protocol, device)
+    if child:
+        child.load(problem, l2, set(spread(steps, cfg.trace_points)))
     study = Study(problem.scales)
     shared = cfg.model_dump(exclude={"protocols", "runs"})
     checkpoint = Checkpoint(paths.checkpoint, fingerprint(name, steps, params.seed, params.hvp, shared,
@@ -217,12 +239,30 @@ def run(params: Params, name: str, paths: QualityPaths, tracker: Tracker | None 
     if (saved := checkpoint.load(device)) is not None:
         study.restore(saved)
     hvp = HVP_METHODS[params.hvp]
-    started, first = time.perf_counter(), study.iteration
+    started, first, cpu_started = time.perf_counter(), study.iteration, time.process_time()
     bar = Progress(study.iteration, cfg.meta_iterations, f"quality {name}", "meta-iteration", progress)
+    run_meta_iterations(study, bar, problem, l2, cfg, protocol.multiplier, splits, hvp, tracker, checkpoint, child)
+    metrics = {"run": name, "protocol": cfg.runs[name].protocol,
+               **summarise(study, steps, time.perf_counter() - started), "processes": 2 if child else 1,
+               "cpu_time_s": round(time.process_time() - cpu_started + (child.cpu_s if child else 0.0), 1)}
+    if child:
+        child.close()  # before the floor is timed: on an otherwise idle core
+    metrics.update(op_floor(problem, hvp, [r for r in study.rows["hypergrads"] if r["meta_iteration"] >= first],
+                            metrics["wall_time_s"], metrics["cpu_time_s"]))
+    metrics["platform"] = machine.describe(problem.x.device)  # bit-identity holds within one platform
+    write_outputs(paths, study, metrics, f"{cfg.runs[name].protocol} protocol, T = {steps:,}", tracker)
+    checkpoint.clear()
+    return metrics
+
+
+def run_meta_iterations(study: Study, bar: Progress, problem: Problem, l2: HyperSpace, cfg: QualityConfig,
+                        multiplier: float, splits: dict, hvp: HVP, tracker: Tracker | None, checkpoint: Checkpoint,
+                        child: ExactProcess | None) -> None:
+    """The meta-iterations left, a checkpoint after each; a divergence ends them."""
     for _ in bar:
         if study.outcome == "diverged":
             break
-        if meta_iteration(study, problem, l2, cfg, protocol.multiplier, splits, hvp, tracker):
+        if meta_iteration(study, problem, l2, cfg, multiplier, splits, hvp, tracker, child):
             study.iteration += 1
             drmad = [r for r in study.rows["hypergrads"] if r["method"] == FOLLOWED][-1]
             bar.report(cos_drmad_exact=f"{drmad['cos_exact']:.3f}", norm_ratio=f"{drmad['norm_ratio']:.3g}")
@@ -231,22 +271,17 @@ def run(params: Params, name: str, paths: QualityPaths, tracker: Tracker | None 
             if tracker:
                 tracker.set_tag("outcome", "diverged")
         checkpoint.save(study.state())
-    metrics = {"run": name, "protocol": cfg.runs[name].protocol,
-               **summarise(study, steps, time.perf_counter() - started)}
-    metrics.update(op_floor(problem, hvp, [r for r in study.rows["hypergrads"] if r["meta_iteration"] >= first],
-                            metrics["wall_time_s"]))
-    metrics["platform"] = machine.describe(problem.x.device)  # bit-identity holds within one platform
-    write_outputs(paths, study, metrics, f"{cfg.runs[name].protocol} protocol, T = {steps:,}", tracker)
-    checkpoint.clear()
-    return metrics
 
 
-def op_floor(problem: Problem, hvp: HVP, walked: list[dict], seconds: float, sample: int = 100) -> dict:
+def op_floor(problem: Problem, hvp: HVP, walked: list[dict], seconds: float, cpu_seconds: float,
+             sample: int = 100) -> dict:
     """The run's op-cost floor, timed in this process after the run: every meta-iteration needs
     2T training gradients (the exact and the float run) and, per reverse step walked by any
     method (2T for exact and float reversal, S for each DrMAD line), one gradient-plus-HVP
     (double backward computes both). Each cost is the best of two passes over `sample` steps;
-    `walked`: the hypergradient rows of the meta-iterations this attempt ran (five per meta-iteration)."""
+    `walked`: the hypergradient rows of the meta-iterations this attempt ran (five per
+    meta-iteration). The floor is one process's: with the exact half in a second process the
+    wall time may fall below it, and `cpu_over_floor` (CPU seconds of both) is the work's ratio."""
     k, w = min(sample, problem.steps), problem.w0
     dv = torch.ones_like(w)
 
@@ -263,7 +298,8 @@ def op_floor(problem: Problem, hvp: HVP, walked: list[dict], seconds: float, sam
     meta_iterations = len(walked) // len(METHODS)
     floor = meta_iterations * 2 * problem.steps * grad_s + sum(r["reverse_steps"] for r in walked) * hvp_s
     return {"floor_time_grad_ms": round(1e3 * grad_s, 4), "floor_time_hvp_ms": round(1e3 * hvp_s, 4),
-            "floor_time_s": round(floor, 1), "wall_over_floor": round(seconds / floor, 3) if floor else None}
+            "floor_time_s": round(floor, 1), "wall_over_floor": round(seconds / floor, 3) if floor else None,
+            "cpu_over_floor": round(cpu_seconds / floor, 3) if floor else None}
 
 
 def summarise(study: Study, steps: int, seconds: float) -> dict:

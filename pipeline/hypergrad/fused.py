@@ -9,9 +9,11 @@ operations that inductor neither reassociates nor contracts (its default C++ fla
 `-fno-unsafe-math-optimizations -ffp-contract=off`; no kernel feeds a product into a sum).
 The tests compare the two bit for bit.
 
-PIPELINE_COMPILE: `auto` (default) compiles kernels over at least MIN_NUMEL elements (below
-that, compiling, a few seconds per process, costs more than it saves), `1` always, `0` never
-(no C compiler, or to rule compiling out).
+PIPELINE_COMPILE: `auto` (default) compiles a kernel over at least MIN_NUMEL elements once it
+has run WARMUP_CALLS times eagerly in this process: compiling costs about a second per kernel
+with a warm inductor cache (several when cold), which smaller or shorter runs never earn back
+(eager costs about a millisecond more per call at P = 45k). `1` compiles from the first call,
+`0` never (no C compiler, or to rule compiling out).
 """
 from __future__ import annotations
 
@@ -24,21 +26,24 @@ import torch
 
 
 MIN_NUMEL = 1 << 14
+WARMUP_CALLS = 1000
 
 
-def enabled(numel: int) -> bool:
+def enabled(numel: int, calls: int) -> bool:
+    """Whether a kernel's call number `calls` (0-based) over `numel` elements runs compiled."""
     mode = os.environ.get("PIPELINE_COMPILE", "auto")
-    return mode == "1" or (mode != "0" and numel >= MIN_NUMEL)
+    return mode == "1" or (mode != "0" and numel >= MIN_NUMEL and calls >= WARMUP_CALLS)
 
 
 def fused(fn: Callable) -> Callable:
     compiled: list[Callable] = []  # filled on first use: compiling costs nothing until a kernel runs
-    failed = False
+    failed, calls = False, 0
 
     @functools.wraps(fn)
     def call(*args):
-        nonlocal failed
-        if failed or not enabled(args[0].numel()):
+        nonlocal failed, calls
+        calls += 1
+        if failed or not enabled(args[0].numel(), calls - 1):
             return fn(*args)
         if not compiled:  # dynamic: one kernel for every P; ints and floats enter as arguments
             compiled.append(torch.compile(fn, dynamic=True, fullgraph=True))

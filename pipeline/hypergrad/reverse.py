@@ -25,7 +25,8 @@ bit) does so before any hypergradient is returned, and raises `ReversalError` ot
 """
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Protocol
 
 import torch
 
@@ -142,37 +143,71 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return (torch.dot(a, b) / (na * nb)).item() if na > 0 and nb > 0 else float("nan")
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """A reversal's state after one reverse step: what `lockstep` compares between two walks."""
+    step: int
+    w: torch.Tensor
+    v: torch.Tensor
+    d_theta: torch.Tensor
+    dw: torch.Tensor
+
+
+class Walk:
+    """A reversal as an iterable: iterating runs every reverse step and yields a `Snapshot` at
+    the kept rows (`keep`: counts of steps back less one; None keeps all); `result` holds the
+    hypergradients once it ends, `w_T` where it started. `stop_when_lost`: once dw or w is not finite (float reversal
+    overflows), stop paying for steps and report NaN hypergradients, which have no finite value."""
+
+    def __init__(self, problem: Problem, path: ReversiblePath, l2: HyperSpace | None, hvp: HVP,
+                 keep: set[int] | None = None, stop_when_lost: bool = False):
+        self.problem, self.path, self.l2, self.hvp = problem, path, l2, hvp
+        self.keep, self.stop_when_lost, self.result = keep, stop_when_lost, None
+        self.w_T = path.w()  # where the walk starts
+
+    def __iter__(self) -> Iterator[Snapshot]:
+        state, path, lost = Reversal(self.problem, self.path, self.l2, self.hvp), self.path, False
+        for j, s in enumerate(reversed(range(path.reverse_steps))):
+            if not lost:
+                state.step(s)
+                lost = self.stop_when_lost and not (bool(torch.isfinite(state.dw).all())
+                                                    and bool(torch.isfinite(path.w()).all()))
+                if lost:
+                    state.dw = torch.full_like(state.dw, float("nan"))
+                    state.d_l2 = torch.full_like(state.d_l2, float("nan"))
+                    state.d_scale = {k: torch.full_like(v, float("nan")) for k, v in state.d_scale.items()}
+            if self.keep is None or j in self.keep:
+                yield Snapshot(s, path.w(), path.v(), state.d_theta(), state.dw)
+        self.result = state.result()
+
+
+TRACE_KEYS = ("step", "theta_norm", "dw_norm", "w", "v", "d_theta", "dw", "cos_d_theta")
+
+
+def compare_walks(exact: Iterable[Snapshot], plain: Iterable[Snapshot]) -> dict[str, list[float]]:
+    """Run two walks side by side; per kept row (thesis figs 3.4-3.6) the norms of the exact d
+    theta and dw, the distances between the two walks' w, v, d theta and dw, and the cosine of
+    their d theta."""
+    out = {k: [] for k in TRACE_KEYS}
+    for a, b in zip(exact, plain, strict=True):
+        row = (a.step, a.d_theta.norm(), a.dw.norm(), (a.w - b.w).norm(), (a.v - b.v).norm(),
+               (a.d_theta - b.d_theta).norm(), (a.dw - b.dw).norm(), cosine(a.d_theta, b.d_theta))
+        for key, value in zip(TRACE_KEYS, row):
+            out[key].append(float(value))
+    return out
+
+
 def lockstep(problem: Problem, exact_path: ReversiblePath, float_path: ReversiblePath,
              l2: HyperSpace | None, hvp: HVP, keep: set[int] | None = None) -> tuple[dict, dict, dict[str, list[float]]]:
     """Walk a trajectory back with exact arithmetic and with floats side by side (the float
-    path from the same w_T, v_T, or from its own float run of the same seed): both results, and per reverse step (thesis figs 3.4-3.6) the
-    norms of the exact d theta and dw, the distances between the two reversals' w, v, d theta
-    and dw, and the cosine of their d theta. Float reversal that overflows is stopped and its
-    hypergradient is NaN from there on (it has no finite value to report). `keep`: the rows to
-    trace, as counts of steps back less one (default: every step; each row costs a few passes
-    over the weights)."""
-    exact, plain = Reversal(problem, exact_path, l2, hvp), Reversal(problem, float_path, l2, hvp)
-    keys = ("step", "theta_norm", "dw_norm", "w", "v", "d_theta", "dw", "cos_d_theta")
-    out = {k: [] for k in keys}
-    lost = False  # once float reversal is not finite it stays so: stop paying for its steps
-    for j, s in enumerate(reversed(range(exact_path.reverse_steps))):
-        exact.step(s)
-        if not lost:
-            plain.step(s)
-            lost = not (bool(torch.isfinite(plain.dw).all()) and bool(torch.isfinite(float_path.w()).all()))
-            if lost:
-                plain.dw = torch.full_like(plain.dw, float("nan"))
-                plain.d_l2 = torch.full_like(plain.d_l2, float("nan"))
-                plain.d_scale = {k: torch.full_like(v, float("nan")) for k, v in plain.d_scale.items()}
-        if keep is not None and j not in keep:
-            continue
-        d_exact, d_float = exact.d_theta(), plain.d_theta()
-        row = (s, d_exact.norm(), exact.dw.norm(), (exact_path.w() - float_path.w()).norm(),
-               (exact_path.v() - float_path.v()).norm(), (d_exact - d_float).norm(),
-               (exact.dw - plain.dw).norm(), cosine(d_exact, d_float))
-        for key, value in zip(keys, row):
-            out[key].append(float(value))
-    return exact.result(), plain.result(), out
+    path from the same w_T, v_T, or from its own float run of the same seed): both results and
+    `compare_walks`' trace. Float reversal that overflows is stopped and its hypergradient is
+    NaN from there on. `keep`: the rows to trace (default: every step; each row costs a few
+    passes over the weights)."""
+    exact = Walk(problem, exact_path, l2, hvp, keep)
+    plain = Walk(problem, float_path, l2, hvp, keep, stop_when_lost=True)
+    trace = compare_walks(exact, plain)
+    return exact.result, plain.result, trace
 
 
 def reversal_drift(problem: Problem, exact_path: ReversiblePath, float_path: ReversiblePath,
