@@ -42,6 +42,20 @@ def tracking():
         shutil.rmtree(root, ignore_errors=True)
 
 
+def trials_of(url: str) -> list[optuna.trial.FrozenTrial]:
+    """The trials of the one study in `url` (none before a process has created it)."""
+    summaries = optuna.get_all_study_summaries(url)
+    return optuna.load_study(study_name=summaries[0].study_name, storage=url).get_trials() if summaries else []
+
+
+def wait_for(url: str, until, process: subprocess.Popen, timeout: float = 300) -> None:
+    """Poll until `until(trials)` holds, failing if `process` ends first."""
+    deadline = time.monotonic() + timeout
+    while not until(trials_of(url)):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0][-2000:]
+        time.sleep(0.05)
+
+
 def test_two_workers_and_the_stage_finish_exactly_the_planned_trials(tracking, tmp_path):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw.update(device="cpu")
@@ -49,25 +63,41 @@ def test_two_workers_and_the_stage_finish_exactly_the_planned_trials(tracking, t
     raw["model"].update(depth=7, growth_rate=4, init_maps=4)
     raw["baseline"].update(batch_size=32)
     raw["adaptive"]["variants"]["k131"]["val_size"] = 50
-    raw["search"].update(samplers=["random"], trial_epochs=1, budget=15, storage=tracking.database_url("optuna"))
+    url = tracking.database_url("optuna")
+    raw["search"].update(samplers=["random"], trial_epochs=1, budget=15, storage=url,
+                         heartbeat_s=300)  # the paused worker below stays alive
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": tracking.tracking_uri,
            "PIPELINE_RUN_ID": "scale-out-test"}
     subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=tmp_path, env=env, check=True, capture_output=True)
     command = [sys.executable, "-m", "stages.search", "--sampler", "random"]
-    workers = [subprocess.Popen([*command, "--worker"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    stage = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    outs = [w.communicate(timeout=600)[0] for w in workers]
-    tails = [out.strip().splitlines()[-3:] for out in [stage.stderr, *outs]]
-    assert stage.returncode == 0 and all(w.returncode == 0 for w in workers), tails
 
-    (summary,) = optuna.get_all_study_summaries(tracking.database_url("optuna"))
-    study = optuna.load_study(study_name=summary.study_name, storage=tracking.database_url("optuna"))
+    def start(*extra: str) -> subprocess.Popen:
+        return subprocess.Popen([*command, *extra], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    # Deterministic sharing: the first worker is paused on its first trial (a trial takes a few
+    # tenths of a second, a process's start-up seconds), so the others must run the rest. The
+    # stage must then wait for the paused trial, and the first worker finish it, unduplicated.
+    first = start("--worker")
+    mine = lambda t: t.user_attrs.get("worker", "").endswith(f":{first.pid}")
+    wait_for(url, lambda trials: any(map(mine, trials)), first)
+    first.send_signal(signal.SIGSTOP)
+    others = [start("--worker"), start()]
+    wait_for(url, lambda trials: sum(t.state == TrialState.COMPLETE or mine(t) and t.state == TrialState.RUNNING
+                                     for t in trials) == 5, others[1])
+    first.send_signal(signal.SIGCONT)
+    outs = [p.communicate(timeout=600)[0] for p in (first, *others)]
+    tails = [out.strip().splitlines()[-3:] for out in outs]
+    assert all(p.returncode == 0 for p in (first, *others)), tails
+
+    (summary,) = optuna.get_all_study_summaries(url)
+    study = optuna.load_study(study_name=summary.study_name, storage=url)
     done = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(done) == 5  # floor(15 / 3): each trial is one epoch of 96 // 32 steps
     assert len({t.number for t in done}) == 5 and len({t.params["log10_l2"] for t in done}) == 5
-    assert len({t.user_attrs["worker"] for t in done}) >= 2  # the work was shared
+    workers = {t.user_attrs["worker"] for t in done}
+    assert len(workers) >= 2 and any(map(mine, done))  # the work was shared
     assert not study.get_trials(states=(TrialState.RUNNING,))
 
     client = MlflowClient(tracking.tracking_uri)
