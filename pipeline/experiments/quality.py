@@ -108,23 +108,23 @@ def error_rate(problem: Problem, w: torch.Tensor, x: torch.Tensor, y: torch.Tens
 
 
 def hypergradients(problem: Problem, l2: HyperSpace, cfg: QualityConfig, multiplier: float, hvp: HVP,
-                   exact_process: ExactProcess | None = None) -> dict:
+                   child: ExactProcess | None = None) -> dict:
     """The five hypergradients of s (flat, by method) of one seeded training, the reverse-pass
     trace of exact vs float reversal, w_T and the reverse steps DrMAD took. With
-    `exact_process`, the exact half (training in fixed point, reversal) runs there meanwhile.
+    `child`, the exact half (training in fixed point, reversal) runs there meanwhile.
 
     Exact reversal undoes the fixed-point run; the float methods use the float run of the same
     seed (the two differ by rounding only). Float reversal must undo its own run: undoing the
     fixed-point one in floats would miss the bits the buffer restores (up to 2^-32 in v per
     step) and so overstate its error."""
     coef, keep = problem.l2_coefficients(l2), set(spread(problem.steps, cfg.trace_points))
-    if exact_process:
-        exact_process.start(problem.scales.values)
+    if child:
+        child.start(problem.scales.values)
     floats = FloatPath.train(problem, coef)
     w_T, v_T, distances = floats.w(), floats.v(), floats.distances  # what the float methods see
     if not bool(torch.isfinite(distances).all()):
-        if exact_process:  # its verdict first: the fixed-point run overflows before floats do
-            for _ in exact_process.walk():
+        if child:  # its verdict first: the fixed-point run overflows before floats do
+            for _ in child.walk():
                 pass
         raise Diverged("the float run left the float range")
 
@@ -140,7 +140,7 @@ def hypergradients(problem: Problem, l2: HyperSpace, cfg: QualityConfig, multipl
     drmad2_path = Drmad2Path(problem, tail, k, heuristic(distances[:head]) if head else 0, cfg.step_map)
     lines = (reverse(problem, line(steps), l2, hvp), reverse(problem, line(cfg.drmad_steps), l2, hvp),
              reverse(problem, drmad2_path, l2, hvp))
-    exact = exact_process.walk() if exact_process else Walk(problem, ExactPath.train(problem, coef), l2, hvp, keep)
+    exact = child.walk() if child else Walk(problem, ExactPath.train(problem, coef), l2, hvp, keep)
     plain = Walk(problem, floats, l2, hvp, keep, stop_when_lost=True)
     trace = compare_walks(exact, plain)
     results = (exact.result, plain.result, *lines)
@@ -183,12 +183,12 @@ class Study:
 
 
 def meta_iteration(study: Study, problem: Problem, l2: HyperSpace, cfg: QualityConfig, multiplier: float,
-                   splits: dict, hvp: HVP, tracker: Tracker | None, exact_process: ExactProcess | None = None) -> bool:
+                   splits: dict, hvp: HVP, tracker: Tracker | None, child: ExactProcess | None = None) -> bool:
     """Five hypergradients, their comparison, errors, a sign step. False when it diverged."""
     i, start = study.iteration, time.perf_counter()
     study.rows["layers"] += [{"meta_iteration": i, "layer": n, **s} for n, s in layer_summary(study.scales).items()]
     try:
-        got = hypergradients(problem, l2, cfg, multiplier, hvp, exact_process)
+        got = hypergradients(problem, l2, cfg, multiplier, hvp, child)
     except (FixedPointOverflow, Diverged):
         return False
     if not all(bool(torch.isfinite(got["grads"][m]).all()) for m in ("exact", FOLLOWED)):

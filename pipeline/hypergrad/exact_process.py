@@ -87,11 +87,11 @@ def _serve(conn, hvp: str, threads: int) -> None:
             for key, value in values.items():
                 problem.scales.values[key].copy_(value)
             path = ExactPath.train(problem, problem.l2_coefficients(l2))
-            w_T, walk = path.w(), Walk(problem, path, l2, HVP_METHODS[hvp], keep)
+            walk = Walk(problem, path, l2, HVP_METHODS[hvp], keep)
             for snap in walk:
                 _send(conn, ("snapshot", snap.step, *(_numpy(t) for t in (snap.w, snap.v, snap.d_theta, snap.dw))))
             cpu_s += time.process_time() - started
-            _send(conn, ("done", walk.result, w_T, cpu_s))
+            _send(conn, ("done", walk.result, walk.w_T, cpu_s))
         except Exception as error:  # sent back: the parent raises it where the one-process code would
             try:
                 pickle.dumps(error)
