@@ -42,18 +42,19 @@ def tracking():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def trials_of(url: str) -> list[optuna.trial.FrozenTrial]:
-    """The trials of the one study in `url` (none before a process has created it)."""
-    summaries = optuna.get_all_study_summaries(url)
-    return optuna.load_study(study_name=summaries[0].study_name, storage=url).get_trials() if summaries else []
+def trials_of(storage: optuna.storages.RDBStorage) -> list[optuna.trial.FrozenTrial]:
+    """The trials of the one study in `storage` (none before a process has created it)."""
+    summaries = optuna.get_all_study_summaries(storage)
+    return optuna.load_study(study_name=summaries[0].study_name, storage=storage).get_trials() if summaries else []
 
 
-def wait_for(url: str, until, process: subprocess.Popen, timeout: float = 300) -> None:
-    """Poll until `until(trials)` holds, failing if `process` ends first."""
+def wait_for(storage: optuna.storages.RDBStorage, until, process: subprocess.Popen, timeout: float = 300) -> None:
+    """Poll until `until(trials)` holds, failing if `process` ends first. One storage, one
+    connection pool: an engine per poll would exhaust PostgreSQL's connections."""
     deadline = time.monotonic() + timeout
-    while not until(trials_of(url)):
+    while not until(trials_of(storage)):
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0][-2000:]
-        time.sleep(0.05)
+        time.sleep(0.1)
 
 
 def test_two_workers_and_the_stage_finish_exactly_the_planned_trials(tracking, tmp_path):
@@ -79,12 +80,13 @@ def test_two_workers_and_the_stage_finish_exactly_the_planned_trials(tracking, t
     # Deterministic sharing: the first worker is paused on its first trial (a trial takes a few
     # tenths of a second, a process's start-up seconds), so the others must run the rest. The
     # stage must then wait for the paused trial, and the first worker finish it, unduplicated.
+    storage = optuna.storages.RDBStorage(url)
     first = start("--worker")
     mine = lambda t: t.user_attrs.get("worker", "").endswith(f":{first.pid}")
-    wait_for(url, lambda trials: any(map(mine, trials)), first)
+    wait_for(storage, lambda trials: any(map(mine, trials)), first)
     first.send_signal(signal.SIGSTOP)
     others = [start("--worker"), start()]
-    wait_for(url, lambda trials: sum(t.state == TrialState.COMPLETE or mine(t) and t.state == TrialState.RUNNING
+    wait_for(storage, lambda trials: sum(t.state == TrialState.COMPLETE or mine(t) and t.state == TrialState.RUNNING
                                      for t in trials) == 5, others[1])
     first.send_signal(signal.SIGCONT)
     outs = [p.communicate(timeout=600)[0] for p in (first, *others)]
