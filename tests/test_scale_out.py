@@ -83,18 +83,24 @@ def test_two_workers_and_the_stage_finish_exactly_the_planned_trials(tracking, t
     storage = optuna.storages.RDBStorage(url)
     first = start("--worker")
     mine = lambda t: t.user_attrs.get("worker", "").endswith(f":{first.pid}")
-    wait_for(storage, lambda trials: any(map(mine, trials)), first)
-    first.send_signal(signal.SIGSTOP)
-    others = [start("--worker"), start()]
-    wait_for(storage, lambda trials: sum(t.state == TrialState.COMPLETE or mine(t) and t.state == TrialState.RUNNING
-                                     for t in trials) == 5, others[1])
-    first.send_signal(signal.SIGCONT)
-    outs = [p.communicate(timeout=600)[0] for p in (first, *others)]
+    processes = [first]
+    try:
+        wait_for(storage, lambda trials: any(map(mine, trials)), first)
+        first.send_signal(signal.SIGSTOP)
+        processes += [start("--worker"), start()]
+        placed = lambda t: t.state == TrialState.COMPLETE or mine(t) and t.state == TrialState.RUNNING
+        wait_for(storage, lambda trials: sum(map(placed, trials)) == 5, processes[-1])
+        first.send_signal(signal.SIGCONT)
+        outs = [p.communicate(timeout=600)[0] for p in processes]
+    finally:  # a failed wait leaves none behind, paused or running
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
     tails = [out.strip().splitlines()[-3:] for out in outs]
-    assert all(p.returncode == 0 for p in (first, *others)), tails
+    assert all(p.returncode == 0 for p in processes), tails
 
-    (summary,) = optuna.get_all_study_summaries(url)
-    study = optuna.load_study(study_name=summary.study_name, storage=url)
+    (summary,) = optuna.get_all_study_summaries(storage)
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
     done = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(done) == 5  # floor(15 / 3): each trial is one epoch of 96 // 32 steps
     assert len({t.number for t in done}) == 5 and len({t.params["log10_l2"] for t in done}) == 5
