@@ -1,7 +1,10 @@
 """Fused kernels of exact reversal: against an explicit per-element reference, and compiled
 against eager bit for bit (whole hypergradients, float64 and float32)."""
+import warnings
+
 import pytest
 import torch
+from torch._inductor import config as inductor_config
 
 from pipeline.hypergrad import fused, hypergradient
 from pipeline.hypergrad.bitsback import D, MASK, READ_THRESHOLD, WORD_BITS, BitsBackBuffer, _floor_divmod, rational_beta
@@ -102,7 +105,9 @@ def test_compiled_kernels_give_the_eager_bits(method, dtype, monkeypatch):
     def run(flag: str) -> dict:
         monkeypatch.setenv("PIPELINE_COMPILE", flag)
         betas = torch.tensor([0.8] * 20 + [0.9] * 20 + [0.95] * 20)  # three runs of equal momenta
-        return hypergradient(make_problem(steps=60, beta=betas, dtype=dtype), method=method, reverse_steps=20)
+        with warnings.catch_warnings():  # a kernel that fell back to eager would compare eager with eager
+            warnings.filterwarnings("error", ".* runs eagerly", RuntimeWarning)
+            return hypergradient(make_problem(steps=60, beta=betas, dtype=dtype), method=method, reverse_steps=20)
 
     compiled, eager = run("1"), run("0")
     for key in ("w0", "v0", "alpha", "beta"):
@@ -130,3 +135,22 @@ def test_auto_compiles_large_kernels_after_their_warmup_calls(monkeypatch):
         for _ in range(5):
             assert torch.equal(kernel(x), x + 1)
         assert len(compiled_calls) == expected, (mode, numel)
+
+
+@pytest.mark.parametrize("users", [None, False])
+def test_first_compile_trusts_the_cpu_flags_unless_the_user_chose(users, monkeypatch):
+    """The compiling call runs with inductor's ISA test builds off (seconds of gcc per ISA with an
+    empty cache), later calls and the process's own setting are left alone."""
+    seen = []
+
+    def fake_compile(fn, **kwargs):
+        return lambda *args: seen.append(inductor_config.cpp.vec_isa_ok) or fn(*args)
+
+    monkeypatch.setattr(fused.torch, "compile", fake_compile)
+    monkeypatch.setattr(inductor_config.cpp, "vec_isa_ok", users)
+    monkeypatch.setenv("PIPELINE_COMPILE", "1")
+    kernel, x = fused.fused(lambda x: x + 1), torch.zeros(4)
+    for _ in range(3):
+        kernel(x)
+    assert seen == [True if users is None else users] + [users] * 2
+    assert inductor_config.cpp.vec_isa_ok is users
