@@ -73,10 +73,15 @@ def _serve(conn, hvp: str, threads: int) -> None:
     """The child: reads the problem, its L2 and trace rows, then per job (the buffer
     hyperparameters' values) trains in fixed point, walks back, streams the kept snapshots, then
     the result and the CPU seconds its jobs took so far; None ends it."""
+    import tqdm
+
     from pipeline.training import make_deterministic
 
     # Kernels compile in this process: a pool of compile workers would outlive os._exit below.
     os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
+    # A first compile makes a (hidden) tqdm bar, and tqdm's default lock is a multiprocessing
+    # semaphore that os._exit would leave for the resource tracker to report as leaked.
+    tqdm.tqdm.set_lock(threading.RLock())
     make_deterministic()
     torch.set_num_threads(threads)
     problem, l2, keep = _receive(conn)
