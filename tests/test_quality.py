@@ -202,3 +202,30 @@ def test_thesis_protocol_is_the_thesis_to_the_letter():
 def test_the_penalty_base_changes_the_coefficient():
     e, ten = (tiny({"l2_base": base, "log_l2": -4.0}).quality.protocols["p"] for base in ("e", "10"))
     assert 10 ** e.log10_l2 == pytest.approx(math.exp(-4)) and ten.log10_l2 == -4.0
+
+
+def test_op_floor_counts_every_ops_cost_and_takes_each_ops_faster_reading(monkeypatch):
+    """step_costs reads one op's seconds from the clock (a fake one, advanced only by the ops);
+    op_floor charges 2T gradients per meta-iteration and one HVP per reverse step of any method,
+    at each op's faster reading before or after the run, and records both readings' floors."""
+    clock = [0.0]
+    monkeypatch.setattr(quality.time, "perf_counter", lambda: clock[0])
+
+    class Timed:  # a problem whose gradient takes 1 ms and whose HVP 3 ms of the fake clock
+        steps, w0 = 40, torch.zeros(3)
+
+        def train_grad(self, w, t):
+            clock[0] += 1e-3
+
+    def hvp(problem, w, t, dv):
+        clock[0] += 3e-3
+
+    grad_s, hvp_s = quality.step_costs(Timed(), hvp, sample=10)
+    assert (grad_s, hvp_s) == (pytest.approx(1e-3), pytest.approx(3e-3))
+    walked = [{"method": m, "reverse_steps": s} for _ in range(2) for m, s in zip(quality.METHODS, (40, 40, 7, 5, 9))]
+    floor = quality.op_floor(40, [(2e-3, 3e-3), (1e-3, 4e-3)], walked, seconds=3.0, cpu_seconds=6.0)
+    expected = 2 * 2 * 40 * 1e-3 + 2 * (40 + 40 + 7 + 5 + 9) * 3e-3  # 0.16 s of gradients, 0.606 s of HVPs
+    assert floor["floor_time_s"] == round(expected, 1)
+    assert floor["floor_time_readings_s"] == [round(0.32 + 0.606, 1), round(0.16 + 2 * 101 * 4e-3, 1)]
+    assert floor["wall_over_floor"] == round(3.0 / expected, 3) and floor["cpu_over_floor"] == round(6.0 / expected, 3)
+    assert (floor["floor_time_grad_ms"], floor["floor_time_hvp_ms"]) == (1.0, 3.0)

@@ -239,6 +239,7 @@ def run(params: Params, name: str, paths: QualityPaths, tracker: Tracker | None 
     if (saved := checkpoint.load(device)) is not None:
         study.restore(saved)
     hvp = HVP_METHODS[params.hvp]
+    costs = [step_costs(problem, hvp)]  # the op floor's, timed before and after the run
     started, first, cpu_started = time.perf_counter(), study.iteration, time.process_time()
     bar = Progress(study.iteration, cfg.meta_iterations, f"quality {name}", "meta-iteration", progress)
     run_meta_iterations(study, bar, problem, l2, cfg, protocol.multiplier, splits, hvp, tracker, checkpoint, child)
@@ -246,8 +247,9 @@ def run(params: Params, name: str, paths: QualityPaths, tracker: Tracker | None 
                **summarise(study, steps, time.perf_counter() - started), "processes": 2 if child else 1,
                "cpu_time_s": round(time.process_time() - cpu_started + (child.cpu_s if child else 0.0), 1)}
     if child:
-        child.close()  # before the floor is timed: on an otherwise idle core
-    metrics.update(op_floor(problem, hvp, [r for r in study.rows["hypergrads"] if r["meta_iteration"] >= first],
+        child.close()  # before the floor is timed again: on an otherwise idle core
+    costs.append(step_costs(problem, hvp))
+    metrics.update(op_floor(problem.steps, costs, [r for r in study.rows["hypergrads"] if r["meta_iteration"] >= first],
                             metrics["wall_time_s"], metrics["cpu_time_s"]))
     metrics["platform"] = machine.describe(problem.x.device)  # bit-identity holds within one platform
     write_outputs(paths, study, metrics, f"{cfg.runs[name].protocol} protocol, T = {steps:,}", tracker)
@@ -273,15 +275,9 @@ def run_meta_iterations(study: Study, bar: Progress, problem: Problem, l2: Hyper
         checkpoint.save(study.state())
 
 
-def op_floor(problem: Problem, hvp: HVP, walked: list[dict], seconds: float, cpu_seconds: float,
-             sample: int = 100) -> dict:
-    """The run's op-cost floor, timed in this process after the run: every meta-iteration needs
-    2T training gradients (the exact and the float run) and, per reverse step walked by any
-    method (2T for exact and float reversal, S for each DrMAD line), one gradient-plus-HVP
-    (double backward computes both). Each cost is the best of two passes over `sample` steps;
-    `walked`: the hypergradient rows of the meta-iterations this attempt ran (five per
-    meta-iteration). The floor is one process's: with the exact half in a second process the
-    wall time may fall below it, and `cpu_over_floor` (CPU seconds of both) is the work's ratio."""
+def step_costs(problem: Problem, hvp: HVP, sample: int = 100) -> tuple[float, float]:
+    """Seconds of one training gradient and of one gradient-plus-HVP (double backward computes
+    both), each the best of two passes over `sample` steps."""
     k, w = min(sample, problem.steps), problem.w0
     dv = torch.ones_like(w)
 
@@ -294,12 +290,30 @@ def op_floor(problem: Problem, hvp: HVP, walked: list[dict], seconds: float, cpu
             best = min(best, (time.perf_counter() - start) / k)
         return best
 
-    grad_s, hvp_s = per_step(problem.train_grad), per_step(lambda w, t: hvp(problem, w, t, dv))
-    meta_iterations = len(walked) // len(METHODS)
-    floor = meta_iterations * 2 * problem.steps * grad_s + sum(r["reverse_steps"] for r in walked) * hvp_s
+    return per_step(problem.train_grad), per_step(lambda w, t: hvp(problem, w, t, dv))
+
+
+def op_floor(steps: int, costs: list[tuple[float, float]], walked: list[dict], seconds: float,
+             cpu_seconds: float) -> dict:
+    """The run's op-cost floor: every meta-iteration needs 2T training gradients (the exact and
+    the float run) and, per reverse step walked by any method (2T for exact and float reversal,
+    S for each DrMAD line), one gradient-plus-HVP. `costs`: `step_costs` timed before and after
+    the run; the floor takes each op's faster reading, so a machine whose speed drifts during the
+    run never flatters the ratio (both readings' floors are recorded). `walked`: the hypergradient
+    rows of the meta-iterations this attempt ran (five per meta-iteration). The floor is one
+    process's: with the exact half in a second process the wall time may fall below it, and
+    `cpu_over_floor` (CPU seconds of both) is the work's ratio."""
+    meta_iterations, reverse_steps = len(walked) // len(METHODS), sum(r["reverse_steps"] for r in walked)
+
+    def floor(grad_s: float, hvp_s: float) -> float:
+        return meta_iterations * 2 * steps * grad_s + reverse_steps * hvp_s
+
+    grad_s, hvp_s = min(g for g, _ in costs), min(h for _, h in costs)
+    best = floor(grad_s, hvp_s)
     return {"floor_time_grad_ms": round(1e3 * grad_s, 4), "floor_time_hvp_ms": round(1e3 * hvp_s, 4),
-            "floor_time_s": round(floor, 1), "wall_over_floor": round(seconds / floor, 3) if floor else None,
-            "cpu_over_floor": round(cpu_seconds / floor, 3) if floor else None}
+            "floor_time_s": round(best, 1), "floor_time_readings_s": [round(floor(*c), 1) for c in costs],
+            "wall_over_floor": round(seconds / best, 3) if best else None,
+            "cpu_over_floor": round(cpu_seconds / best, 3) if best else None}
 
 
 def summarise(study: Study, steps: int, seconds: float) -> dict:
