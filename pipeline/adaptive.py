@@ -4,7 +4,7 @@ Every `every` (K) steps the validation loss of a validation batch is back-propag
 the last `window` (M) steps, whose states are kept in memory (exact by storage), giving the
 hypergradients of per-parameter log10 L2 and log learning rates eta (alpha = alpha_t * e^eta,
 applied elementwise in w += alpha * v); both move by sign steps, then log10 L2 is clipped into
-its bounds and eta to eta <= eta_max.
+its bounds and eta to its ceiling (the thesis': an absolute learning rate, config `lr_max`).
 """
 from __future__ import annotations
 

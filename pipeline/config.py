@@ -172,8 +172,12 @@ class AdaptiveConfig(Section):
     alpha: float = Field(default=1.0, gt=0.0)  # alpha_t = alpha * schedule * e^eta per parameter
     schedule: ScheduleConfig = ScheduleConfig(milestones=[])
     init_log10_l2: float = -4.0
-    init_log_lr: float = Field(default=0.0, le=0.0)
-    eta_max: float = 0.0  # learning-rate multipliers e^eta <= e^eta_max (thesis: 0)
+    init_log_lr: float = Field(default=0.0, ge=-30.0, le=30.0)  # eta_0: alpha_t = alpha * schedule * e^eta
+    # The ceiling of each learning rate. thesis: lr = alpha e^eta (1 - momentum) <= lr_max, the thesis'
+    # rate (its convention: v <- m v - lr g, w <- w + v; its log lr clipped below 0, i.e. lr_max 1,
+    # from 0.1: a rate may rise tenfold); initial: e^eta <= e^init_log_lr, no rate above its start
+    lr_ceiling: Literal["thesis", "initial"] = "thesis"
+    lr_max: float = Field(default=1.0, gt=0.0)
     lr_floor: bool = False  # keep alpha_t * e^eta >= floor_factor * alpha * floor_schedule_t
     floor_factor: float = Field(default=0.1, gt=0.0, le=1.0)
     floor_schedule: Optional[ScheduleConfig] = None  # the floor's schedule; null: `schedule` itself
@@ -181,6 +185,9 @@ class AdaptiveConfig(Section):
     sharing: Literal["parameter", "unit", "layer", "global", "thesis"] = "thesis"  # of log10 L2
     lr_sharing: Literal["parameter", "unit", "layer", "global", "thesis"] = "thesis"  # of learning rates
     val_batch_size: int = Field(default=100, ge=1)
+    # one: a hyper-update's validation loss is one batch of val_batch_size; window: the mean over
+    # `window` batches of val_batch_size (the thesis: its last M steps' batches of 64)
+    val_batches: Literal["one", "window"] = "one"
     weight_clip: Optional[float] = Field(default=None, gt=0.0)
     eval_batch_size: int = Field(default=500, ge=1)
     last_n: int = Field(default=3, ge=1)
@@ -193,9 +200,17 @@ class AdaptiveConfig(Section):
             raise ValueError(f"l2_bounds: [low, high] with low < high, got {self.l2_bounds}")
         if not self.l2_bounds[0] <= self.init_log10_l2 <= self.l2_bounds[1]:
             raise ValueError(f"init_log10_l2: must lie within l2_bounds {self.l2_bounds}")
-        if self.init_log_lr > self.eta_max:
-            raise ValueError(f"init_log_lr: must be <= eta_max ({self.eta_max})")
+        for name, var in self.variants.items():
+            if self.lr_ceiling == "thesis" and self.eta_max(var.momentum) < self.init_log_lr:
+                raise ValueError(f"lr_max: at least the initial rate alpha e^init_log_lr (1 - momentum) of "
+                                 f"variant {name} ({self.alpha * math.exp(self.init_log_lr) * (1 - var.momentum):g})")
         return self
+
+    def eta_max(self, momentum: float) -> float:
+        """The ceiling of eta (ln of the learning-rate multiplier) at this momentum."""
+        if self.lr_ceiling == "initial":
+            return self.init_log_lr
+        return math.log(self.lr_max / (self.alpha * (1.0 - momentum)))
 
     def train_config(self, momentum: float) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, alpha=self.alpha, momentum=momentum,
@@ -204,8 +219,10 @@ class AdaptiveConfig(Section):
 
 
 class QualityProtocol(Section):
-    """How the quality study's MLP trains: one named set of settings (thesis 3.1 is `thesis`)."""
+    """How the quality study's MLP trains: one named set of settings (thesis 3.1 is `thesis`;
+    docs/fidelity.md lists each setting's source)."""
     hidden: list[int] = Field(default_factory=lambda: [50, 50, 50], min_length=1)  # MLP 784-50-50-50-10
+    activation: Literal["tanh", "relu"] = "tanh"  # hidden units (the thesis' scripts: tanh)
     batch_size: int = Field(default=50, ge=1)
     alpha: float = Field(default=0.05, gt=0.0)  # w += alpha * v, v = m v - (1 - m) g (the thesis' form)
     momentum: float = Field(default=0.95, ge=0.5, lt=1.0)  # classical; >= 0.5 for exact reversal
@@ -213,8 +230,16 @@ class QualityProtocol(Section):
     l2_base: Literal["e", "10"] = "e"  # the thesis writes the penalty as e^lambda
     init_scale: float = 0.2  # initial ln scale s_0 of every unit (w = e^s z)
     z0_log_scale: Optional[float] = Field(default=-3.0, ge=-20.0, le=5.0)  # z_0 = e^this N(0, 1); null: N(0, 1/fan-in)
-    pixels: Literal["unit", "standardised"] = "unit"  # [0, 1], or standardised with training statistics
+    # scaled: b = e^s_b z_b with s_b fixed at init_scale, z_b drawn and penalised like z (the scripts);
+    # plain: b starts at 0, unscaled and unpenalised
+    biases: Literal["scaled", "plain"] = "scaled"
+    # unit: [0, 1]; centred: [0, 1] minus the training split's per-pixel mean (the scripts);
+    # standardised: per channel mean and std of the training split
+    pixels: Literal["unit", "centred", "standardised"] = "centred"
     multiplier: float = Field(default=10.0, gt=0.0)  # DrMAD heuristic S = 1 / (multiplier * gamma)
+    # gamma's weighting over the first 20 steps: text (1/t over t = 1..20, the thesis' words) or
+    # scripts (t = 5..19, weights 1/2, 1/4, ..., the first taking the rest; S rounded up)
+    heuristic: Literal["text", "scripts"] = "text"
 
     @property
     def log10_l2(self) -> float:
@@ -226,6 +251,7 @@ class QualityRun(Section):
     """One stage instance: a protocol at a forward length."""
     protocol: str = Field(min_length=1)
     steps: int = Field(ge=1)  # forward steps T
+    meta_iterations: Optional[int] = Field(default=None, ge=1)  # null: quality.meta_iterations
 
 
 class QualityConfig(Section):
@@ -235,8 +261,8 @@ class QualityConfig(Section):
     runs: dict[str, QualityRun] = Field(default_factory=lambda: {
         f"thesis-{t}": QualityRun(protocol="thesis", steps=t) for t in (200, 2000, 20000)})
     scale_bounds: list[float] = Field(default_factory=lambda: [-3.0, 3.0], min_length=2, max_length=2)
-    meta_iterations: int = Field(default=3, ge=1)
-    hyper_step: float = Field(default=0.1, gt=0.0)  # sign step of s, following DrMAD (thesis)
+    meta_iterations: int = Field(default=10, ge=1)  # per run unless the run names its own (thesis: 20)
+    hyper_step: float = Field(default=0.07, gt=0.0)  # sign step of s, following DrMAD (the scripts: 0.07)
     hyper_momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
     drmad_steps: int = Field(default=200, ge=1)  # DrMAD with a fixed S, next to the heuristic's
     max_reverse_steps: int = Field(default=100_000, ge=1)
@@ -262,6 +288,9 @@ class QualityConfig(Section):
 
     def protocol(self, run: str) -> QualityProtocol:
         return self.protocols[self.runs[run].protocol]
+
+    def meta_iterations_of(self, run: str) -> int:
+        return self.runs[run].meta_iterations or self.meta_iterations
 
 
 class PathsConfig(Section):

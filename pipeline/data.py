@@ -176,9 +176,15 @@ def digest(splits: dict[str, dict[str, Tensor]]) -> str:
     return h.hexdigest()
 
 
-def build(cfg: DataConfig, standardise: bool = True) -> tuple[dict[str, dict[str, Tensor]], dict]:
-    """Load `cfg.source`, split, normalise with train statistics (or, without `standardise`,
-    pixels in [0, 1] as the thesis' MLP study had them): the splits and their meta."""
+def pixel_mean(images: Images) -> Tensor:
+    """Per-pixel mean of images in [0, 1], from exact integer sums (same bits on any machine)."""
+    return (images.x.long().sum(0).double() / (len(images) * images.peak)).float()
+
+
+def build(cfg: DataConfig, pixels: str = "standardised") -> tuple[dict[str, dict[str, Tensor]], dict]:
+    """Load `cfg.source`, split and scale pixels with training statistics: `standardised` (per
+    channel mean and std), `unit` ([0, 1]) or `centred` ([0, 1] minus the per-pixel mean, as the
+    thesis' MLP scripts had them). The splits and their meta."""
     pool, own_test = _SOURCES[cfg.source](cfg)
     idx = split_indices(cfg, len(pool), len(own_test) if own_test is not None else 0)
     raw = {s: (own_test if s == "test" and own_test is not None else pool).take(idx[s]) for s in SPLITS}
@@ -186,9 +192,13 @@ def build(cfg: DataConfig, standardise: bool = True) -> tuple[dict[str, dict[str
     if (std == 0).any():  # normalising would divide by zero
         raise DataError(f"data.train_size: a channel is constant over the {len(raw['train'])} "
                         "training images; use more")
-    if not standardise:
+    if pixels != "standardised":
         mean, std = torch.zeros_like(mean), torch.ones_like(std)
     splits = {s: {"x": normalise(r, mean, std), "y": r.y} for s, r in raw.items()}
+    if pixels == "centred":
+        centre = pixel_mean(raw["train"])
+        for split in splits.values():
+            split["x"] -= centre
     _, channels, height, width = splits["train"]["x"].shape
     meta = {
         "source": cfg.source,

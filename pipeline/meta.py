@@ -1,6 +1,11 @@
 """Meta-iterations: sign steps on hyperparameters in log space (algorithms §6).
 
-    m <- mu * m - eta * sign(d theta);    theta <- clip(theta + m)
+    m <- mu * m - (1 - mu) * sign(d theta);    theta <- clip(theta + eta * m)
+
+the thesis' momentum convention (the same as its SGD's): the first step is (1 - mu) * eta and a
+steady one (the same sign throughout) approaches eta, so eta is the most a hyperparameter moves
+per meta-iteration (thesis 3.2.1: 1/3 in log10 units, "at most 3 meta-iterations" for an order of
+magnitude). With mu = 0 it is a plain sign step of eta.
 
 and epochs that grow by a factor per meta-iteration up to a cap (thesis: 100 -> 300, x1.4).
 """
@@ -19,8 +24,8 @@ def sign_step(hypers: HyperSpace, grads: dict[str, torch.Tensor], momentum: dict
               step: float, mu: float) -> None:
     """Descend the hypergradient's sign (0 where it is 0), with momentum, then clip to bounds."""
     for key, value in hypers.values.items():
-        momentum[key].mul_(mu).sub_(step * torch.sign(grads[key]))
-        value.add_(momentum[key])
+        momentum[key].mul_(mu).sub_((1.0 - mu) * torch.sign(grads[key]))
+        value.add_(step * momentum[key])
     hypers.clip_()
 
 

@@ -93,3 +93,39 @@ def test_a_floor_schedule_of_its_own_bounds_eta_by_step():
     floor = eta_floor(cfg, 0.9)
     assert [floor(t, 100) for t in (0, 49, 50, 99)] == pytest.approx([0.0, 0.0, math.log(0.1), math.log(0.1)])
     assert eta_floor(cfg.model_copy(update={"lr_floor": False}), 0.9) is None
+
+
+def test_rates_rise_above_the_initial_rate_up_to_the_absolute_ceiling(monkeypatch):
+    """Thesis 2.4 / 3.2.2: the log learning rate is clipped below 0 with rates starting at 0.1, so a
+    hypergradient that keeps saying "faster" raises every rate tenfold and no further. Through the
+    stage's own hyperspaces (params.yaml -> bounds): alpha 1, momentum 0.9, so the rate
+    alpha e^eta (1 - momentum) starts at 0.1; lr_max 1 puts the ceiling at eta = ln 10. The earlier
+    reading (`lr_ceiling: initial`) keeps every rate at its start."""
+    from pipeline.config import parse_params
+    from pipeline.experiments.adaptive import hyperspaces
+
+    def rates_after(updates, **adaptive):
+        params = parse_params({"adaptive": {"alpha": 1.0, "init_log_lr": 0.0, **adaptive}})
+        model, x, y, vx, vy, cfg, _, _ = setup()
+        l2, lr = hyperspaces(params, model, momentum=0.9)
+        trainer = AdaptiveTrainer(model, x, y, vx, vy, cfg, 0, l2, lr, AdaptiveSettings(every=1, window=1, lr_step=0.2))
+        faster = {k: -torch.ones_like(v) for k, v in lr.values.items()}  # d val / d eta < 0: raise eta
+        monkeypatch.setattr(trainer, "hypergradients", lambda step: ({k: torch.zeros_like(v) for k, v in l2.values.items()},
+                                                                     faster))
+        seen = []
+        for step in range(updates):
+            trainer.hyper_step(step)
+            seen.append(max(v.max().item() for v in lr.values.values()))
+        rates = torch.cat([v.reshape(-1) for v in lr.values.values()]).exp() * 1.0 * (1 - 0.9)
+        return rates, seen
+
+    rates, seen = rates_after(20)
+    assert seen[0] == pytest.approx(0.2) and seen[5] == pytest.approx(1.2)  # above the start, one step at a time
+    assert torch.allclose(rates, torch.full_like(rates, 1.0), rtol=1e-12)  # ln 10 / 0.2 = 11.5 steps: at the ceiling
+    assert seen[-1] == pytest.approx(math.log(10.0), rel=1e-12)
+    rates, _ = rates_after(5, lr_max=0.5)
+    assert (rates < 0.5).all()  # 5 steps: e^1 x 0.1 < 0.5
+    rates, _ = rates_after(20, lr_max=0.5)
+    assert torch.allclose(rates, torch.full_like(rates, 0.5), rtol=1e-12)
+    rates, _ = rates_after(20, lr_ceiling="initial")
+    assert torch.allclose(rates, torch.full_like(rates, 0.1), rtol=1e-12)

@@ -1,4 +1,5 @@
 """DrMAD and DrMAD2 where theory says they must coincide with exact and float reversal."""
+import math
 import pytest
 import torch
 
@@ -84,6 +85,23 @@ def test_heuristic_recovers_a_known_gamma():
     assert gamma_estimate(distances) == pytest.approx(gamma, rel=1e-12)
     assert heuristic_steps(distances) == 250
     assert heuristic_steps(distances, multiplier=10) == 25
+
+
+def test_heuristic_weightings_on_a_curved_path_against_hand_values():
+    """|w_t - w_0| = sqrt(t): the text's reading (t = 1..20, weights 1/t, S rounded) and the scripts'
+    (t = 5..19, weights 1/2 + 2^-15, 2^-2, ..., 2^-15, S rounded up), each summed here by hand.
+    On this path they disagree, and 48.2 rounds to 48 but the scripts take 49."""
+    distances = torch.arange(1, 401, dtype=F64).sqrt()
+    total = math.sqrt(400)
+    text = sum(t ** -1.5 for t in range(1, 21)) / (total * sum(1 / t for t in range(1, 21)))
+    weights = [0.5 + 2 ** -15] + [2.0 ** -k for k in range(2, 16)]
+    scripts = sum(w * math.sqrt(t) / (t * total) for w, t in zip(weights, range(5, 20)))
+    assert gamma_estimate(distances) == pytest.approx(text, rel=1e-12)
+    assert gamma_estimate(distances, "scripts") == pytest.approx(scripts, rel=1e-12)
+    assert (1 / text, 1 / scripts) == (pytest.approx(33.148, abs=1e-3), pytest.approx(48.204, abs=1e-3))
+    assert heuristic_steps(distances, 1.0, "text") == 33
+    assert heuristic_steps(distances, 1.0, "scripts") == 49
+    assert gamma_estimate(distances[:4], "scripts") == gamma_estimate(distances[:4])  # too short: the text's gamma
 
 
 def test_step_maps():

@@ -42,13 +42,29 @@ def test_sign_step_moves_each_hyperparameter_by_exactly_the_step():
     assert space.values[first][0] == before[first][0]
 
 
-def test_sign_step_momentum_and_bounds():
-    space = HyperSpace.create({"w": (3,)}, "log10_l2", -1.0, "parameter", bounds=(-2.0, 0.0))
-    momentum = zero_momentum(space)
+def test_sign_step_follows_the_thesis_momentum_convention():
+    """m <- mu m - (1 - mu) sign(g), theta <- theta + eta m (thesis 3.2.1): with mu = 0.7 and
+    eta = 1/3 the first step is 0.1 and a steady one tends to 1/3. The heavy-ball form
+    (m <- mu m - eta sign) would move 1/3 first and 1.11 in the end; mu = 0.7 keeps mu and 1 - mu apart."""
+    space = HyperSpace.create({"w": (3,)}, "log10_l2", -4.0, "parameter", bounds=(-100.0, 100.0))
+    momentum, eta, mu = zero_momentum(space), 1 / 3, 0.7
     grads = {"w": torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64)}
-    sign_step(space, grads, momentum, step=0.5, mu=0.5)
-    sign_step(space, grads, momentum, step=0.5, mu=0.5)  # moves 0.5, then 0.75
-    assert space.values["w"].tolist() == [-2.0, 0.0, -1.0]  # -2.25 and 0.25 clipped
+    moves, before = [], space.values["w"].clone()
+    for _ in range(60):
+        sign_step(space, grads, momentum, step=eta, mu=mu)
+        moves.append(space.values["w"] - before)
+        before = space.values["w"].clone()
+    by_hand = [eta * (1 - mu), eta * (1 - mu) * (1 + mu), eta * (1 - mu) * (1 + mu + mu ** 2)]
+    for move, expected in zip(moves, by_hand):  # 0.1, 0.17, 0.219
+        assert torch.allclose(move, torch.tensor([-expected, expected, 0.0], dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(moves[-1], torch.tensor([-eta, eta, 0.0], dtype=torch.float64), atol=1e-9)
+
+
+def test_sign_step_clips_to_bounds():
+    space = HyperSpace.create({"w": (3,)}, "log10_l2", -1.0, "parameter", bounds=(-1.05, -0.95))
+    sign_step(space, {"w": torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64)}, zero_momentum(space),
+              step=0.5, mu=0.0)
+    assert space.values["w"].tolist() == [-1.05, -0.95, -1.0]
 
 
 def test_epochs_grow_to_the_cap():

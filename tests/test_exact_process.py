@@ -17,7 +17,7 @@ def build(params, steps, splits):
     built, meta = splits
     protocol = params.quality.protocols["p"]
     problem = quality.build_problem(params.quality, protocol, params.seed, steps, built, meta, torch.device("cpu"))
-    return problem, quality.penalty(problem, protocol, torch.device("cpu")), protocol.multiplier
+    return problem, quality.penalty(problem, protocol, torch.device("cpu")), protocol
 
 
 def test_two_processes_give_the_one_process_bits(splits):

@@ -52,7 +52,7 @@ def test_every_kind_retrains_its_methods_once_per_seed(prepared, tmp_path):
         assert metrics["seeds"] == [1, 2] and metrics["test_size"] == 60
         seen.update(metrics["methods"])
         assert not final.FinalPaths.for_kind(kind, tmp_path).work_dir.exists()
-    assert set(seen) == {"baseline", "random", "drmad -4", "adaptive a"}
+    assert set(seen) == {"baseline", "random", "drmad -4", "adaptive a", "adaptive a baseline-schedule"}
     for method, entry in seen.items():
         assert list(entry["test_error"]) == ["seed1", "seed2"]
         assert all(0 <= e <= 1 for e in entry["test_error"].values())
@@ -60,7 +60,19 @@ def test_every_kind_retrains_its_methods_once_per_seed(prepared, tmp_path):
             assert len(wrong) == round(60 * entry["test_error"][seed]) and set(wrong) <= set(range(60))
         assert all(w == 2 * 3 for w in entry["training_work"].values())  # 2 epochs of 3 steps
     assert all(w > 0 for w in seen["adaptive a"]["tuning_work"].values())
+    assert seen["adaptive a"]["test_wrong"] != seen["adaptive a baseline-schedule"]["test_wrong"]  # two different runs
     assert all(w == 0 for w in seen["baseline"]["tuning_work"].values())
+
+
+def test_adaptive_finalists_run_as_the_thesis_did_and_with_the_baseline_schedule():
+    """`adaptive NAME` has no schedule under its learned rates (the thesis'); `adaptive NAME baseline-schedule`
+    runs the baseline's: both at the baseline's epochs, step size and seed."""
+    params = parse_params({**TINY, "baseline": {**TINY["baseline"], "schedule": {"milestones": [0.5], "factor": 0.1}}})
+    plain, scheduled = final.finalists(params, "adaptive")
+    assert (plain.method, scheduled.method) == ("adaptive a", "adaptive a baseline-schedule")
+    thesis, variant = (final.adaptive_params(params, 7, f.scheduled) for f in (plain, scheduled))
+    assert thesis.adaptive.schedule.milestones == [] and variant.adaptive.schedule.milestones == [0.5]
+    assert thesis.seed == variant.seed == 7 and thesis.adaptive.epochs == variant.adaptive.epochs == 2
 
 
 def test_finalists_train_with_the_chosen_hyperparameters(prepared, tmp_path):

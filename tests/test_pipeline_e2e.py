@@ -30,7 +30,8 @@ TINY = {
 REPLACED = ("protocols", "runs")  # mappings the tiny params replace whole (merging would keep the defaults')
 DENSENET_STAGES = ("prepare", "baseline", "drmad@-4.0", "adaptive@k100", "adaptive@k131", "search@random",
                    "search@tpe", "final@baseline", "final@search", "final@drmad", "final@adaptive")
-METHODS = ("baseline", "random", "tpe", "drmad -4", "adaptive k100", "adaptive k131")
+METHODS = ("baseline", "random", "tpe", "drmad -4", "adaptive k100", "adaptive k131", "adaptive k100 baseline-schedule",
+           "adaptive k131 baseline-schedule")
 STAGES = ("validate",) + DENSENET_STAGES + ("quality@tiny-10", "quality@tiny-20", "paths", "report")
 pytestmark = pytest.mark.slow
 

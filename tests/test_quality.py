@@ -6,13 +6,14 @@ import math
 import pandas as pd
 import pytest
 import torch
+from torch.nn import functional as F
 
 from pipeline import data
 from pipeline.experiments import paths as param_paths, quality
 from pipeline.config import parse_params
 from pipeline.hypergrad.hvp import double_backward
 
-PROTOCOL = {"hidden": [10, 10], "batch_size": 20, "alpha": 0.3, "momentum": 0.9, "log_l2": -4.0, "l2_base": "10",
+PROTOCOL = {"hidden": [10, 10], "activation": "relu", "biases": "plain", "batch_size": 20, "alpha": 0.3, "momentum": 0.9, "log_l2": -4.0, "l2_base": "10",
             "init_scale": 0.0, "z0_log_scale": None, "pixels": "standardised", "multiplier": 1.0}
 TINY = {"device": "cpu",
         "quality": {"data": {"source": "mnist5k", "train_size": 200, "val_size": 100, "test_size": 100},
@@ -37,7 +38,7 @@ def five(params, steps, splits):
     protocol = params.quality.protocols["p"]
     problem = quality.build_problem(params.quality, protocol, params.seed, steps, built, meta, torch.device("cpu"))
     l2 = quality.penalty(problem, protocol, torch.device("cpu"))
-    return quality.hypergradients(problem, l2, params.quality, protocol.multiplier, double_backward)
+    return quality.hypergradients(problem, l2, params.quality, protocol, double_backward)
 
 
 def compare_direct(params, steps, splits):
@@ -183,20 +184,75 @@ def test_projections_recover_a_straight_line():
 
 
 def test_thesis_protocol_is_the_thesis_to_the_letter():
-    """Thesis 3.1 / algorithms §8: step 0.05, momentum 0.95, batch 50, e^-4 ||z||^2 (natural log),
-    z_0 = e^-3 N(0, 1), s_0 = 0.2, pixels in [0, 1], S = 1 / (10 gamma)."""
-    thesis = parse_params({}).quality.protocols["thesis"]
+    """Thesis 3.1 and its scripts (docs/fidelity.md): tanh, step 0.05, momentum 0.95, batch 50,
+    e^-4 ||z||^2 (natural log) over every z, z_0 = e^-3 N(0, 1) for weights and biases alike,
+    s_0 = 0.2 with the biases' s fixed, centred pixels in [0, 1], S = 1 / (10 gamma)."""
+    params = parse_params({})
+    thesis = params.quality.protocols["thesis"]
     assert (thesis.alpha, thesis.momentum, thesis.batch_size, thesis.hidden) == (0.05, 0.95, 50, [50, 50, 50])
+    assert (thesis.activation, thesis.biases, thesis.pixels, thesis.heuristic) == ("tanh", "scaled", "centred", "text")
     assert 10 ** thesis.log10_l2 == pytest.approx(math.exp(-4), rel=1e-12)
-    assert (thesis.init_scale, thesis.z0_log_scale, thesis.pixels, thesis.multiplier) == (0.2, -3.0, "unit", 10.0)
+    assert (thesis.init_scale, thesis.z0_log_scale, thesis.multiplier) == (0.2, -3.0, 10.0)
+    assert (params.quality.hyper_step, params.quality.hyper_momentum) == (0.07, 0.0)
+    assert all(params.quality.meta_iterations_of(r) >= 10 for r in ("thesis-200", "thesis-2000"))
     mlp = quality.build_mlp(thesis, 0, 784, 10)
-    z = torch.cat([layer.z.reshape(-1) for layer in mlp.layers])
+    z = torch.cat([t.reshape(-1) for layer in mlp.layers for t in (layer.z, layer.bias_z)])
     assert z.std().item() == pytest.approx(math.exp(-3), rel=0.02) and abs(z.mean().item()) < 1e-3
+    biases = torch.cat([layer.bias_z for layer in mlp.layers])
+    assert biases.std().item() == pytest.approx(math.exp(-3), rel=0.15)  # drawn, not zero
+    assert all(torch.equal(layer.bias_s, torch.full_like(layer.bias_s, 0.2)) for layer in mlp.layers)
     built, meta = quality.load_data(tiny().quality, thesis)
     x = built["train"]["x"]
-    assert x.min().item() == 0.0 and x.max().item() == 1.0
+    assert x.mean(0).abs().max().item() < 1e-6  # centred per pixel on the training split
+    assert x.min().item() < -0.5 and x.max().item() > 0.5 and (x.max(0).values - x.min(0).values).max() <= 1.0
     problem = quality.build_problem(tiny().quality, thesis, 0, 3, built, meta, torch.device("cpu"))
     assert problem.alpha.tolist() == [0.05] * 3 and problem.n[0] / 2 ** 16 == pytest.approx(0.95, abs=2 ** -16)
+    l2 = quality.penalty(problem, thesis, torch.device("cpu"))
+    assert set(l2.shapes) == set(problem.names)  # every z is penalised, the biases' too
+    assert sorted(problem.scales.shapes) == [f"layers.{i}.s" for i in range(4)]  # no bias scale is a hyperparameter
+
+
+def test_thesis_exact_hypergradient_equals_autograd_through_the_unrolled_training(splits):
+    """An independent float64 reference, written out here without the stage's model or Problem:
+    the tanh MLP with W = e^s z and b = e^0.2 z_b, centred pixels, loss = mean CE + e^-4 ||z||^2
+    over weights and biases, classical momentum at the rational beta the exact run follows, and
+    autograd through the unrolled steps. The stage's exact hypergradient of s must match it to
+    1e-6; the biases' own s carries a hypergradient that the stage leaves out (fixed at 0.2)."""
+    params = tiny({"hidden": [8, 8], "activation": "tanh", "biases": "scaled", "pixels": "centred",
+                   "init_scale": 0.2, "z0_log_scale": -3.0, "log_l2": -4.0, "l2_base": "e", "alpha": 0.05,
+                   "momentum": 0.95, "batch_size": 50, "multiplier": 10.0})
+    protocol, steps = params.quality.protocols["p"], 8
+    built, meta = quality.load_data(params.quality, protocol)
+    problem = quality.build_problem(params.quality, protocol, params.seed, steps, built, meta, torch.device("cpu"))
+    l2 = quality.penalty(problem, protocol, torch.device("cpu"))
+    stage = quality.hypergradients(problem, l2, params.quality, protocol, double_backward)["grads"]["exact"]
+
+    mlp = quality.build_mlp(protocol, params.seed, 784, 10).double()
+    zs = [t.detach().clone().requires_grad_() for layer in mlp.layers for t in (layer.z, layer.bias_z)]
+    s = [torch.full((layer.z.shape[0],), 0.2, dtype=torch.float64, requires_grad=True) for layer in mlp.layers]
+    s_bias = [torch.full((layer.z.shape[0],), 0.2, dtype=torch.float64, requires_grad=True) for layer in mlp.layers]
+    x, y = built["train"]["x"].flatten(1).double(), built["train"]["y"]
+    beta, c = problem.n[0] / 2 ** 16, math.exp(-4)
+
+    def logits(zs, inputs):
+        h = inputs
+        for i in range(len(s)):
+            h = h @ (s[i].exp()[:, None] * zs[2 * i]).T + s_bias[i].exp() * zs[2 * i + 1]
+            h = torch.tanh(h) if i < len(s) - 1 else h
+        return h
+
+    v = [torch.zeros_like(z) for z in zs]
+    for t in range(steps):
+        idx = problem.batches.indices(t)
+        loss = F.cross_entropy(logits(zs, x[idx]), y[idx]) + c * sum((z ** 2).sum() for z in zs)
+        g = torch.autograd.grad(loss, zs, create_graph=True)
+        v = [beta * vi - (1 - beta) * gi for vi, gi in zip(v, g)]
+        zs = [z + 0.05 * vi for z, vi in zip(zs, v)]
+    val = F.cross_entropy(logits(zs, built["val"]["x"].flatten(1).double()), built["val"]["y"])
+    grads = torch.autograd.grad(val, s + s_bias)
+    reference = torch.cat(grads[: len(s)])
+    assert rel(stage, reference) < 1e-6
+    assert torch.cat(grads[len(s):]).norm() > 1e-3 * reference.norm()  # a bias hypergradient exists; the stage drops it
 
 
 def test_the_penalty_base_changes_the_coefficient():

@@ -73,14 +73,14 @@ def resplit(splits: dict, val_size: int | None, seed: int) -> dict:
             "train": (x[order[val_size:]], y[order[val_size:]])}
 
 
-def hyperspaces(params: Params, model) -> tuple[HyperSpace, HyperSpace]:
+def hyperspaces(params: Params, model, momentum: float) -> tuple[HyperSpace, HyperSpace]:
     cfg = params.adaptive
     shapes = {n: p.shape for n, p in model.named_parameters()}
     device = next(model.parameters()).device
     l2 = HyperSpace.l2(model, cfg.init_log10_l2, cfg.sharing, bounds=tuple(cfg.l2_bounds), device=device)
     low = math.log(cfg.floor_factor) if cfg.lr_floor and cfg.floor_schedule is None else -math.inf
     lr = HyperSpace.create(shapes, "log_lr", cfg.init_log_lr, cfg.lr_sharing, base=math.e,
-                           bounds=(low, cfg.eta_max), select=lambda name: True, device=device)
+                           bounds=(low, cfg.eta_max(momentum)), select=lambda name: True, device=device)
     return l2, lr
 
 
@@ -105,8 +105,9 @@ def run(params: Params, prepared: Path, name: str, paths: AdaptivePaths, tracker
     cfg, var = params.adaptive, variant(params, name, meta)
     splits = resplit(splits, var.val_size, params.seed)
     model = build_densenet(params.model, meta, params.seed).to(device)
-    l2, lr = hyperspaces(params, model)
-    settings = AdaptiveSettings(var.every, var.window, var.l2_step, var.lr_step, cfg.val_batch_size, params.hvp,
+    l2, lr = hyperspaces(params, model, var.momentum)
+    val_batch = cfg.val_batch_size * (var.window if cfg.val_batches == "window" else 1)  # M batches: one of M x b
+    settings = AdaptiveSettings(var.every, var.window, var.l2_step, var.lr_step, val_batch, params.hvp,
                                 eta_floor(cfg, var.momentum))
     trainer = AdaptiveTrainer(model, *splits["train"], *splits["val"], cfg.train_config(var.momentum),
                               params.seed, l2, lr, settings)

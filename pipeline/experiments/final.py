@@ -6,8 +6,10 @@ One stage instance per kind of method:
     baseline   the hand-set hyperparameters of `baseline`
     search     each sampler's best trial (global log10 L2 and step size)
     drmad      each initialisation's per-parameter log10 L2 from its best-validation meta-iteration
-    adaptive   each variant tunes while it trains: its own run at the baseline's epochs, schedule,
-               step size and batch size (its hypergradient work is its tuning cost)
+    adaptive   each variant tunes while it trains: its own run at the baseline's epochs, step size
+               and batch size (its hypergradient work is its tuning cost), twice: as the thesis ran
+               it, with no schedule ("adaptive NAME"), and with the baseline's schedule under its
+               learning rates ("adaptive NAME baseline-schedule", this project's variant)
 
 Each finished (method, seed) is kept under checkpoints/final/KIND until the stage ends, and the
 run in progress checkpoints every epoch: an interrupted stage redoes neither.
@@ -54,6 +56,7 @@ class Finalist:
     cfg: object = None  # TrainConfig; None: the adaptive variant named by `method`
     l2_coefficients: dict | None = None
     variant: str | None = None
+    scheduled: bool = False  # adaptive: the baseline's schedule under the learned rates
 
 
 def finalists(params: Params, kind: str, root: Path = Path(".")) -> list[Finalist]:
@@ -82,15 +85,18 @@ def finalists(params: Params, kind: str, root: Path = Path(".")) -> list[Finalis
             out.append(Finalist(f"drmad {init:g}", params.baseline, chosen["l2_coefficients"]))
         return out
     if kind == "adaptive":
-        return [Finalist(f"adaptive {name}", variant=name) for name in params.adaptive.variants]
+        return [Finalist(f"adaptive {name}{' baseline-schedule' if scheduled else ''}", variant=name, scheduled=scheduled)
+                for name in params.adaptive.variants for scheduled in (False, True)]
     raise ConfigError(f"--kind: one of {', '.join(KINDS)} (got {kind!r})")
 
 
-def adaptive_params(params: Params, seed: int) -> Params:
-    """The adaptive method at the baseline's epochs, schedule, step size, batch and initial L2."""
+def adaptive_params(params: Params, seed: int, scheduled: bool) -> Params:
+    """The adaptive method at the baseline's epochs, step size, batch and initial L2; with
+    `scheduled`, the baseline's schedule too (else none: the thesis')."""
     b = params.baseline
+    schedule = b.schedule if scheduled else b.schedule.model_copy(update={"milestones": []})
     return params.model_copy(update={"seed": seed, "adaptive": params.adaptive.model_copy(update={
-        "epochs": b.epochs, "schedule": b.schedule, "alpha": b.alpha, "batch_size": b.batch_size,
+        "epochs": b.epochs, "schedule": schedule, "alpha": b.alpha, "batch_size": b.batch_size,
         "init_log10_l2": b.log10_l2, "eval_batch_size": b.eval_batch_size})})
 
 
@@ -115,7 +121,7 @@ def run(params: Params, prepared: Path, kind: str, paths: FinalPaths, tracker: T
 def _finished_or_run(params: Params, finalist: Finalist, seed: int, prepared: Path, splits: dict, meta: dict,
                      paths: FinalPaths, progress: bool | None) -> dict:
     key = fingerprint(code_digest(), finalist.method, seed, params.model.model_dump(), params.evaluation.model_dump(),
-                      finalist.cfg.model_dump() if finalist.cfg else adaptive_params(params, seed).adaptive.model_dump(),
+                      finalist.cfg.model_dump() if finalist.cfg else adaptive_params(params, seed, finalist.scheduled).adaptive.model_dump(),
                       _digest(finalist.l2_coefficients), meta["digest"])
     stem = f"{finalist.method.replace(' ', '_')}-seed{seed}"
     done = paths.work_dir / f"{stem}.json"
@@ -131,7 +137,7 @@ def _finished_or_run(params: Params, finalist: Finalist, seed: int, prepared: Pa
         checkpoint.clear()
     else:
         where = paths.work_dir / stem
-        m = adaptive.run(adaptive_params(params, seed), prepared, finalist.variant, adaptive.AdaptivePaths(
+        m = adaptive.run(adaptive_params(params, seed, finalist.scheduled), prepared, finalist.variant, adaptive.AdaptivePaths(
             where / "hypers.pt", where / "metrics.json", where / "epochs.csv", where / "layers.csv", where / "checkpoint.pt",
             where / "model.pt"), progress=progress)
         model = build_densenet(params.model, meta, seed).to(splits["test"][0].device)

@@ -39,6 +39,7 @@ from pipeline.seeds import INIT_STREAM, derive_seed
 from pipeline.training import setup_device
 
 METHODS = ("exact", "float", "drmad", "drmad_fixed", "drmad2")
+WEIGHTINGS = ("text", "scripts")  # the heuristic's readings of gamma: S is reported for both
 FOLLOWED = "drmad"  # the hypergradient whose sign the meta-iterations follow
 TRACE = ("theta_norm", "dw_norm", "w", "v", "d_theta", "dw", "cos_d_theta")
 
@@ -65,19 +66,25 @@ class QualityPaths:
 
 def build_mlp(protocol: QualityProtocol, seed: int, in_features: int, num_classes: int) -> MLP:
     """The scaled MLP with z_0 drawn from `seed` alone (on the CPU, so every device starts equal):
-    e^z0_log_scale * N(0, 1) (thesis), or N(0, 1/fan-in) when z0_log_scale is null."""
+    e^z0_log_scale * N(0, 1) (thesis), or N(0, 1/fan-in) when z0_log_scale is null. Scaled biases
+    draw their z with the weights' (layer by layer, weights first) and keep s_b = init_scale."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, INIT_STREAM))
-        mlp = MLP((in_features, *protocol.hidden, num_classes), scaled=True)
-        if protocol.z0_log_scale is not None:
-            with torch.no_grad():
-                for layer in mlp.layers:
+        mlp = MLP((in_features, *protocol.hidden, num_classes), scaled=True, activation=protocol.activation,
+                  scaled_biases=protocol.biases == "scaled")
+        with torch.no_grad():
+            for layer in mlp.layers:
+                if protocol.z0_log_scale is not None:
                     layer.z.normal_().mul_(math.exp(protocol.z0_log_scale))
+                if layer.scaled_biases:
+                    layer.bias_s.fill_(protocol.init_scale)
+                    if protocol.z0_log_scale is not None:
+                        layer.bias_z.normal_().mul_(math.exp(protocol.z0_log_scale))
         return mlp
 
 
 def load_data(cfg: QualityConfig, protocol: QualityProtocol) -> tuple[dict, dict]:
-    return data.build(cfg.data, standardise=protocol.pixels == "standardised")
+    return data.build(cfg.data, pixels=protocol.pixels)
 
 
 def build_problem(cfg: QualityConfig, protocol: QualityProtocol, seed: int, steps: int, splits: dict, meta: dict,
@@ -107,7 +114,7 @@ def error_rate(problem: Problem, w: torch.Tensor, x: torch.Tensor, y: torch.Tens
     return (logits.argmax(1) != y).double().mean().item()
 
 
-def hypergradients(problem: Problem, l2: HyperSpace, cfg: QualityConfig, multiplier: float, hvp: HVP,
+def hypergradients(problem: Problem, l2: HyperSpace, cfg: QualityConfig, protocol: QualityProtocol, hvp: HVP,
                    child: ExactProcess | None = None) -> dict:
     """The five hypergradients of s (flat, by method) of one seeded training, the reverse-pass
     trace of exact vs float reversal, w_T and the reverse steps DrMAD took. With
@@ -131,8 +138,8 @@ def hypergradients(problem: Problem, l2: HyperSpace, cfg: QualityConfig, multipl
     def line(steps: int) -> LinePath:
         return LinePath(problem.w0, w_T, steps, step_map(cfg.step_map, steps, problem.steps, distances))
 
-    def heuristic(d: torch.Tensor) -> int:
-        return min(heuristic_steps(d, multiplier), cfg.max_reverse_steps)
+    def heuristic(d: torch.Tensor, weighting: str = protocol.heuristic) -> int:
+        return min(heuristic_steps(d, protocol.multiplier, weighting), cfg.max_reverse_steps)
 
     steps, k = heuristic(distances), min(cfg.last, problem.steps)
     tail = FloatPath(problem, w_T, v_T)  # DrMAD2's copy: float reversal walks `floats` back to w_0
@@ -147,6 +154,7 @@ def hypergradients(problem: Problem, l2: HyperSpace, cfg: QualityConfig, multipl
     walked = dict(zip(METHODS, (problem.steps, problem.steps, steps, cfg.drmad_steps, drmad2_path.reverse_steps)))
     return {"grads": {m: flat(r["scale"]) for m, r in zip(METHODS, results)}, "named": results[2]["scale"],
             "trace": trace, "w_T": exact.w_T, "reverse_steps": steps, "walked": walked,
+            "heuristic_steps": {w: heuristic(distances, w) for w in WEIGHTINGS},
             "val_loss": exact.result["val_loss"]}
 
 
@@ -182,13 +190,13 @@ class Study:
         self.iteration, self.outcome, self.rows = state["iteration"], state["outcome"], state["rows"]
 
 
-def meta_iteration(study: Study, problem: Problem, l2: HyperSpace, cfg: QualityConfig, multiplier: float,
+def meta_iteration(study: Study, problem: Problem, l2: HyperSpace, cfg: QualityConfig, protocol: QualityProtocol,
                    splits: dict, hvp: HVP, tracker: Tracker | None, child: ExactProcess | None = None) -> bool:
     """Five hypergradients, their comparison, errors, a sign step. False when it diverged."""
     i, start = study.iteration, time.perf_counter()
     study.rows["layers"] += [{"meta_iteration": i, "layer": n, **s} for n, s in layer_summary(study.scales).items()]
     try:
-        got = hypergradients(problem, l2, cfg, multiplier, hvp, child)
+        got = hypergradients(problem, l2, cfg, protocol, hvp, child)
     except (FixedPointOverflow, Diverged):
         return False
     if not all(bool(torch.isfinite(got["grads"][m]).all()) for m in ("exact", FOLLOWED)):
@@ -204,6 +212,7 @@ def meta_iteration(study: Study, problem: Problem, l2: HyperSpace, cfg: QualityC
     study.rows["reverse"] += [{"meta_iteration": i, "steps_back": problem.steps - s, "quantity": q, "value": trace[q][j]}
                               for j, s in enumerate(trace["step"]) for q in TRACE]  # the traced rows only
     study.rows["meta"].append({"meta_iteration": i, "reverse_steps": got["reverse_steps"], "val_loss": got["val_loss"],
+                               **{f"reverse_steps_{w}": n for w, n in got["heuristic_steps"].items()},
                                "seconds": time.perf_counter() - start, **{f"{s}_error": e for s, e in errors.items()}})
     if tracker:
         metrics = {f"meta/error/{s}": e for s, e in errors.items()}
@@ -234,16 +243,18 @@ def run(params: Params, name: str, paths: QualityPaths, tracker: Tracker | None 
         child.load(problem, l2, set(spread(steps, cfg.trace_points)))
     study = Study(problem.scales)
     shared = cfg.model_dump(exclude={"protocols", "runs"})
-    checkpoint = Checkpoint(paths.checkpoint, fingerprint(name, steps, params.seed, params.hvp, shared,
+    checkpoint = Checkpoint(paths.checkpoint, fingerprint(name, cfg.runs[name].model_dump(), params.seed, params.hvp, shared,
                                                           protocol.model_dump(), meta["digest"]))
     if (saved := checkpoint.load(device)) is not None:
         study.restore(saved)
     hvp = HVP_METHODS[params.hvp]
     costs = [step_costs(problem, hvp)]  # the op floor's, timed before and after the run
     started, first, cpu_started = time.perf_counter(), study.iteration, time.process_time()
-    bar = Progress(study.iteration, cfg.meta_iterations, f"quality {name}", "meta-iteration", progress)
-    run_meta_iterations(study, bar, problem, l2, cfg, protocol.multiplier, splits, hvp, tracker, checkpoint, child)
-    metrics = {"run": name, "protocol": cfg.runs[name].protocol,
+    bar = Progress(study.iteration, cfg.meta_iterations_of(name), f"quality {name}", "meta-iteration", progress)
+    run_meta_iterations(study, bar, problem, l2, cfg, protocol, splits, hvp, tracker, checkpoint, child)
+    sizes = meta["sizes"]
+    metrics = {"run": name, "protocol": cfg.runs[name].protocol, "meta_iterations": cfg.meta_iterations_of(name),
+               "data": f"{meta['source']} {sizes['train']}/{sizes['val']}/{sizes['test']}",
                **summarise(study, steps, time.perf_counter() - started), "processes": 2 if child else 1,
                "cpu_time_s": round(time.process_time() - cpu_started + (child.cpu_s if child else 0.0), 1)}
     if child:
@@ -258,13 +269,13 @@ def run(params: Params, name: str, paths: QualityPaths, tracker: Tracker | None 
 
 
 def run_meta_iterations(study: Study, bar: Progress, problem: Problem, l2: HyperSpace, cfg: QualityConfig,
-                        multiplier: float, splits: dict, hvp: HVP, tracker: Tracker | None, checkpoint: Checkpoint,
+                        protocol: QualityProtocol, splits: dict, hvp: HVP, tracker: Tracker | None, checkpoint: Checkpoint,
                         child: ExactProcess | None) -> None:
     """The meta-iterations left, a checkpoint after each; a divergence ends them."""
     for _ in bar:
         if study.outcome == "diverged":
             break
-        if meta_iteration(study, problem, l2, cfg, multiplier, splits, hvp, tracker, child):
+        if meta_iteration(study, problem, l2, cfg, protocol, splits, hvp, tracker, child):
             study.iteration += 1
             drmad = [r for r in study.rows["hypergrads"] if r["method"] == FOLLOWED][-1]
             bar.report(cos_drmad_exact=f"{drmad['cos_exact']:.3f}", norm_ratio=f"{drmad['norm_ratio']:.3g}")
@@ -321,7 +332,8 @@ def summarise(study: Study, steps: int, seconds: float) -> dict:
     table = pd.DataFrame(study.rows["hypergrads"])
     out = {"forward_steps": steps, "outcome": study.outcome, "meta_iterations_completed": study.iteration,
            "wall_time_s": round(seconds, 1),
-           "reverse_steps": [r["reverse_steps"] for r in study.rows["meta"]]}
+           "reverse_steps": [r["reverse_steps"] for r in study.rows["meta"]],
+           **{f"reverse_steps_{w}": [r[f"reverse_steps_{w}"] for r in study.rows["meta"]] for w in WEIGHTINGS}}
     exact = table[table["method"] == "exact"] if len(table) else table
     out["exact/norm"] = [number(v) for v in exact["norm"]] if len(exact) else []
     out["exact/reverse_steps"] = [number(v) for v in exact["reverse_steps"]] if len(exact) else []

@@ -107,6 +107,21 @@ def quality_rows(root: Path) -> list[dict]:
     return rows
 
 
+def quality_runs(root: Path) -> list[dict]:
+    """Per quality run: what produced its numbers (protocol, T, meta-iterations, data) and the
+    reverse steps S of DrMAD's heuristic under both readings of gamma (text, scripts)."""
+    rows = []
+    for path in sorted((root / "metrics").glob("quality_*.json")):
+        m = _json(path)
+        rows.append({"run": m.get("run", _tag(path, "quality_")), "protocol": m.get("protocol"),
+                     "forward_steps": m["forward_steps"],
+                     "meta_iterations": f"{m['meta_iterations_completed']} of {m.get('meta_iterations', '?')}",
+                     "data": m.get("data", ""),
+                     **{f"S_{w}": " / ".join(str(n) for n in m.get(f"reverse_steps_{w}", [])) for w in ("text", "scripts")},
+                     "outcome": m["outcome"]})
+    return rows
+
+
 def _steps(m: dict, method: str) -> str:
     """Reverse steps walked per meta-iteration (each a gradient and an HVP): the method's cost."""
     steps = m.get(f"{method}/reverse_steps")
@@ -247,14 +262,20 @@ def run(root: Path = Path("."), last_n: int = 3, paths: ReportPaths = ReportPath
                  markdown(searches, percent=("best_val_error",))]
     if len(quality):
         text += ["\n## Hypergradient quality (MNIST MLP)\n",
-                 "Per meta-iteration: cosine with the exact hypergradient, of the hypergradients and of their "
+                 "Each run: its protocol (params.yaml `quality.protocols`; docs/fidelity.md gives each setting's "
+                 "source), forward length T, meta-iterations completed of those planned, data (source, "
+                 "train/validation/test images) and DrMAD's heuristic S per meta-iteration under the thesis "
+                 "text's weighting of gamma and the scripts' (the meta-iterations follow `heuristic`'s). "
+                 "`thesis` trains the tanh MLP of thesis 3.1 and its scripts (centred pixels, w = e^s z for "
+                 "weights and biases, biases' s fixed at 0.2, e^-4 ||z||^2 over every z); `relu_uncentred` is "
+                 "this project's earlier reading (ReLU, plain biases, pixels in [0, 1]).\n",
+                 markdown(pd.DataFrame(quality_runs(root))),
+                 "\nPer meta-iteration: cosine with the exact hypergradient, of the hypergradients and of their "
                  "signs, and the norm ratio to exact (thesis figs 3.1-3.2); exact's rows give its own norm. "
-                 "`protocol`: `thesis` trains as thesis 3.1 did (step 0.05, momentum 0.95, batch 50, "
-                 "e^-4 ||z||^2, z_0 = e^-3 N(0, 1), s_0 = 0.2, pixels in [0, 1], S = 1 / (10 gamma)); "
-                 "`standardised` is this project's first setting (see params.yaml). n/a where that hypergradient "
-                 "was not finite (float reversal overflows on long runs). `reverse_steps`: the steps each "
-                 "method's reverse pass walked per meta-iteration (one gradient and one HVP each), its cost beside "
-                 "its quality; exact and float reversal walk all T. `wall_time_s` is the whole stage's.\n",
+                 "n/a where that hypergradient was not finite (float reversal overflows on long runs). "
+                 "`reverse_steps`: the steps each method's reverse pass walked per meta-iteration (one gradient "
+                 "and one HVP each), its cost beside its quality; exact and float reversal walk all T. "
+                 "`wall_time_s` is the whole stage's.\n",
                  markdown(quality.drop(columns=["mean_cos_exact"]))]
     text += provenance(root, here)
     paths.summary_md.parent.mkdir(parents=True, exist_ok=True)

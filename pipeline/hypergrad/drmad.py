@@ -11,6 +11,7 @@ share of |w_T - w_0|, is closest to s / S).
 """
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -19,22 +20,37 @@ from pipeline.hypergrad.paths import FloatPath
 from pipeline.hypergrad.problem import Problem
 
 StepMap = Literal["same", "stride", "nearest"]
+Weighting = Literal["text", "scripts"]
 HEURISTIC_STEPS = 20  # forward steps whose distances from w_0 estimate gamma
+SCRIPT_STEPS = (5, 19)  # the scripts' steps: |w_t - w_0| / t for t = 5..19
 
 
-def gamma_estimate(distances: torch.Tensor) -> float:
-    """gamma ~ |w_t - w_0| / (t |w_T - w_0|), averaged over the first 20 steps with weights
-    1/t (the straight-line picture is best near w_0). `distances[t-1]` = |w_t - w_0|, t = 1..T."""
-    total = distances[-1]
-    t = torch.arange(1, min(HEURISTIC_STEPS, len(distances)) + 1, dtype=torch.float64)
-    gammas = distances[: len(t)].double() / (t * total)
-    weights = 1.0 / t
+def gamma_estimate(distances: torch.Tensor, weighting: Weighting = "text") -> float:
+    """gamma ~ |w_t - w_0| / (t |w_T - w_0|), a weighted average over the first 20 steps with most
+    weight early (the straight-line picture is best near w_0). `distances[t-1]` = |w_t - w_0|.
+
+    text:    t = 1..20, weights 1/t (the thesis' words: "first 20 steps, more weight early").
+    scripts: t = 5..19, weights 1/2 + 2^-15, 2^-2, 2^-3, ..., 2^-15 (the DrMAD CPU scripts: each
+             later step half the weight of the one before, the first taking what is left)."""
+    total = distances[-1].double()
+    if weighting == "text":
+        t = torch.arange(1, min(HEURISTIC_STEPS, len(distances)) + 1, dtype=torch.float64)
+        weights = 1.0 / t
+    elif len(distances) < SCRIPT_STEPS[0]:  # too short for the scripts' steps: the text's reading
+        return gamma_estimate(distances, "text")
+    else:
+        t = torch.arange(SCRIPT_STEPS[0], min(SCRIPT_STEPS[1], len(distances)) + 1, dtype=torch.float64)
+        weights = 2.0 ** -torch.arange(1, len(t) + 1, dtype=torch.float64)
+        weights[0] = 1.0 - weights[1:].sum()
+    gammas = distances[t.long() - 1].double() / (t * total)
     return float((weights * gammas).sum() / weights.sum())
 
 
-def heuristic_steps(distances: torch.Tensor, multiplier: float = 1.0) -> int:
-    """Number of reverse steps S = 1 / (multiplier * gamma) (thesis 3.1: multiplier 10 on CPU)."""
-    return max(1, round(1.0 / (multiplier * gamma_estimate(distances))))
+def heuristic_steps(distances: torch.Tensor, multiplier: float = 1.0, weighting: Weighting = "text") -> int:
+    """Number of reverse steps S = 1 / (multiplier * gamma) (thesis 3.1: multiplier 10 on CPU),
+    rounded to the nearest (text) or up (scripts)."""
+    s = 1.0 / (multiplier * gamma_estimate(distances, weighting))
+    return max(1, math.ceil(s) if weighting == "scripts" else round(s))
 
 
 def step_map(kind: StepMap, line_steps: int, forward_steps: int, distances: torch.Tensor | None = None):
