@@ -508,15 +508,25 @@ def parse_params(raw: object, complete: bool = False) -> Params:
         raise ConfigError(f"{PARAMS_FILE}: {_describe(exc.errors()[0], Params)}") from None
 
 
-def read_yaml(text: str) -> object:
-    """YAML with 1.2 floats (`1e-4` is a number), as params.yaml is read."""
+MAX_PARAMS_BYTES = 1 << 20  # the shipped params.yaml is 10 kB; a larger file is a mistake or an attack
+
+
+def read_yaml(text: str, source: str = PARAMS_FILE) -> object:
+    """YAML with 1.2 floats (`1e-4` is a number), as params.yaml is read. Anchors and aliases are
+    refused before anything is built: nested aliases (a "billion laughs" file) expand to gigabytes."""
+    for token in yaml.scan(text, Loader=_Loader):
+        if isinstance(token, (yaml.AnchorToken, yaml.AliasToken)):
+            raise ConfigError(f"{source}: line {token.start_mark.line + 1}: YAML anchors and aliases (&name, *name) "
+                              "are not allowed; write each value out")
     return yaml.load(text, Loader=_Loader)
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
     path = Path(path)
     try:
-        raw = read_yaml(path.read_text(encoding="utf-8"))
+        if (size := path.stat().st_size) > MAX_PARAMS_BYTES:
+            raise ConfigError(f"{path}: {size:,} bytes; at most {MAX_PARAMS_BYTES:,} (the shipped file is about 10 kB)")
+        raw = read_yaml(path.read_text(encoding="utf-8"), str(path))
     except FileNotFoundError:
         raise ConfigError(f"{path}: not found; run from the repository root") from None
     except UnicodeDecodeError as exc:

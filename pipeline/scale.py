@@ -39,7 +39,7 @@ def apply(name: str, params_file: Path = Path("params.yaml"), root: Path = Path(
         raise ConfigError(f"scale {name!r}: no {overlay_file}; available: {', '.join(available(root)) or 'none'}")
     round_trip = YAML()  # YAML 1.2, like read_yaml: 1e-4 is a number
     round_trip.width = 120
-    merged = merge(round_trip.load(params_file.read_text()), read_yaml(overlay_file.read_text()))
+    merged = merge(round_trip.load(params_file.read_text()), read_yaml(overlay_file.read_text(), str(overlay_file)))
     out = text_io.StringIO()
     round_trip.dump(merged, out)
     text = f"# params.yaml with scales/{name}.yaml merged in (`pipeline scale {name}`)\n" + out.getvalue()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import load_params
+from pipeline.config import ConfigError, load_params
 from stages import adaptive, baseline, drmad, paths, prepare, quality, report
 from stages.common import params_option, user_errors_exit_2
 
@@ -61,12 +61,17 @@ def scale(name: str, params_file: str) -> None:
 @main.command(help="Rerun STAGE (e.g. baseline, drmad@-4.0) in a scratch copy of its inputs and compare its "
                    "metrics with the workspace's (the committed results): identical, within seed noise (errors "
                    "within twice the baseline finalists' seed-to-seed standard deviation), or beyond it. Exit code "
-                   "1 when beyond. Bit-identity is promised on one machine and software stack only.")
+                   "1 when beyond, 2 when the comparison could not be made. Bit-identity is promised on one machine "
+                   "and software stack only: there every result must match exactly.")
 @click.argument("stage")
-@user_errors_exit_2
 def verify(stage: str) -> None:
     from pipeline import verify as verify_module
-    results = verify_module.rerun(Path("."), stage)
+    try:
+        results = verify_module.rerun(Path("."), stage)
+    except Exception as exc:  # any failure is exit 2, never 1 (that says "beyond seed noise")
+        click.echo(f"error: {exc}" if isinstance(exc, ConfigError) else f"error: pipeline verify: {type(exc).__name__}: {exc}",
+                   err=True)
+        sys.exit(2)
     click.echo("\n".join(verify_module.describe(results)))
     sys.exit(verify_module.main_exit_code(results))
 
@@ -87,9 +92,14 @@ def service() -> None:
 @user_errors_exit_2
 def service_start(root: str, host: str, port: int, db_port: int, artifacts: str | None) -> None:
     from pipeline import service as service_module
-    started = service_module.start(Path(root), host, port, db_port, artifacts)
+    try:
+        started = service_module.start(Path(root), host, port, db_port, artifacts)
+    except KeyboardInterrupt:  # SIGINT or SIGTERM: start has stopped what it started
+        click.echo("error: pipeline service: start interrupted; nothing left running", err=True)
+        sys.exit(130)
     click.echo(f"export MLFLOW_TRACKING_URI={started.tracking_uri}\n"
-               f"# search.storage for shared Optuna studies: {started.database_url('optuna')}")
+               f"# search.storage for shared Optuna studies (its password is in {root}/password, mode 0600):\n"
+               f"# {started.database_url('optuna')}")
 
 
 @service.command("stop", help="Stop the service started under DIR.")

@@ -210,3 +210,26 @@ def test_validate_stamp_is_constant_and_written_only_when_valid(tmp_path):
                                          str(stamp)]).exit_code == 0
         texts.append(stamp.read_bytes())
     assert texts[0] == texts[1]  # other params, same stamp: nothing downstream reruns because of it
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
+    """Nine levels of `&a [*a0, *a0, ...]` would expand to 10^9 nodes (minutes, gigabytes): one line,
+    naming the line of the first anchor, in well under a second."""
+    import time
+    levels = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+    (tmp_path / "params.yaml").write_text(Path(ROOT / "params.yaml").read_text() + "\n".join(levels) + "\n")
+    started = time.perf_counter()
+    with pytest.raises(ConfigError) as err:
+        load_params(tmp_path / "params.yaml")
+    assert time.perf_counter() - started < 1.0
+    first = len(Path(ROOT / "params.yaml").read_text().splitlines()) + 1
+    assert str(err.value) == (f"{tmp_path / 'params.yaml'}: line {first}: YAML anchors and aliases (&name, *name) are not "
+                              "allowed; write each value out")
+
+
+def test_an_oversized_params_file_is_refused_unread(tmp_path, monkeypatch):
+    (tmp_path / "params.yaml").write_text(Path(ROOT / "params.yaml").read_text() + "#" * (1 << 20) + "\n")
+    monkeypatch.setattr("pipeline.config.read_yaml", lambda *a: pytest.fail("read an oversized file"))
+    with pytest.raises(ConfigError, match=r"params.yaml: 1,05\d,\d{3} bytes; at most 1,048,576"):
+        load_params(tmp_path / "params.yaml")

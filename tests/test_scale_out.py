@@ -196,3 +196,66 @@ def test_queued_experiments_on_two_workers_all_land_in_the_server(tracking, tmp_
         assert run.data.params["baseline.log10_l2"] == f"-{run.data.tags['dvc.exp_name'][-1]}.0"
         assert "error/test" in run.data.metrics
         assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"errors.csv", "baseline.json"}
+
+
+@pytest.fixture
+def service_dir():
+    root = Path(tempfile.mkdtemp(prefix="service-", dir="/tmp"))
+    root.chmod(0o755)
+    yield root / "svc"
+    if (root / "svc" / service.STATE_FILE).is_file() or (root / "svc/postgres/postmaster.pid").is_file():
+        service.stop(root / "svc")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_postgres_authenticates_with_the_generated_password(tracking):
+    """No trust for local users: a connection without the password is refused, the printed URL works."""
+    import sqlalchemy
+    secret = Path(tracking.root) / service.PASSWORD_FILE
+    assert secret.stat().st_mode & 0o777 == 0o600 and len(tracking.password) >= 24
+    with sqlalchemy.create_engine(tracking.database_url("optuna")).connect() as db:
+        assert db.execute(sqlalchemy.text("select 1")).scalar() == 1
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    bare = subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(tracking.db_port), "-U", "postgres", "-w", "-c",
+                           "select 1", "optuna"], capture_output=True, text=True, env=env)
+    assert bare.returncode != 0 and "password" in bare.stderr
+    assert '"password"' not in (Path(tracking.root) / service.STATE_FILE).read_text()
+
+
+def test_a_port_answered_by_another_server_is_one_line_and_leaves_nothing(service_dir):
+    """The health check must not be answered by someone else's server on the port."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        with pytest.raises(service.ConfigError, match=rf"port {port} on 127.0.0.1 is in use \(mlflow server\)"):
+            service.start(service_dir, port=port, db_port=free_port())
+    assert not (service_dir / service.STATE_FILE).exists()
+    assert not service._ours(port, os.getpgid(0))  # the check itself: nothing of ours listens there
+
+
+def test_an_interrupted_start_stops_what_it_started(service_dir):
+    """SIGTERM once PostgreSQL runs: start stops it and leaves no record; after a SIGKILL (no
+    chance to clean up), `stop` finds what the dead start left and returns once it has exited."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "stages.cli", "service", "start", "--dir", str(service_dir), "--port",
+               str(free_port()), "--db-port", str(free_port())]
+    pid_file = service_dir / "postgres/postmaster.pid"
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while not pid_file.is_file():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        postmaster = int(pid_file.read_text().split()[0])
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        if sig == signal.SIGTERM:
+            assert proc.returncode == 130 and err.strip().splitlines()[-1].endswith("nothing left running"), err
+        else:
+            assert (service_dir / service.STATE_FILE).is_file()  # the record a later `stop` uses
+            stopped = subprocess.run([*command[:4], "stop", "--dir", str(service_dir)], env=env, capture_output=True,
+                                     text=True, timeout=120)
+            assert stopped.returncode == 0, stopped.stderr
+        assert not pid_file.exists() and not (service_dir / service.STATE_FILE).exists()
+        assert not Path(f"/proc/{postmaster}").exists() or "Z" in Path(f"/proc/{postmaster}/stat").read_text().split()[2]

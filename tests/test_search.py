@@ -7,7 +7,7 @@ import pytest
 from optuna.trial import TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
-from pipeline import data
+from pipeline import data, io
 from pipeline.config import ConfigError, parse_params
 from pipeline.experiments import search
 
@@ -100,11 +100,30 @@ def test_a_search_killed_mid_study_resumes_with_its_finished_trials(prepared, tm
     assert pd.read_csv(resumed.trials_csv)[["log10_l2", "log10_alpha"]].head(2).to_dict("records") == kept
     # the finished trials were kept, not redone, and the resumed study drew what an uninterrupted one did
     table = pd.read_csv(resumed.trials_csv)
-    assert table["trial"].tolist() == [0, 1, 3, 4]  # trial 2 died with the attempt
-    assert table.drop(columns=["trial", "wall_time_s"]).equals(
-        pd.read_csv(straight.trials_csv).drop(columns=["trial", "wall_time_s"]))
-    assert {k: v for k, v in got.items() if "wall" not in k and k != "best_trial"} == \
-        {k: v for k, v in expected.items() if "wall" not in k and k != "best_trial"}
+    assert table["trial"].tolist() == [0, 1, 2, 3]  # numbered as finished: the dead attempt's trial leaves no gap
+    assert table.drop(columns=["wall_time_s"]).equals(pd.read_csv(straight.trials_csv).drop(columns=["wall_time_s"]))
+    assert {k: v for k, v in got.items() if "wall" not in k} == {k: v for k, v in expected.items() if "wall" not in k}
+    assert resumed.best.read_bytes() == straight.best.read_bytes()  # what final@search reads: byte for byte
+
+
+def test_a_changed_budget_opens_a_new_study(prepared, tmp_path):
+    """`budget: drmad` names a value that the drmad runs decide: the study is keyed by that value,
+    so a smaller DrMAD spend after a finished search gives what a fresh search at it gives, and
+    never more work than the budget."""
+    params = parse_params({**TINY, "search": {**TINY["search"], "budget": "drmad"}, "drmad": {"inits": [-4.0]}})
+
+    def spend(root, work):
+        io.write_json(root / "metrics/drmad/-4.0.json", {"work_gradient_equivalents": work})
+
+    reused, fresh = tmp_path / "reused", tmp_path / "fresh"
+    spend(reused, 12.0)
+    search.run(params, prepared, "random", search.SearchPaths.for_sampler("random", reused), root=reused)  # 4 trials
+    spend(reused, 6.0)
+    spend(fresh, 6.0)
+    smaller = search.run(params, prepared, "random", search.SearchPaths.for_sampler("random", reused), root=reused)
+    alone = search.run(params, prepared, "random", search.SearchPaths.for_sampler("random", fresh), root=fresh)
+    assert smaller["trials"] == 2 and smaller["work_gradient_equivalents"] <= smaller["budget_gradient_equivalents"] == 6
+    assert {k: v for k, v in smaller.items() if "wall" not in k} == {k: v for k, v in alone.items() if "wall" not in k}
 
 
 def test_a_budget_below_one_trial_is_a_clear_error(prepared, tmp_path):

@@ -93,12 +93,13 @@ def budget(params: Params, root: Path = Path(".")) -> float:
     return sum(spent) / len(spent)
 
 
-def open_study(name: str, params: Params, meta: dict, paths: SearchPaths) -> optuna.Study:
+def open_study(name: str, params: Params, meta: dict, paths: SearchPaths, total: float) -> optuna.Study:
     """The study of these settings (a changed setting starts a new one), trials a dead attempt
-    left running marked failed."""
+    left running marked failed. Keyed by the budget's value `total`, not its name (`drmad` is
+    whatever the drmad runs spent): a changed budget is a new study."""
     key = fingerprint(code_digest(), name, params.seed, params.model.model_dump(), params.baseline.model_dump(),
                       params.search.model_dump(exclude={"storage", "heartbeat_s"}), params.evaluation.model_dump(),
-                      meta["digest"])
+                      meta["digest"], repr(float(total)))
     url = params.search.storage
     if url is None:
         paths.storage_dir.mkdir(parents=True, exist_ok=True)
@@ -169,7 +170,7 @@ def run(params: Params, prepared: Path, name: str, paths: SearchPaths, tracker: 
     if cost > total:
         raise ConfigError(f"search.trial_epochs: one trial costs {cost} gradient evaluations, more than the "
                           f"budget of {total:g}; shorten the trials or raise search.budget")
-    study, planned = open_study(name, params, meta, paths), int(total // cost)
+    study, planned = open_study(name, params, meta, paths, total), int(total // cost)
     start = time.perf_counter()
 
     plan_full = False
@@ -232,10 +233,13 @@ def _trial(params: Params, splits: dict, meta: dict, values: dict, number: int, 
 
 
 def trials_table(study: optuna.Study) -> pd.DataFrame:
-    rows = [{"trial": t.number, "log10_l2": t.params["log10_l2"], "log10_alpha": t.params["log10_alpha"],
+    """The finished trials in the order they were asked for, numbered 0, 1, ... as finished trials
+    (Optuna's numbers count failed and surplus ones too: a killed attempt would renumber the rest)."""
+    done = sorted(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.number)
+    rows = [{"trial": i, "log10_l2": t.params["log10_l2"], "log10_alpha": t.params["log10_alpha"],
              "val_error": t.value, "test_error": t.user_attrs["test_error"], "outcome": t.user_attrs["outcome"],
              "work_gradient_equivalents": t.user_attrs["work"], "wall_time_s": t.user_attrs["seconds"]}
-            for t in study.get_trials(states=(TrialState.COMPLETE,))]
+            for i, t in enumerate(done)]
     frame = pd.DataFrame(rows, columns=["trial", "log10_l2", "log10_alpha", "val_error", "test_error", "outcome",
                                         "work_gradient_equivalents", "wall_time_s"])
     frame["best_val_error_so_far"] = frame["val_error"].cummin()
