@@ -23,6 +23,14 @@ SOURCE_SIZES = {"digits": (1797, 0), "mnist5k": (5000, 0), "cifar10": (50000, 10
 FINAL_KINDS = ("baseline", "search", "drmad", "adaptive")  # the kinds of method the verdict retrains
 
 
+def check_names(named: dict, where: str) -> None:
+    """Names that become stage instances and file names: letters, digits, '_', '.', '-' (no '/')."""
+    for name in named:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)) or str(name) in (".", ".."):
+            raise ValueError(f"{where}: {str(name)!r} is not a name: use letters, digits, '_', '.' and '-' "
+                             "(it becomes a stage instance and file names)")
+
+
 class ConfigError(ValueError):
     """A bad params.yaml: the message is one line naming the key and what is allowed."""
 
@@ -196,6 +204,7 @@ class AdaptiveConfig(Section):
     def _checks(self):
         if not self.variants:
             raise ValueError("variants: at least one configuration")
+        check_names(self.variants, "variants")
         if self.l2_bounds[0] >= self.l2_bounds[1]:
             raise ValueError(f"l2_bounds: [low, high] with low < high, got {self.l2_bounds}")
         if not self.l2_bounds[0] <= self.init_log10_l2 <= self.l2_bounds[1]:
@@ -279,9 +288,9 @@ class QualityConfig(Section):
         for name, protocol in self.protocols.items():
             if not low <= protocol.init_scale <= high:
                 raise ValueError(f"protocols.{name}.init_scale: must lie within scale_bounds {self.scale_bounds}")
+        check_names(self.runs, "runs")
+        check_names(self.protocols, "protocols")
         for name, run in self.runs.items():
-            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-                raise ValueError(f"runs.{name}: run names may hold letters, digits, '_', '.' and '-' only")
             if run.protocol not in self.protocols:
                 raise ValueError(f"runs.{name}.protocol: one of {', '.join(self.protocols)} (got {run.protocol!r})")
         return self

@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from pipeline import io, machine
+from pipeline import inputs, io, machine
 from pipeline.checkpoint import Checkpoint, code_digest, fingerprint
 from pipeline.config import FINAL_KINDS as KINDS, ConfigError, Params
 from pipeline.data import load_prepared
@@ -65,10 +65,7 @@ def finalists(params: Params, kind: str, root: Path = Path(".")) -> list[Finalis
     if kind == "search":
         out = []
         for name in params.search.samplers:
-            path = root / f"results/search/{name}/best.json"
-            if not path.is_file():
-                raise ConfigError(f"final: {path} is missing; run `dvc repro search` first")
-            best = json.loads(path.read_text())
+            best = inputs.read_json(root / f"results/search/{name}/best.json", ("log10_l2", "alpha"))
             out.append(Finalist(name, params.baseline.model_copy(update={"log10_l2": best["log10_l2"],
                                                                           "alpha": best["alpha"]})))
         return out
@@ -79,7 +76,10 @@ def finalists(params: Params, kind: str, root: Path = Path(".")) -> list[Finalis
                               "run `dvc repro drmad` first")
         out = []
         for init in params.drmad.inits:
-            chosen = torch.load(found[init] / "hypers.pt", weights_only=True)["chosen"]
+            chosen = inputs.read_torch(found[init] / "hypers.pt", ("chosen",))["chosen"]
+            if chosen is not None and "l2_coefficients" not in chosen:
+                raise inputs.InputError(f"{found[init] / 'hypers.pt'}: its chosen meta-iteration lacks l2_coefficients; "
+                                        f"run `dvc repro drmad@{init}`")
             if chosen is None:
                 raise ConfigError(f"final: drmad {init:g} completed no meta-iteration (diverged at once): nothing to retrain")
             out.append(Finalist(f"drmad {init:g}", params.baseline, chosen["l2_coefficients"]))
@@ -125,7 +125,7 @@ def _finished_or_run(params: Params, finalist: Finalist, seed: int, prepared: Pa
                       _digest(finalist.l2_coefficients), meta["digest"])
     stem = f"{finalist.method.replace(' ', '_')}-seed{seed}"
     done = paths.work_dir / f"{stem}.json"
-    if done.is_file() and (saved := json.loads(done.read_text())).get("key") == key:
+    if (saved := _record(done)) is not None and saved.get("key") == key:
         return saved["result"]
     print(f"final: {finalist.method}, seed {seed}", file=sys.stderr, flush=True)
     if finalist.variant is None:
@@ -158,6 +158,16 @@ def _finished_or_run(params: Params, finalist: Finalist, seed: int, prepared: Pa
                            f"{result['test_error']} of {n}")
     io.write_json(done, {"key": key, "result": result})
     return result
+
+
+def _record(path: Path) -> dict | None:
+    """A finished seed's record, or None when there is none or it is unreadable (a truncated record
+    is a seed to run again, not a fault: the records are this stage's own cache)."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) and isinstance(saved.get("result"), dict) else None
 
 
 def _digest(tensors: dict | None) -> str | None:

@@ -5,14 +5,13 @@ comparison figures.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from pipeline import io, plots
+from pipeline import inputs, io, plots
 from pipeline.experiments import verdict
 from pipeline.tracking import Tracker
 
@@ -37,7 +36,7 @@ class ReportPaths:
 
 
 def _json(path: Path) -> dict:
-    return json.loads(path.read_text())
+    return inputs.read_json(path)
 
 
 def _tag(path: Path, prefix: str) -> str:
@@ -48,7 +47,7 @@ def baseline_row(root: Path) -> dict | None:
     path = root / "metrics/baseline.json"
     if not path.exists():
         return None
-    m, epochs = _json(path), pd.read_csv(root / "plots/baseline/errors.csv")
+    m, epochs = _json(path), inputs.read_csv(root / "plots/baseline/errors.csv")
     return {"run": "baseline", "final_test_error": m["final_test_error"], "mean_last_n_test_error":
             m["mean_last_n_test_error"], "last_n": m["last_n"], "best_val_error": m["best_val_error"],
             "val_test_gap": (None if m["outcome"] == "diverged"  # a diverged model's errors are no result
@@ -60,7 +59,7 @@ def drmad_rows(root: Path, last_n: int) -> list[dict]:
     rows = []
     for path in sorted((root / "metrics/drmad").glob("*.json"), key=lambda p: -float(p.stem)):
         tag, m = path.stem, _json(path)
-        meta = pd.read_csv(root / f"plots/drmad/{tag}/meta.csv") if m["meta_iterations_completed"] else None
+        meta = inputs.read_csv(root / f"plots/drmad/{tag}/meta.csv") if m["meta_iterations_completed"] else None
         result = meta if m["outcome"] != "diverged" else None  # a diverged run's errors are no result
         rows.append({
             "run": f"drmad {tag}", "final_test_error": m["final_test_error"],
@@ -156,13 +155,13 @@ def test_error_curves(root: Path) -> dict[str, pd.DataFrame]:
     """Per run, test error per epoch (DrMAD: the epochs of its last meta-iteration)."""
     curves = {}
     if (path := root / "plots/baseline/errors.csv").exists():
-        curves["baseline"] = pd.read_csv(path)[["epoch", "test_error"]]
+        curves["baseline"] = inputs.read_csv(path)[["epoch", "test_error"]]
     for path in sorted((root / "plots/drmad").glob("*/epochs.csv")):
-        epochs = pd.read_csv(path)
+        epochs = inputs.read_csv(path)
         if len(epochs):
             curves[f"drmad {float(path.parent.name):g}"] = epochs[epochs["meta_iteration"] == epochs["meta_iteration"].max()]
     for path in sorted((root / "plots/adaptive").glob("*/epochs.csv")):
-        curves[f"adaptive {path.parent.name}"] = pd.read_csv(path)
+        curves[f"adaptive {path.parent.name}"] = inputs.read_csv(path)
     return curves
 
 
@@ -170,10 +169,10 @@ def layer_trajectories(root: Path) -> dict[str, pd.DataFrame]:
     """Per run and hyperparameter kind: (step, layer, mean), step = meta-iteration or epoch."""
     out = {}
     for path in sorted((root / "plots/drmad").glob("*/layers.csv")):
-        frame = pd.read_csv(path).rename(columns={"meta_iteration": "step"})
+        frame = inputs.read_csv(path).rename(columns={"meta_iteration": "step"})
         out[f"drmad {path.parent.name}: log10 L2 per meta-iteration"] = frame
     for path in sorted((root / "plots/adaptive").glob("*/layers.csv")):
-        frame = pd.read_csv(path).rename(columns={"epoch": "step"})
+        frame = inputs.read_csv(path).rename(columns={"epoch": "step"})
         for kind, rows in frame.groupby("kind"):
             out[f"adaptive {path.parent.name}: {kind} per epoch"] = rows
     return out

@@ -14,7 +14,6 @@ heartbeats: a trial whose worker stopped beating (killed, on any machine) for tw
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import socket
@@ -31,7 +30,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
-from pipeline import io, machine
+from pipeline import inputs, io, machine
 from pipeline.checkpoint import code_digest, fingerprint
 from pipeline.config import ConfigError, Params, TrainConfig
 from pipeline.data import load_prepared
@@ -89,7 +88,8 @@ def budget(params: Params, root: Path = Path(".")) -> float:
     if missing := [i for i in params.drmad.inits if i not in found]:
         raise ConfigError(f"search.budget: drmad, but metrics/drmad has no result for init(s) {missing}; run "
                           "`dvc repro drmad` first or give a number of gradient evaluations")
-    spent = [json.loads(found[i].read_text())["work_gradient_equivalents"] for i in params.drmad.inits]
+    spent = [inputs.read_json(found[i], ("work_gradient_equivalents",))["work_gradient_equivalents"]
+             for i in params.drmad.inits]
     return sum(spent) / len(spent)
 
 
@@ -103,7 +103,11 @@ def open_study(name: str, params: Params, meta: dict, paths: SearchPaths, total:
     url = params.search.storage
     if url is None:
         paths.storage_dir.mkdir(parents=True, exist_ok=True)
-        url = f"sqlite:///{(paths.storage_dir / f'{name}.db').resolve()}"
+        file = paths.storage_dir / f"{name}.db"
+        if file.is_file() and file.stat().st_size and _header(file) != b"SQLite format 3\x00":
+            raise ConfigError(f"{file}: not an SQLite database (a damaged study of search@{name}); delete it to "
+                              "start the search afresh")
+        url = f"sqlite:///{file.resolve()}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     for attempt in range(5):  # workers starting together race to create the schema and the study
         try:
@@ -113,9 +117,11 @@ def open_study(name: str, params: Params, meta: dict, paths: SearchPaths, total:
             study = optuna.create_study(study_name=f"{name}-{key[:16]}", storage=storage, direction="minimize",
                                         load_if_exists=True)
             break
-        except (SQLAlchemyError, optuna.exceptions.OptunaError):
+        except (SQLAlchemyError, optuna.exceptions.OptunaError) as exc:
             if attempt == 4:
-                raise
+                reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+                raise ConfigError(f"search@{name}: its Optuna storage cannot be opened ({reason}); a file under "
+                                  f"{paths.storage_dir} may be damaged: delete it to start afresh") from None
             time.sleep(1.0 + attempt)
     for trial in study.get_trials(states=(TrialState.RUNNING,)):
         unclaimed = "worker" not in trial.user_attrs and time.time() - trial.datetime_start.timestamp() > CLAIM_S
@@ -125,6 +131,11 @@ def open_study(name: str, params: Params, meta: dict, paths: SearchPaths, total:
             except optuna.exceptions.UpdateFinishedTrialError:
                 pass  # its worker finished it meanwhile
     return study
+
+
+def _header(file: Path) -> bytes:
+    with open(file, "rb") as f:
+        return f.read(16)
 
 
 WORKER = f"{socket.gethostname()}:{os.getpid()}"

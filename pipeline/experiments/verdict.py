@@ -8,19 +8,21 @@ only what the intervals support.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
 
-from pipeline import plots
+from pipeline import inputs, plots
 
 from pipeline.stats import Interval, seeds_and_items_ci
 
 REFERENCE = "baseline"
 KIND_ORDER = ("baseline", "search", "drmad", "adaptive")
+
+
+ENTRY = ("test_error", "outcome", "training_work", "wall_time_s", "tuning_work", "tuning_wall_s", "test_wrong")
 
 
 def per_seed(root: Path) -> pd.DataFrame:
@@ -31,7 +33,10 @@ def per_seed(root: Path) -> pd.DataFrame:
         path = root / f"metrics/final/{kind}.json"
         if not path.is_file():
             continue
-        final = json.loads(path.read_text())
+        final = inputs.read_json(path, ("methods", "test_size"))
+        if not all(isinstance(e, dict) and set(ENTRY) <= set(e) for e in final["methods"].values()):
+            raise inputs.InputError(f"{path}: a method's entry lacks some of {', '.join(ENTRY)}; it is written by "
+                                    f"final@{kind}: run `dvc repro final@{kind}`")
         for method, entry in final["methods"].items():
             for seed, error in entry["test_error"].items():
                 rows.append({"kind": kind, "method": method, "seed": int(seed.removeprefix("seed")),
@@ -50,12 +55,13 @@ def tuning_costs(root: Path, method: str, kind: str) -> tuple[float | None, floa
     if kind in ("baseline", "adaptive"):
         return 0.0, 0.0
     if kind == "search":
-        m = json.loads((root / f"metrics/search/{method}.json").read_text())
+        m = inputs.read_json(root / f"metrics/search/{method}.json", ("work_gradient_equivalents", "wall_time_s"))
         return m["work_gradient_equivalents"], m["wall_time_s"]
     init = float(method.removeprefix("drmad "))
     for path in (root / "metrics/drmad").glob("*.json"):
         if float(path.stem) == init:
-            m = json.loads(path.read_text())
+            m = inputs.read_json(path, ("work_gradient_equivalents", "seconds_per_meta_iteration",
+                                        "meta_iterations_completed"))
             wall = (m["seconds_per_meta_iteration"] or 0.0) * m["meta_iterations_completed"]
             return m["work_gradient_equivalents"], round(wall, 3)
     return None, None

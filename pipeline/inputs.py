@@ -1,0 +1,92 @@
+"""What one stage reads from another, read in one place: each read checks the shape the reader
+needs, and a missing, truncated or malformed file is one line naming the file and the stage that
+writes it (stages report an InputError like any fault the user can fix: exit code 2).
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from pipeline.config import ConfigError
+
+_WRITERS = (  # output path pattern -> the stage that writes it
+    (r"metrics/final/(?P<x>[^/]+)\.json", "final@{x}"),
+    (r"metrics/search/(?P<x>[^/]+)\.json", "search@{x}"),
+    (r"results/search/(?P<x>[^/]+)/best\.json", "search@{x}"),
+    (r"metrics/drmad/(?P<x>[^/]+)\.json", "drmad@{x}"),
+    (r"results/drmad/(?P<x>[^/]+)/hypers\.pt", "drmad@{x}"),
+    (r"(?:metrics|plots)/drmad/(?P<x>[^/]+)/.*", "drmad@{x}"),
+    (r"metrics/quality_(?P<x>.+)\.json", "quality@{x}"),
+    (r"metrics/adaptive_(?P<x>.+)\.json", "adaptive@{x}"),
+    (r"plots/adaptive/(?P<x>[^/]+)/.*", "adaptive@{x}"),
+    (r"(?:metrics|plots)/baseline.*", "baseline"),
+    (r"(?:metrics|plots)/paths.*", "paths"),
+)
+
+
+class InputError(ConfigError):
+    """Another stage's output is missing or malformed: one line naming it and its writer."""
+
+
+def writer_of(path: Path) -> str:
+    """The stage whose output `path` is (by the layout of dvc.yaml's outs), or 'its stage'."""
+    text = path.as_posix()
+    for pattern, stage in _WRITERS:
+        if found := re.search(pattern + "$", text):
+            return stage.format(**found.groupdict())
+    return "its stage"
+
+
+def _fail(path: Path, problem: str) -> InputError:
+    stage = writer_of(path)
+    how = f"run `dvc repro {stage}`" if stage != "its stage" else "rerun the stage that writes it"
+    return InputError(f"{path}: {problem}; it is written by {stage}: {how}")
+
+
+def read_json(path: Path, keys: tuple[str, ...] = ()) -> dict:
+    """A JSON mapping holding at least `keys`."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise _fail(path, "missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise _fail(path, "not valid JSON (truncated or edited?)") from None
+    if not isinstance(value, dict):
+        raise _fail(path, f"holds a {type(value).__name__}, not a mapping")
+    if missing := [k for k in keys if k not in value]:
+        raise _fail(path, f"lacks {', '.join(missing)}")
+    return value
+
+
+def read_torch(path: Path, keys: tuple[str, ...] = ()) -> dict:
+    """A torch.save'd mapping of tensors (weights only) holding at least `keys`."""
+    try:
+        value = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise _fail(path, "missing") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError):
+        raise _fail(path, "not a readable torch file (truncated or edited?)") from None
+    if not isinstance(value, dict):
+        raise _fail(path, f"holds a {type(value).__name__}, not a mapping")
+    if missing := [k for k in keys if k not in value]:
+        raise _fail(path, f"lacks {', '.join(missing)}")
+    return value
+
+
+def read_csv(path: Path, columns: tuple[str, ...] = ()) -> pd.DataFrame:
+    """A CSV table with at least `columns`."""
+    try:
+        frame = pd.read_csv(path)
+    except FileNotFoundError:
+        raise _fail(path, "missing") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+        raise _fail(path, "not a readable CSV table") from None
+    if missing := [c for c in columns if c not in frame.columns]:
+        raise _fail(path, f"lacks column(s) {', '.join(missing)}")
+    return frame

@@ -1,0 +1,100 @@
+"""One line for every fault in what a stage reads from another: the file and the stage that writes
+it, never a traceback; names that become file names are validated with params.yaml."""
+import json
+
+import pytest
+import torch
+
+from pipeline import data, inputs, io
+from pipeline.config import ConfigError, parse_params
+from pipeline.experiments import final, search, verdict
+
+TINY = {"device": "cpu", "data": {"val_size": 60, "test_size": 60, "train_size": 96},
+        "model": {"depth": 7, "growth_rate": 4, "init_maps": 4}, "drmad": {"inits": [-4.0]},
+        "search": {"samplers": ["random"], "trial_epochs": 1, "budget": 10}}
+
+
+def one_line(err: pytest.ExceptionInfo, *words: str) -> None:
+    text = str(err.value)
+    assert "\n" not in text and all(w in text for w in words), text
+
+
+@pytest.mark.parametrize("path, stage", [
+    ("metrics/final/search.json", "final@search"), ("results/search/tpe/best.json", "search@tpe"),
+    ("results/drmad/-4.0/hypers.pt", "drmad@-4.0"), ("metrics/drmad/-7.0.json", "drmad@-7.0"),
+    ("metrics/quality_thesis-200.json", "quality@thesis-200"), ("plots/adaptive/k100/epochs.csv", "adaptive@k100"),
+    ("metrics/baseline.json", "baseline")])
+def test_each_output_names_its_stage(path, stage):
+    assert inputs.writer_of(__import__("pathlib").Path(path)) == stage
+
+
+@pytest.mark.parametrize("content, words", [("{", "not valid JSON"), ("[1]", "holds a list"), ("{}", "lacks log10_l2, alpha")])
+def test_a_broken_best_trial_stops_final_search_in_one_line(tmp_path, content, words):
+    (tmp_path / "results/search/random").mkdir(parents=True)
+    (tmp_path / "results/search/random/best.json").write_text(content)
+    with pytest.raises(inputs.InputError) as err:
+        final.finalists(parse_params(TINY), "search", tmp_path)
+    one_line(err, "results/search/random/best.json", words, "search@random", "dvc repro search@random")
+
+
+def test_a_missing_best_trial_names_the_search(tmp_path):
+    with pytest.raises(inputs.InputError) as err:
+        final.finalists(parse_params(TINY), "search", tmp_path)
+    one_line(err, "best.json: missing", "dvc repro search@random")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "no chosen"])
+def test_a_broken_drmad_result_stops_final_drmad_in_one_line(tmp_path, damage):
+    path = tmp_path / "results/drmad/-4.0/hypers.pt"
+    io.save_torch(path, {"chosen": {"l2_coefficients": {"w": torch.ones(3)}}} if damage == "truncated" else {"x": 1})
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(inputs.InputError) as err:
+        final.finalists(parse_params(TINY), "drmad", tmp_path)
+    one_line(err, "results/drmad/-4.0/hypers.pt", "drmad@-4.0", "truncated" if damage == "truncated" else "lacks chosen")
+
+
+def test_an_empty_final_metrics_file_stops_the_verdict_in_one_line(tmp_path):
+    (tmp_path / "metrics/final").mkdir(parents=True)
+    (tmp_path / "metrics/final/baseline.json").write_text("{}")
+    with pytest.raises(inputs.InputError) as err:
+        verdict.per_seed(tmp_path)
+    one_line(err, "metrics/final/baseline.json", "lacks methods, test_size", "final@baseline")
+    (tmp_path / "metrics/final/baseline.json").write_text(json.dumps({"methods": {"baseline": {}}, "test_size": 5}))
+    with pytest.raises(inputs.InputError) as err:
+        verdict.per_seed(tmp_path)
+    one_line(err, "a method's entry lacks", "final@baseline")
+
+
+def test_a_drmad_metrics_file_without_its_work_stops_the_search_budget(tmp_path):
+    params = parse_params({**TINY, "search": {**TINY["search"], "budget": "drmad"}})
+    io.write_json(tmp_path / "metrics/drmad/-4.0.json", {"outcome": "finished"})
+    with pytest.raises(inputs.InputError) as err:
+        search.budget(params, tmp_path)
+    one_line(err, "metrics/drmad/-4.0.json: lacks work_gradient_equivalents", "drmad@-4.0")
+
+
+def test_a_truncated_seed_record_is_run_again_not_a_traceback(tmp_path):
+    record = tmp_path / "baseline-seed1.json"
+    record.write_text('{"key": "abc", "result": {"test_err')
+    assert final._record(record) is None
+    record.write_text(json.dumps({"key": "abc", "result": {"test_error": 0.1}}))
+    assert final._record(record) == {"key": "abc", "result": {"test_error": 0.1}}
+
+
+def test_a_corrupt_optuna_study_file_is_one_line(tmp_path):
+    params = parse_params(TINY)
+    paths = search.SearchPaths.for_sampler("random", tmp_path)
+    paths.storage_dir.mkdir(parents=True)
+    (paths.storage_dir / "random.db").write_bytes(b"garbage, not SQLite" * 100)
+    with pytest.raises(ConfigError) as err:
+        search.open_study("random", params, {"digest": "d"}, paths, 10.0)
+    one_line(err, "random.db", "not an SQLite database", "delete it")
+
+
+@pytest.mark.parametrize("section, change", [("adaptive", {"variants": {"a/b": {}}}),
+                                             ("quality", {"runs": {"../x": {"protocol": "thesis", "steps": 3}}})])
+def test_names_that_become_file_names_are_validated(section, change):
+    with pytest.raises(ConfigError) as err:
+        parse_params({section: change})
+    one_line(err, f"{section}.", "is not a name")
