@@ -1,4 +1,9 @@
-"""Data parallelism over W processes (ranks) started by torchrun (README "Scaling out").
+"""Data parallelism over W processes (ranks) on one machine, or started by torchrun across
+machines (README "Scaling out").
+
+On one machine (`processes: W` in params.yaml) the stage starts its own W ranks, which meet
+through a file rather than torchrun's rendezvous (a TCP store listening on every interface,
+unauthenticated) and talk over loopback only. A rank that fails stops the others.
 
 Every rank holds the whole model and the whole training split. Step t's batch is the one a
 single process would take (the seeded permutation of its epoch); rank r trains on rows
@@ -21,14 +26,19 @@ ranks keep equal weights and buffers. Rank 0 alone writes outputs and logs (`pip
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
+import tempfile
+import time
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-# A rank waiting for a peer that died: torchrun stops the others within seconds anyway.
+# A rank waiting for a peer that died: the launcher stops the others within seconds anyway.
 TIMEOUT = timedelta(minutes=5)
+STORE_FILE = "PIPELINE_RANKS_STORE"  # set by `relaunch`: the file the ranks meet through
 
 
 def world_size() -> int:
@@ -57,7 +67,12 @@ def init(device: torch.device) -> torch.device:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if STORE_FILE in os.environ:  # ranks started by `relaunch`, on this machine
+        store = dist.FileStore(os.environ[STORE_FILE], world_size())
+        dist.init_process_group(backend, store=store, rank=rank(), world_size=world_size(), timeout=TIMEOUT)
+    else:
+        dist.init_process_group(backend, timeout=TIMEOUT)
     return device
 
 
@@ -91,12 +106,42 @@ def total(count: torch.Tensor) -> torch.Tensor:
 
 
 def relaunch(processes: int, module: str) -> None:
-    """Replace this process by torchrun running `module` on `processes` ranks with the same
-    arguments (the params' `processes` under `dvc repro`); no-op for one process or when
-    already launched."""
+    """Run `module` (this stage, with the same arguments) as `processes` ranks on this machine and
+    exit with their outcome; no-op for one process or when already a rank."""
     if processes == 1 or launched():
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                              f"--nproc-per-node={processes}", "-m", module, *sys.argv[1:]])
+    sys.exit(run_ranks(processes, [sys.executable, "-m", module, *sys.argv[1:]]))
+
+
+def run_ranks(processes: int, command: list[str]) -> int:
+    """Start `processes` ranks of `command`, meeting through a file, their sockets on loopback;
+    SIGINT/SIGTERM reach every rank; the first to fail stops the rest. The ranks' exit code."""
+    with tempfile.TemporaryDirectory(prefix="ranks-") as scratch:
+        env = {**os.environ, "WORLD_SIZE": str(processes), "LOCAL_WORLD_SIZE": str(processes),
+               STORE_FILE: os.path.join(scratch, "store"), "MASTER_ADDR": "127.0.0.1"}
+        if sys.platform.startswith("linux"):  # gloo's and NCCL's own sockets: loopback only
+            env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+            env.setdefault("NCCL_SOCKET_IFNAME", "lo")
+        ranks = [subprocess.Popen(command, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(processes)]
+
+        def forward(signum, frame):
+            for p in ranks:
+                if p.poll() is None:
+                    p.send_signal(signum)
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while True:
+                codes = [p.poll() for p in ranks]
+                if failed := next((c for c in codes if c not in (None, 0)), None):
+                    forward(signal.SIGTERM, None)
+                    for p in ranks:
+                        p.wait()
+                    return failed if failed > 0 else 128 - failed
+                if all(c == 0 for c in codes):
+                    return 0
+                time.sleep(0.1)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
