@@ -124,17 +124,31 @@ def _start(root: Path, service: Service, artifacts: str | None, timeout_s: float
         subprocess.run(_as_postgres(["createdb", "-h", "127.0.0.1", "-p", str(service.db_port), "-U", "postgres", name]),
                        capture_output=True, env=env)  # exists already on a restart: fine
     destination = artifacts or str(root / "artifacts")
-    log = open(logs / "mlflow.log", "ab")
-    mlflow = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", service.database_url("mlflow", False),
-         "--artifacts-destination", destination, "--host", service.host, "--port", str(service.port),
-         "--workers", "2"], stdout=log, stderr=log, start_new_session=True, env=env)
-    service = replace(service, mlflow_pid=mlflow.pid)
-    _save(root, service)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if mlflow.poll() is not None:
-            raise ConfigError(f"pipeline service: mlflow server exited ({mlflow.returncode}); {_tail(logs / 'mlflow.log')}")
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", service.database_url("mlflow", False),
+               "--artifacts-destination", destination, "--host", service.host, "--port", str(service.port),
+               "--workers", "2"]
+    # A loaded machine (load average above its cores) starts the server more slowly: wait longer.
+    patience = timeout_s * max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
+    for attempt in (1, 2):  # a server that died while starting (under load, say) gets a second try
+        with open(logs / "mlflow.log", "ab") as log:
+            mlflow = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True, env=env)
+        service = replace(service, mlflow_pid=mlflow.pid)
+        _save(root, service)
+        if _serving(service, mlflow, patience):
+            return service
+        if mlflow.poll() is None or attempt == 2:
+            break
+    if mlflow.poll() is not None:
+        raise ConfigError(f"pipeline service: mlflow server exited ({mlflow.returncode}) twice; {_tail(logs / 'mlflow.log')}")
+    raise ConfigError(f"pipeline service: mlflow server did not answer within {patience:.0f} s; "
+                      f"{_tail(logs / 'mlflow.log')}")
+
+
+def _serving(service: Service, mlflow: subprocess.Popen, patience: float) -> bool:
+    """Whether the server started answers its health check (False: it exited, or time ran out);
+    an answer from a process outside its group is refused."""
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline and mlflow.poll() is None:
         try:
             answered = requests.get(service.tracking_uri + "/health", timeout=2).status_code == 200
         except requests.RequestException:
@@ -143,10 +157,9 @@ def _start(root: Path, service: Service, artifacts: str | None, timeout_s: float
             if not _ours(service.port, mlflow.pid):
                 raise ConfigError(f"pipeline service: port {service.port} is answered by a process this service did "
                                   "not start; choose another port")
-            return service
+            return True
         time.sleep(0.5)
-    raise ConfigError(f"pipeline service: mlflow server did not answer within {timeout_s:g} s; "
-                      f"{_tail(logs / 'mlflow.log')}")
+    return False
 
 
 def _new_password(path: Path) -> None:

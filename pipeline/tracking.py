@@ -8,6 +8,8 @@ read-only, disk full, server gone) becomes one `TrackingError` line naming the U
 """
 from __future__ import annotations
 
+import logging
+import logging.handlers
 import os
 import socket
 import subprocess
@@ -37,6 +39,29 @@ from pipeline.runlock import LOCK_DIR, exclusive
 from pipeline.errors import TrackingError
 
 BACKEND_ERRORS = (MlflowException, SQLAlchemyError, OSError, requests.RequestException)
+
+
+def _hold_library_logs() -> logging.handlers.MemoryHandler:
+    """MLflow logs its own view of a backend failure (a database error with its traceback, dozens
+    of lines) before the stage can say what failed in one line. Hold its records: they reach
+    stderr when the process ends (logging's shutdown flushes them), unless `drop_library_logs`
+    discarded them because the stage reported a fault."""
+    logger = logging.getLogger("mlflow")
+    target = logging.StreamHandler() if not logger.handlers else logger.handlers[0]
+    held = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1, target=target)
+    held.setFormatter(target.formatter)
+    logger.handlers = [held]
+    logger.propagate = False
+    return held
+
+
+_HELD = _hold_library_logs()
+
+
+def drop_library_logs() -> None:
+    """Forget MLflow's held records: the stage's own one line says what went wrong."""
+    with _HELD.lock:
+        _HELD.buffer.clear()
 
 PARENT_KEY_TAG = "pipeline.key"
 # MLflow 3's UI opens an experiment on its runs (not the GenAI traces overview) with this kind.

@@ -23,6 +23,8 @@ def user_errors_exit_2(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except USER_ERRORS as exc:
+            if (tracking := sys.modules.get("pipeline.tracking")) is not None:
+                tracking.drop_library_logs()  # MLflow's traceback of the same fault
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
     return wrapper

@@ -98,3 +98,40 @@ def test_names_that_become_file_names_are_validated(section, change):
     with pytest.raises(ConfigError) as err:
         parse_params({section: change})
     one_line(err, f"{section}.", "is not a name")
+
+
+SCRIPT = """
+import logging, sys
+from stages.common import user_errors_exit_2
+from pipeline.errors import TrackingError
+import pipeline.tracking
+
+@user_errors_exit_2
+def main(fail):
+    try:
+        raise ValueError("database or disk is full")
+    except ValueError:
+        logging.getLogger("mlflow.store.db.utils").exception("SQLAlchemy database error")
+    if fail:
+        raise TrackingError("tracking at sqlite:///x.db failed (database or disk is full)")
+
+main(sys.argv[1] == "fail")
+"""
+
+
+@pytest.mark.parametrize("outcome", ["fail", "succeed"])
+def test_mlflow_logging_stays_off_stderr_when_the_stage_reports_a_fault(tmp_path, outcome):
+    """A full disk made MLflow log a database error with its traceback (dozens of lines) before the
+    stage's own line: held, and dropped when the stage reports the fault; kept otherwise."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    (tmp_path / "s.py").write_text(SCRIPT)
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(tmp_path / "s.py"), outcome], capture_output=True, text=True,
+                          env={**__import__("os").environ, "PYTHONPATH": str(root)}, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    if outcome == "fail":
+        assert proc.returncode == 2 and lines == ["error: tracking at sqlite:///x.db failed (database or disk is full)"]
+    else:
+        assert proc.returncode == 0 and "SQLAlchemy database error" in proc.stderr and "Traceback" in proc.stderr

@@ -259,3 +259,28 @@ def test_an_interrupted_start_stops_what_it_started(service_dir):
             assert stopped.returncode == 0, stopped.stderr
         assert not pid_file.exists() and not (service_dir / service.STATE_FILE).exists()
         assert not Path(f"/proc/{postmaster}").exists() or "Z" in Path(f"/proc/{postmaster}/stat").read_text().split()[2]
+
+
+def test_a_server_that_dies_while_starting_gets_one_more_try(service_dir, monkeypatch):
+    """Under load the mlflow server's worker can die during start-up: start tries once more; a
+    second death is one line with the log's tail."""
+    real, calls = subprocess.Popen, []
+
+    def dies_first(command, **kw):
+        if "server" not in command:  # PostgreSQL's tools
+            return real(command, **kw)
+        calls.append(command)
+        if len(calls) == 1:
+            return real([sys.executable, "-c", "import sys; print('worker died at boot'); sys.exit(3)"], **kw)
+        return real(command, **kw)
+    monkeypatch.setattr(service.subprocess, "Popen", dies_first)
+    started = service.start(service_dir, port=free_port(), db_port=free_port())
+    assert len(calls) == 2 and started.mlflow_pid and service._ours(started.port, started.mlflow_pid)
+    service.stop(service_dir)
+
+    monkeypatch.setattr(service.subprocess, "Popen", lambda command, **kw: real(
+        [sys.executable, "-c", "import sys; print('worker died at boot'); sys.exit(3)"] if "server" in command
+        else command, **kw))
+    with pytest.raises(service.ConfigError, match=r"exited \(3\) twice; see .*mlflow.log: .*worker died at boot"):
+        service.start(service_dir, port=free_port(), db_port=free_port())
+    assert not (service_dir / service.STATE_FILE).exists() and not (service_dir / "postgres/postmaster.pid").exists()
