@@ -127,7 +127,7 @@ def test_an_interrupted_final_keeps_its_finished_seeds(prepared, tmp_path, monke
 
 def test_missing_choices_are_a_clear_error(tmp_path):
     params = parse_params(TINY)
-    with pytest.raises(ConfigError, match="results/search/random/best.json is missing"):
+    with pytest.raises(ConfigError, match="results/search/random/best.json: missing; it is written by search@random"):
         final.finalists(params, "search", tmp_path)
     with pytest.raises(ConfigError, match=r"no hyperparameters for init\(s\) \[-4.0\]"):
         final.finalists(params, "drmad", tmp_path)

@@ -89,8 +89,10 @@ def test_report_rows_for_every_run_and_the_quality_table(tmp_path):
                                                     "outcome": "diverged"})
     for protocol, steps in (("standardised", 200), ("thesis", 2000), ("thesis", 200)):
         write(tmp_path / f"metrics/quality_{protocol}-{steps}.json", {
-            "forward_steps": steps, "protocol": protocol, "outcome": "finished", "wall_time_s": 3.0,
-            "reverse_steps": [50, 60], "exact/norm": [2.0, 3.0],
+            "run": f"{protocol}-{steps}", "forward_steps": steps, "protocol": protocol, "outcome": "finished",
+            "wall_time_s": 3.0, "meta_iterations_completed": 2, "meta_iterations": 10, "data": "mnist5k 300/100/100",
+            "reverse_steps": [50, 60], "reverse_steps_text": [50, 60], "reverse_steps_scripts": [45, 54],
+            "exact/norm": [2.0, 3.0],
             **{f"{m}/{k}": [0.5, None] for m in report.QUALITY_METHODS for k in ("cos_exact", "sign_cos_exact",
                                                                                    "norm_ratio")}})
     paths = report.ReportPaths(*(tmp_path / p for p in ("r/summary.md", "r/summary.csv", "r/quality.csv", "r/fig")))
@@ -105,6 +107,7 @@ def test_report_rows_for_every_run_and_the_quality_table(tmp_path):
     text = paths.summary_md.read_text()
     assert "| drmad -4.0 | 8.00% | 14.00% |" in text and "| 200 | thesis | drmad | 0.500 / n/a |" in text
     assert "| 200 | thesis | exact |  |  |  | 2 / 3 |" in text
+    assert "| thesis-2000 | thesis | 2000 | 2 of 10 | mnist5k 300/100/100 | 50 / 60 | 45 / 54 | finished |" in text
     assert pd.read_csv(paths.summary_csv).shape == (3, len(report.COLUMNS))
     table = pd.read_csv(paths.quality_csv)
     assert len(table) == 3 * (1 + len(report.QUALITY_METHODS))
