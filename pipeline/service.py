@@ -181,6 +181,7 @@ def _tail(log: Path, lines: int = 5) -> str:
 def _port_free(host: str, port: int) -> bool:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is no owner
         try:
             s.bind((host, port))
             return True
