@@ -191,3 +191,20 @@ def test_a_trial_whose_worker_stops_beating_is_failed_and_redone(prepared, tmp_p
     (dead,) = by_state[TrialState.FAIL]
     assert dead.user_attrs["worker"].endswith(f":{helper.pid}")
     assert json.loads((tmp_path / "metrics/search/random.json").read_text())["trials"] == 3
+
+
+def test_a_trial_past_the_plan_is_never_reported(prepared, tmp_path):
+    """A racing worker's surplus trial that finished anyway: the outputs keep to the plan, so the
+    work reported never exceeds the budget."""
+    params, paths = settings(budget=6), search.SearchPaths.for_sampler("random", tmp_path)
+    first = search.run(params, prepared, "random", paths)  # 2 trials of 3
+    storage = f"sqlite:///{paths.storage_dir / 'random.db'}"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    extra = study.get_trials(states=(TrialState.COMPLETE,))[0]
+    study.add_trial(optuna.trial.create_trial(params={"log10_l2": -5.0, "log10_alpha": 0.0},
+                                              distributions=extra.distributions, value=0.0,
+                                              user_attrs={**extra.user_attrs}))  # the best of all, but surplus
+    again = search.run(params, prepared, "random", paths)
+    assert again["trials"] == 2 and again["work_gradient_equivalents"] <= 6 and again["best_val_error"] > 0.0
+    assert {k: v for k, v in again.items() if "wall" not in k} == {k: v for k, v in first.items() if "wall" not in k}

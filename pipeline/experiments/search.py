@@ -212,9 +212,10 @@ def run(params: Params, prepared: Path, name: str, paths: SearchPaths, tracker: 
             optuna.storages.fail_stale_trials(study)
     if worker_only:
         return None
-    metrics = summarise(study, name, total, cost, time.perf_counter() - start)
+    trials = trials_table(study, planned)
+    metrics = summarise(trials, name, total, cost, time.perf_counter() - start)
     metrics["platform"] = machine.describe(device)  # bit-identity holds within one platform
-    _write_outputs(paths, study, metrics, tracker)
+    _write_outputs(paths, trials, metrics, tracker)
     return metrics
 
 
@@ -243,10 +244,12 @@ def _trial(params: Params, splits: dict, meta: dict, values: dict, number: int, 
         return train_trial(child)
 
 
-def trials_table(study: optuna.Study) -> pd.DataFrame:
-    """The finished trials in the order they were asked for, numbered 0, 1, ... as finished trials
-    (Optuna's numbers count failed and surplus ones too: a killed attempt would renumber the rest)."""
-    done = sorted(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.number)
+def trials_table(study: optuna.Study, planned: int) -> pd.DataFrame:
+    """The first `planned` finished trials in the order they were asked for, numbered 0, 1, ... as
+    finished trials (Optuna's numbers count failed and surplus ones too: a killed attempt would
+    renumber the rest). A trial past the plan (a racing worker's) is never reported: no search
+    reports more work than its budget."""
+    done = sorted(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.number)[:planned]
     rows = [{"trial": i, "log10_l2": t.params["log10_l2"], "log10_alpha": t.params["log10_alpha"],
              "val_error": t.value, "test_error": t.user_attrs["test_error"], "outcome": t.user_attrs["outcome"],
              "work_gradient_equivalents": t.user_attrs["work"], "wall_time_s": t.user_attrs["seconds"]}
@@ -257,9 +260,8 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     return frame
 
 
-def summarise(study: optuna.Study, name: str, total: float, cost: int, seconds: float) -> dict:
+def summarise(trials: pd.DataFrame, name: str, total: float, cost: int, seconds: float) -> dict:
     """The chosen trial: the lowest validation error, the earliest among equals."""
-    trials = trials_table(study)
     best = trials.sort_values(["val_error", "trial"]).iloc[0]
     return {"sampler": name, "trials": len(trials), "budget_gradient_equivalents": total,
             "trial_gradient_equivalents": cost, "work_gradient_equivalents": float(trials["work_gradient_equivalents"].sum()),
@@ -273,8 +275,7 @@ def chosen(metrics: dict) -> dict[str, float]:
     return {"log10_l2": metrics["best_log10_l2"], "alpha": 10.0 ** metrics["best_log10_alpha"]}
 
 
-def _write_outputs(paths: SearchPaths, study: optuna.Study, metrics: dict, tracker: Tracker | None) -> None:
-    trials = trials_table(study)
+def _write_outputs(paths: SearchPaths, trials: pd.DataFrame, metrics: dict, tracker: Tracker | None) -> None:
     with io.atomic_path(paths.trials_csv) as tmp:
         trials.to_csv(tmp, index=False)
     io.write_json(paths.best, {**chosen(metrics), "trial": metrics["best_trial"], "val_error": metrics["best_val_error"]})
