@@ -1,5 +1,6 @@
 """The verdict table on hand-made finalist results: rows, intervals, sentences and costs."""
 import json
+import math
 
 import pytest
 
@@ -101,3 +102,52 @@ def test_a_method_has_one_colour_in_every_figure():
     epochs_order = method_colours(["adaptive k100", "baseline", "drmad -2", "drmad -4", "drmad -7"])
     assert all(epochs_order[m] == verdict_order[m] for m in epochs_order)
     assert len(set(verdict_order.values())) == len(verdict_order)
+
+
+def seed_frame(wrong: dict[str, dict[int, list[int] | None]], n: int = 20):
+    """verdict.per_seed's table from method -> seed -> wrong test images (None: diverged)."""
+    import pandas as pd
+    rows = [{"kind": "k", "method": m, "seed": s, "test_error": None if w is None else len(w) / n,
+             "outcome": "diverged" if w is None else "finished", "final_work": 10.0, "final_wall_s": 1.0,
+             "tuning_work": 0.0, "tuning_wall_s": 0.0, "test_wrong": w, "test_size": n}
+            for m, seeds in wrong.items() for s, w in seeds.items()]
+    return pd.DataFrame(rows)
+
+
+def as_row(wrong: list[int], n: int = 20) -> list[int]:
+    return [int(i in wrong) for i in range(n)]
+
+
+def test_differences_pair_seed_by_seed_and_image_by_image():
+    """Seed 2 of `m` diverged (not the last seed): its difference uses seeds 1, 3, 4 and, within a
+    seed, image by image. Pairing by position (m's 1, 3, 4 against the baseline's 1, 2, 3) or by
+    counts alone would give other numbers; `lone` has one usable seed: no interval; `same` is the
+    baseline again: a zero difference, not a different method."""
+    base = {1: [0, 1, 2, 3, 4, 5], 2: [0, 1, 2, 3, 4], 3: [10, 11, 12, 13, 14, 15], 4: [0, 1, 2, 3]}
+    m = {1: [0, 1, 2, 3, 19], 2: None, 3: [10, 11, 12, 18], 4: [0, 1, 2]}
+    frame = seed_frame({"baseline": base, "m": m, "lone": {1: None, 2: None, 3: [1], 4: None}, "same": base})
+    for level in (0.95, 0.8):
+        got = verdict.table(frame, level).set_index("method")
+        by_hand = verdict.seeds_and_items_ci([[a - b for a, b in zip(as_row(m[s]), as_row(base[s]))] for s in (1, 3, 4)],
+                                             level)
+        assert (got.loc["m", "diff_mean"], got.loc["m", "diff_low"], got.loc["m", "diff_high"]) == \
+            pytest.approx((by_hand.mean, by_hand.low, by_hand.high), abs=1e-12)
+        error = verdict.seeds_and_items_ci([as_row(m[s]) for s in (1, 3, 4)], level)
+        assert got.loc["m", "test_error_high"] == pytest.approx(error.high, abs=1e-12)  # the level reaches it too
+        assert math.isnan(got.loc["lone", "diff_mean"]) and "no comparison" in got.loc["lone", "verdict"]
+        assert got.loc["same", "diff_mean"] == 0 and got.loc["same", "verdict"].startswith("no significant difference")
+    wide, narrow = (verdict.table(frame, lv).set_index("method").loc["m"] for lv in (0.95, 0.8))
+    assert wide["diff_high"] - wide["diff_low"] > narrow["diff_high"] - narrow["diff_low"]
+
+
+def test_error_intervals_are_clipped_to_zero_and_one_hundred_percent():
+    """Near 0% and 100% the t interval crosses the ends of an error rate: clipped, not reported as
+    negative or above 100%."""
+    frame = seed_frame({"baseline": {1: [0], 2: [], 3: [1, 2]},
+                        "bad": {1: list(range(20)), 2: list(range(19)), 3: list(range(17))}})
+    got = verdict.table(frame, 0.95).set_index("method")
+    raw_base = verdict.seeds_and_items_ci([as_row(w) for w in ([0], [], [1, 2])])
+    raw_bad = verdict.seeds_and_items_ci([as_row(list(range(k))) for k in (20, 19, 17)])
+    assert raw_base.low < 0 and got.loc["baseline", "test_error_low"] == 0.0
+    assert raw_bad.high > 1 and got.loc["bad", "test_error_high"] == 1.0
+    assert got.loc["bad", "test_error_low"] == pytest.approx(raw_bad.low)  # the other end untouched
