@@ -115,6 +115,30 @@ def test_outputs_get_the_users_umask_and_stale_temporaries_go(tmp_path):
     assert (tmp_path / "figs").stat().st_mode & 0o777 == 0o777 & ~io.UMASK
 
 
+def test_replacing_a_folder_leaves_no_old_copy_and_spares_unrelated_hidden_files(tmp_path):
+    """An existing output folder is replaced whole with no `.old` left; a killed write's `.old`
+    and `.tmp` siblings of that target go; hidden files of other names beside it stay."""
+    for content in (b"first", b"second"):
+        with io.atomic_dir(tmp_path / "figs") as tmp:
+            (tmp / "a.png").write_bytes(content)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figs"]
+    (tmp_path / "figs").rename(tmp_path / ".figs.old")  # a write killed between its two renames
+    (tmp_path / ".figs.q9.tmp").mkdir()
+    for keep in (".figs", ".figsx.old", ".other.tmp", ".git"):
+        (tmp_path / keep).write_text("not ours")
+    with io.atomic_dir(tmp_path / "figs") as tmp:
+        (tmp / "b.png").write_bytes(b"second")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".figs", ".figsx.old", ".git", ".other.tmp", "figs"]
+    assert [p.name for p in (tmp_path / "figs").iterdir()] == ["b.png"]
+
+
+def test_a_reused_lock_file_names_only_its_current_holder(tmp_path):
+    """A lock file left by an earlier holder with a longer pid is rewritten, not appended to."""
+    (tmp_path / "s.lock").write_text("123456789\nleftover\n")
+    with exclusive("s", tmp_path):
+        assert (tmp_path / "s.lock").read_text() == f"{os.getpid()}\n"
+
+
 def test_a_full_disk_is_one_line_naming_the_output(tmp_path, monkeypatch):
     def full(self, data):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
