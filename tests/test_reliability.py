@@ -50,8 +50,21 @@ def test_the_code_digest_follows_every_source_file(tmp_path):
         (tmp_path / rel).write_text("x = 1\n")
     first = code_digest.__wrapped__(tmp_path)
     (tmp_path / "pipeline/sub/b.py").write_text("x = 2\n")
-    assert code_digest.__wrapped__(tmp_path) != first
+    second = code_digest.__wrapped__(tmp_path)
+    (tmp_path / "stages/c.py").write_text("x = 2\n")  # a stage entry point is code the checkpoint depends on
+    assert len({first, second, code_digest.__wrapped__(tmp_path)}) == 3
     assert code_digest() == code_digest.__wrapped__(ROOT)  # the installed project's own source
+
+
+def test_a_checkpoint_of_another_rank_count_is_not_resumed(tmp_path, monkeypatch):
+    """Ranks normalise BatchNorm over their own rows: a state trained on 2 ranks is another run."""
+    Checkpoint(tmp_path / "c.pt", "s").save({"epoch": 1})
+    monkeypatch.setattr(checkpoint.data_parallel, "world_size", lambda: 2)
+    assert Checkpoint(tmp_path / "c.pt", "s").load() is None
+    Checkpoint(tmp_path / "c.pt", "s").save({"epoch": 2})
+    assert Checkpoint(tmp_path / "c.pt", "s").load() == {"epoch": 2}
+    monkeypatch.setattr(checkpoint.data_parallel, "world_size", lambda: 1)
+    assert Checkpoint(tmp_path / "c.pt", "s").load() is None
 
 
 def test_a_checkpoint_for_another_device_is_not_resumed(tmp_path):
