@@ -131,3 +131,27 @@ def test_missing_choices_are_a_clear_error(tmp_path):
         final.finalists(params, "search", tmp_path)
     with pytest.raises(ConfigError, match=r"no hyperparameters for init\(s\) \[-4.0\]"):
         final.finalists(params, "drmad", tmp_path)
+
+
+def test_a_finished_seed_is_reused_only_with_unchanged_choices(prepared, tmp_path, monkeypatch):
+    """Interrupted after seed 1, the search's best trial changes before the resume: seed 1 is
+    retrained at the new choice, not taken from its record."""
+    params = parse_params({**TINY, "final": {"seeds": [1, 2]}})
+    meta = data.load_meta(prepared)
+    chosen_results(tmp_path, meta)
+    paths = final.FinalPaths.for_kind("search", tmp_path)
+    trained, real_train = [], final.baseline.train
+
+    def stop_at_seed_2(params, cfg, seed, *args, **kwargs):
+        trained.append((seed, cfg.log10_l2))
+        if seed == 2 and len(trained) == 2:
+            raise Interrupt
+        return real_train(params, cfg, seed, *args, **kwargs)
+
+    monkeypatch.setattr(final.baseline, "train", stop_at_seed_2)
+    with pytest.raises(Interrupt):
+        final.run(params, prepared, "search", paths, root=tmp_path)
+    io.write_json(tmp_path / "results/search/random/best.json", {"log10_l2": -1.5, "alpha": 0.5, "trial": 1,
+                                                                 "val_error": 0.1})
+    final.run(params, prepared, "search", paths, root=tmp_path)
+    assert trained == [(1, -3.0), (2, -3.0), (1, -1.5), (2, -1.5)]
