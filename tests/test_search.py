@@ -208,3 +208,16 @@ def test_a_trial_past_the_plan_is_never_reported(prepared, tmp_path):
     again = search.run(params, prepared, "random", paths)
     assert again["trials"] == 2 and again["work_gradient_equivalents"] <= 6 and again["best_val_error"] > 0.0
     assert {k: v for k, v in again.items() if "wall" not in k} == {k: v for k, v in first.items() if "wall" not in k}
+
+
+def test_the_trial_cost_on_a_split_that_batches_do_not_divide(tmp_path):
+    """100 training images in batches of 32: an epoch is 3 steps (the partial batch is dropped), so
+    a budget of 7 buys 2 one-epoch trials, each reporting the 3 gradient evaluations it cost."""
+    uneven = {**TINY, "data": {**TINY["data"], "train_size": 100}, "search": {**TINY["search"], "budget": 7}}
+    params = parse_params(uneven)
+    data.prepare(params.data, tmp_path / "prepared")
+    assert search.trial_cost(params, data.load_meta(tmp_path / "prepared")) == 3
+    got = search.run(params, tmp_path / "prepared", "random", search.SearchPaths.for_sampler("random", tmp_path))
+    trials = pd.read_csv(tmp_path / "plots/search/random/trials.csv")
+    assert got["trials"] == 2 and trials["work_gradient_equivalents"].tolist() == [3.0, 3.0]
+    assert got["work_gradient_equivalents"] == 6.0 <= got["budget_gradient_equivalents"]
