@@ -1,5 +1,6 @@
 """The peers (random search, TPE): budget accounting, resume after a kill, nested MLflow trials."""
 import json
+import os
 
 import optuna
 import pandas as pd
@@ -221,3 +222,21 @@ def test_the_trial_cost_on_a_split_that_batches_do_not_divide(tmp_path):
     trials = pd.read_csv(tmp_path / "plots/search/random/trials.csv")
     assert got["trials"] == 2 and trials["work_gradient_equivalents"].tolist() == [3.0, 3.0]
     assert got["work_gradient_equivalents"] == 6.0 <= got["budget_gradient_equivalents"]
+
+
+def test_a_trial_left_running_by_a_dead_local_process_is_failed_on_reopening(tmp_path):
+    """Without waiting 2 x heartbeat_s: the process named on the trial is gone from this machine."""
+    import socket
+    import subprocess
+    import sys
+    params, paths = settings(budget=6), search.SearchPaths.for_sampler("random", tmp_path)
+    study = search.open_study("random", params, {"digest": "d"}, paths, 6.0)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = f"{socket.gethostname()}:{os.getppid()}"  # a live process of this machine (pytest's parent)
+    for worker in (f"{socket.gethostname()}:{dead.pid}", alive):
+        trial = study.ask()
+        trial.set_user_attr("worker", worker)
+    reopened = search.open_study("random", params, {"digest": "d"}, paths, 6.0)
+    states = {t.user_attrs["worker"]: t.state for t in reopened.get_trials()}
+    assert states == {f"{socket.gethostname()}:{dead.pid}": TrialState.FAIL, alive: TrialState.RUNNING}
