@@ -57,11 +57,7 @@ def read_json(path: Path, keys: tuple[str, ...] = ()) -> dict:
         raise _fail(path, "missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise _fail(path, "not valid JSON (truncated or edited?)") from None
-    if not isinstance(value, dict):
-        raise _fail(path, f"holds a {type(value).__name__}, not a mapping")
-    if missing := [k for k in keys if k not in value]:
-        raise _fail(path, f"lacks {', '.join(missing)}")
-    return value
+    return _mapping(path, value, keys)
 
 
 def read_torch(path: Path, keys: tuple[str, ...] = ()) -> dict:
@@ -72,6 +68,10 @@ def read_torch(path: Path, keys: tuple[str, ...] = ()) -> dict:
         raise _fail(path, "missing") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError):
         raise _fail(path, "not a readable torch file (truncated or edited?)") from None
+    return _mapping(path, value, keys)
+
+
+def _mapping(path: Path, value: object, keys: tuple[str, ...]) -> dict:
     if not isinstance(value, dict):
         raise _fail(path, f"holds a {type(value).__name__}, not a mapping")
     if missing := [k for k in keys if k not in value]:
