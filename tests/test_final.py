@@ -59,7 +59,11 @@ def test_every_kind_retrains_its_methods_once_per_seed(prepared, tmp_path):
         for seed, wrong in entry["test_wrong"].items():  # which test images, as many as the error says
             assert len(wrong) == round(60 * entry["test_error"][seed]) and set(wrong) <= set(range(60))
         assert all(w == 2 * 3 for w in entry["training_work"].values())  # 2 epochs of 3 steps
-    assert all(w > 0 for w in seen["adaptive a"]["tuning_work"].values())
+    # by hand: 2 epochs of 3 steps, a hypergradient after steps 1, 3 and 5, each 2 reverse steps (a
+    # gradient and an HVP each) and a validation gradient; the training's 6 gradients are not tuning
+    by_hand = 3 * (2 + 1 + 2 * params.work.hvp_cost)
+    for method in ("adaptive a", "adaptive a baseline-schedule"):
+        assert all(w == pytest.approx(by_hand, rel=1e-12) for w in seen[method]["tuning_work"].values())
     assert seen["adaptive a"]["test_wrong"] != seen["adaptive a baseline-schedule"]["test_wrong"]  # two different runs
     assert all(w == 0 for w in seen["baseline"]["tuning_work"].values())
 
@@ -155,3 +159,22 @@ def test_a_finished_seed_is_reused_only_with_unchanged_choices(prepared, tmp_pat
                                                                  "val_error": 0.1})
     final.run(params, prepared, "search", paths, root=tmp_path)
     assert trained == [(1, -3.0), (2, -3.0), (1, -1.5), (2, -1.5)]
+
+
+def test_every_adaptive_finalist_seed_trains_from_its_own_seed(prepared, tmp_path, monkeypatch):
+    """The seed reaches the adaptive trainer and its initialisation, for both adaptive rows."""
+    from pipeline.experiments import adaptive as adaptive_run
+    seen, real_init, real_build = [], adaptive_run.AdaptiveTrainer.__init__, adaptive_run.build_densenet
+
+    def trainer_init(self, model, x, y, val_x, val_y, cfg, seed, *args, **kwargs):
+        seen.append(("trainer", seed))
+        real_init(self, model, x, y, val_x, val_y, cfg, seed, *args, **kwargs)
+
+    def build(cfg, meta, seed):
+        seen.append(("init", seed))
+        return real_build(cfg, meta, seed)
+    monkeypatch.setattr(adaptive_run.AdaptiveTrainer, "__init__", trainer_init)
+    monkeypatch.setattr(adaptive_run, "build_densenet", build)
+    params = parse_params({**TINY, "final": {"seeds": [4, 9]}})
+    final.run(params, prepared, "adaptive", final.FinalPaths.for_kind("adaptive", tmp_path), root=tmp_path)
+    assert seen == [(kind, seed) for _ in ("thesis", "baseline-schedule") for seed in (4, 9) for kind in ("init", "trainer")]
