@@ -144,3 +144,28 @@ def test_counted_work_by_hand(prepared, tmp_path):
     assert [epochs_at(i, 1, 1.4, 2) for i in range(3)] == [1, 1, 2]
     assert (metrics["work_training_gradients"], metrics["work_hypergradient_gradients"], metrics["work_hvps"]) == (12, 12, 9)
     assert metrics["work_gradient_equivalents"] == 12 + 12 + 2.5 * 9
+
+
+def test_the_finalist_is_the_best_validation_meta_iteration_not_the_last(prepared, tmp_path, monkeypatch):
+    """The rule the report states: the meta-iteration with the lowest validation error (the
+    earliest among equals). Validation errors forced to 0.5, 0.2, 0.2: the rule picks 1, "the last"
+    would pick 2; final@drmad then retrains with the coefficients meta-iteration 1 trained with."""
+    import pandas as pd
+    from pipeline.experiments import final
+    forced, trainers, real_epoch = [0.5, 0.2, 0.2], [], drmad_tuning.train_epoch
+
+    def epoch_with_forced_val(trainer, *args, **kwargs):
+        if trainer not in trainers:
+            trainers.append(trainer)
+        row = real_epoch(trainer, *args, **kwargs)
+        return {**row, "val_error": forced[trainers.index(trainer)]}
+    monkeypatch.setattr(drmad_tuning, "train_epoch", epoch_with_forced_val)
+    params = parse_params(TINY)
+    drmad_tuning.run(params, prepared, -4.0, drmad_tuning.DrmadPaths.for_init("-4.0", tmp_path))
+    saved = torch.load(tmp_path / "results/drmad/-4.0/hypers.pt", weights_only=True)
+    assert len(trainers) == 3 and saved["chosen"]["meta_iteration"] == 1
+    (finalist,) = final.finalists(params, "drmad", tmp_path)
+    layers = pd.read_csv(tmp_path / "plots/drmad/-4.0/layers.csv").set_index(["meta_iteration", "layer"])["mean"]
+    chosen = {n: torch.log10(c / 2).mean().item() for n, c in finalist.l2_coefficients.items()}
+    assert chosen == pytest.approx({n: layers[(1, n)] for n in chosen}, abs=1e-9)
+    assert chosen != pytest.approx({n: layers[(2, n)] for n in chosen}, abs=1e-9)
