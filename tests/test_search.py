@@ -5,6 +5,7 @@ import os
 import optuna
 import pandas as pd
 import pytest
+import torch
 from optuna.trial import TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -240,3 +241,33 @@ def test_a_trial_left_running_by_a_dead_local_process_is_failed_on_reopening(tmp
     reopened = search.open_study("random", params, {"digest": "d"}, paths, 6.0)
     states = {t.user_attrs["worker"]: t.state for t in reopened.get_trials()}
     assert states == {f"{socket.gethostname()}:{dead.pid}": TrialState.FAIL, alive: TrialState.RUNNING}
+
+
+def test_two_workers_one_place_one_trial_completes_the_other_is_pruned(prepared, tmp_path, monkeypatch):
+    """The last place of the plan goes to the earliest trial: when another worker asks between this
+    worker's look at the plan and its own ask, this worker's trial is pruned unrun, and the plan
+    (here one trial) is kept."""
+    import socket
+    params, paths = settings(budget=3), search.SearchPaths.for_sampler("random", tmp_path)  # one trial of 3
+    meta, _ = data.load_prepared(prepared, torch.device("cpu"))
+    study = search.open_study("random", params, meta, paths, 3.0)  # the study the stage opens
+    others, real_sampler = [], search.sampler
+
+    def other_worker_asks_first(*args, **kwargs):  # called after the look at the plan, before the ask
+        if not others:
+            others.append(study.ask(search.distributions(params)))
+            others[0].set_user_attr("worker", f"{socket.gethostname()}:{os.getppid()}")  # alive, elsewhere
+        return real_sampler(*args, **kwargs)
+    monkeypatch.setattr(search, "sampler", other_worker_asks_first)
+    assert search.run(params, prepared, "random", paths, worker_only=True) is None
+
+    def states():  # read afresh: a Study caches the trials it has seen
+        return [t.state for t in optuna.load_study(study_name=study.study_name, storage=optuna.storages.RDBStorage(
+            f"sqlite:///{paths.storage_dir / 'random.db'}")).get_trials()]
+    assert states() == [TrialState.RUNNING, TrialState.PRUNED]  # ours: unrun
+    for key, value in {"work": 3.0, "outcome": "finished", "seconds": 0.1, "test_error": 0.5}.items():
+        others[0].set_user_attr(key, value)
+    study.tell(others[0], 0.4)
+    got = search.run(params, prepared, "random", paths)
+    assert got["trials"] == 1 and got["work_gradient_equivalents"] == 3.0 and got["best_val_error"] == 0.4
+    assert states() == [TrialState.COMPLETE, TrialState.PRUNED]
