@@ -36,7 +36,7 @@ def main(out: str) -> None:
     cfg = TrainConfig(epochs=EPOCHS, batch_size=BATCH, alpha=0.5, momentum=0.9, nesterov=False, log10_l2=-3.0)
     l2 = HyperSpace.l2(model, -3.0, "parameter", bounds=(-12.0, 0.0), device=device)
     trainer = Trainer(model, *splits["train"], cfg, SEED, {n: 2 * l2.value(n) for n in l2.shapes})
-    losses = [trainer.run_epoch()[0] for _ in range(EPOCHS)]
+    epochs = [trainer.run_epoch() for _ in range(EPOCHS)]  # (mean loss, error) of each epoch's batches
     problem = problem_for(trainer, splits, SEED, w0)
     steps = problem.steps
     hypergradients = {}
@@ -44,7 +44,8 @@ def main(out: str) -> None:
         path = LinePath(problem.w0, flat(trainer.params), steps, step_map("same", steps, steps))
         grads = reverse(problem, path, l2, hvp)["log10_l2"]
         hypergradients[name] = torch.cat([grads[k].reshape(-1) for k in sorted(grads)])
-    io.save_torch(out, {"weights": flat(trainer.params), "losses": losses, "hypergradients": hypergradients,
+    io.save_torch(out, {"weights": flat(trainer.params), "losses": [float(loss) for loss, _ in epochs],
+                        "train_errors": [float(error) for _, error in epochs], "hypergradients": hypergradients,
                         "world_size": data_parallel.world_size()})
 
 

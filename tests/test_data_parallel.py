@@ -53,6 +53,15 @@ def test_two_ranks_train_and_reverse_like_one_process(runs):
         assert relative(two["hypergradients"][hvp], reference) < 1e-10, hvp
 
 
+def test_every_per_epoch_count_on_two_ranks_is_the_one_process_count(runs):
+    """Each rank sees half of every batch: its wrong predictions are summed over the ranks and its
+    loss averaged, so the epoch's training error is one process's exactly and its loss to rounding."""
+    one, two = runs["alone"], runs["two"]
+    assert len(one["train_errors"]) == 3 and any(e > 0 for e in one["train_errors"])
+    assert two["train_errors"] == one["train_errors"]
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-12)
+
+
 def test_one_rank_under_torchrun_is_the_plain_process_bit_for_bit(runs):
     alone, one = runs["alone"], runs["one"]
     assert torch.equal(one["weights"], alone["weights"])
