@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from pipeline import data, inputs, io
+from pipeline import inputs, io
 from pipeline.config import ConfigError, parse_params
 from pipeline.experiments import final, search, verdict
 
