@@ -214,7 +214,7 @@ def test_validate_stamp_is_constant_and_written_only_when_valid(tmp_path):
 
 def test_a_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
     """Nine levels of `&a [*a0, *a0, ...]` would expand to 10^9 nodes (minutes, gigabytes): one line,
-    naming the line of the first anchor, in well under a second."""
+    naming the line of the first anchor, at once."""
     import time
     levels = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
     levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
@@ -222,7 +222,7 @@ def test_a_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
     started = time.perf_counter()
     with pytest.raises(ConfigError) as err:
         load_params(tmp_path / "params.yaml")
-    assert time.perf_counter() - started < 1.0
+    assert time.perf_counter() - started < 10.0  # expanded, it would take minutes and gigabytes
     first = len(Path(ROOT / "params.yaml").read_text().splitlines()) + 1
     assert str(err.value) == (f"{tmp_path / 'params.yaml'}: line {first}: YAML anchors and aliases (&name, *name) are not "
                               "allowed; write each value out")
