@@ -48,5 +48,8 @@ def test_multiply_is_beta_times_v_up_to_the_replaced_low_word():
 
 def test_rational_beta_is_close_and_refuses_one():
     assert abs(rational_beta(0.9) / D - 0.9) <= 1 / D
+    for beta in (0.0, 0.5, 0.9, 0.95, 0.99):  # a rational maps to itself: problems built from others agree
+        n = rational_beta(beta)
+        assert rational_beta(n / D) == n and n >= 1
     with pytest.raises(ValueError, match="momentum"):
         rational_beta(1.0)

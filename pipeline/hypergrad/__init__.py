@@ -6,35 +6,46 @@
     hypergradient(problem, l2, method="drmad")     # straight line w_T -> w_0 (S steps: heuristic)
     hypergradient(problem, l2, method="drmad2")    # float reversal of the last K steps, then the line
     hypergradient(problem, l2, method="stored")    # states kept in memory (short stretches: adaptive)
+    hypergradient(problem, l2, method="truncated") # float reversal of the last K steps only
+    hypergradient(problem, l2, method="ift")       # implicit differentiation at w_T (Neumann series)
+    hypergradient(problem, l2, method="greedy")    # through the last step only (autograd)
     log_lr_hypergradient(problem, result, lr)      # per-parameter log learning rates from d alpha
     validation_loss(problem, l2)                   # train, then f(w_T): for finite differences
 
-Each returns {"log10_l2": {key: tensor}, "alpha": ..., "beta": ..., "w0": ..., "val_loss": ...}.
+Each returns {"log10_l2": {key: tensor}, "val_loss": ..., "reverse_steps": ..., "work": {"hvps": n,
+"gradients": m}} (and "scale" for buffer hyperparameters); the reversals also "alpha", "beta",
+"w0". "work" counts what the hypergradient cost beyond the T training gradients: Hessian-vector
+products and gradients (the validation gradient, and training gradients recomputed by an HVP
+that does not return them).
 """
 from __future__ import annotations
 
 import torch
 
 from pipeline.hyper import HyperSpace
-from pipeline.hypergrad import unrolled
+from pipeline.hypergrad import greedy, ift, unrolled
 from pipeline.hypergrad.drmad import Drmad2Path, drmad_path, heuristic_steps
 from pipeline.hypergrad.hvp import DEFAULT_HVP, HVP_METHODS
 from pipeline.hypergrad.paths import ExactPath, FixedPointOverflow, FloatPath, ReversalError, StoredPath
 from pipeline.hypergrad.problem import Problem
 from pipeline.hypergrad.reverse import reverse
+from pipeline.hypergrad.truncated import TruncatedPath
 
-METHODS = ("exact", "float", "unrolled", "drmad", "drmad2", "stored")
+METHODS = ("exact", "float", "unrolled", "drmad", "drmad2", "stored", "truncated", "ift", "greedy")
 
 __all__ = ["METHODS", "ExactPath", "FixedPointOverflow", "FloatPath", "Problem", "ReversalError", "StoredPath",
-           "hypergradient",
+           "TruncatedPath", "hypergradient",
            "log_lr_hypergradient", "validation_loss"]
 
 
 def hypergradient(problem: Problem, l2: HyperSpace | None = None, method: str = "exact", *,
                   hvp: str = DEFAULT_HVP, record: bool = False, reverse_steps: int | None = None,
-                  multiplier: float = 1.0, step_map: str = "same", last: int = 100, **bits: int) -> dict:
+                  multiplier: float = 1.0, step_map: str = "same", last: int = 100, truncate: int = 100,
+                  neumann_terms: int = 100, neumann_step: float | None = None, **bits: int) -> dict:
     """`reverse_steps`, `multiplier` and `step_map` set DrMAD's line (S = None: the heuristic
-    1 / (multiplier * gamma)); `last` is DrMAD2's K; `bits` the exact method's w_bits/v_bits."""
+    1 / (multiplier * gamma)); `last` is DrMAD2's K, `truncate` truncated reversal's (at most T);
+    `neumann_terms` and `neumann_step` the implicit method's series; `bits` the exact method's
+    w_bits/v_bits."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)} (got {method!r})")
     if hvp not in HVP_METHODS:
@@ -48,7 +59,13 @@ def hypergradient(problem: Problem, l2: HyperSpace | None = None, method: str = 
         path = StoredPath.train(problem, coef)
     else:
         path = FloatPath.train(problem, coef)
-    if method == "drmad":
+    if method == "greedy":
+        return greedy.hypergradient(problem, l2, path.w_before, path.w())
+    if method == "ift":
+        return ift.hypergradient(problem, l2, path.w(), HVP_METHODS[hvp], neumann_terms, neumann_step)
+    if method == "truncated":
+        path = TruncatedPath(path, min(truncate, problem.steps))
+    elif method == "drmad":
         path = drmad_path(problem, path, reverse_steps, multiplier, step_map)
     elif method == "drmad2":
         k = min(last, problem.steps)

@@ -28,10 +28,12 @@ READ_THRESHOLD = D * D  # states at or above it were renormalised by a read (dis
 
 
 def rational_beta(beta: float) -> int:
-    """Numerator n of the rational n / 2^16 the exact run uses for `beta` (within 2^-16)."""
+    """Numerator n of the rational n / 2^16 the exact run uses for `beta`: the nearest one at or
+    above it (n >= 1: reversal divides by it). Idempotent, so a problem built from another's
+    momenta follows the same trajectory."""
     if not 0.0 <= beta < 1.0 - 1.0 / D:
         raise ValueError(f"momentum {beta} must lie in [0, 1 - 2^-16) for exact reversal")
-    return math.floor(beta * D) + 1
+    return max(1, math.ceil(beta * D))
 
 
 def _floor_divmod(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,13 +50,14 @@ class FloatPath(_ForwardStepsOneToOne):
 
     @classmethod
     def train(cls, problem: Problem, l2_coef: torch.Tensor, keep_every: int | None = None) -> "FloatPath":
-        """Float SGD from w_0; records distances[t-1] = |w_t - w_0| (DrMAD's step heuristic) and,
-        with `keep_every`, the iterates w_0, w_k, w_2k, ... on the CPU (parameter-path figures)."""
+        """Float SGD from w_0; records distances[t-1] = |w_t - w_0| (DrMAD's step heuristic), w_{T-1}
+        as `w_before` (the greedy hypergradient's) and, with `keep_every`, the iterates w_0, w_k,
+        w_2k, ... on the CPU (parameter-path figures)."""
         path = cls(problem, problem.w0, torch.zeros_like(problem.w0))
-        distances, path.iterates = [], [problem.w0.cpu()] if keep_every else []
+        path.w_before, distances, path.iterates = problem.w0, [], [problem.w0.cpu()] if keep_every else []
         for t in range(problem.steps):
             g = problem.train_grad(path._w, t) + l2_coef * path._w
-            beta = problem.beta[t].item()
+            path.w_before, beta = path._w, problem.beta[t].item()
             path._v = beta * path._v - (1 - beta) * g
             path._w = path._w + problem.alpha_at(t) * path._v
             distances.append(torch.linalg.vector_norm(path._w - problem.w0))

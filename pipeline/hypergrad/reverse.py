@@ -67,6 +67,7 @@ class Reversal:
         self.d_alpha = torch.zeros(problem.alpha.shape, dtype=problem.dtype, device=self.dw.device)
         self.d_beta = torch.zeros(problem.steps, dtype=problem.dtype, device=self.dw.device)
         self.has_velocity = path.v() is not None
+        self.recomputed = 0  # training gradients the HVP did not return (forward-over-reverse)
 
     def step(self, s: int) -> None:
         problem, path, c = self.problem, self.path, self.c
@@ -81,7 +82,10 @@ class Reversal:
         hdv, mixed, g = self.hvp(problem, w, t, self.dv)
         # The forward step's gradient bit for bit (from the product when it computed it so), then
         # exactly the forward step's expression; the ranks' shares averaged like training's.
-        g = problem.train_grad(w, t) if g is None else data_parallel.average([g])[0]
+        if g is None:
+            g, self.recomputed = problem.train_grad(w, t), self.recomputed + 1
+        else:
+            g = data_parallel.average([g])[0]
         g = g + c * w
         hdv, *products = data_parallel.average([hdv, *mixed.values()])
         mixed = dict(zip(mixed, products))
@@ -105,7 +109,8 @@ class Reversal:
         verify = getattr(self.path, "verify_round_trip", None)
         if verify is not None:
             verify()
-        out = {"w0": self.dw, "v0": self.dv, "val_loss": self.val_loss, "reverse_steps": self.path.reverse_steps}
+        out = {"w0": self.dw, "v0": self.dv, "val_loss": self.val_loss, "reverse_steps": self.path.reverse_steps,
+               "work": {"hvps": self.path.reverse_steps, "gradients": 1 + self.recomputed}}
         if self.has_velocity:
             out.update(alpha=self.d_alpha, beta=self.d_beta)
         if self.l2 is not None:
