@@ -277,6 +277,10 @@ class QualityConfig(Section):
     max_reverse_steps: int = Field(default=100_000, ge=1)
     step_map: Literal["same", "stride", "nearest"] = "same"
     last: int = Field(default=100, ge=1)  # DrMAD2: float reversal of the last K steps
+    truncate: list[Union[Literal["S"], int]] = Field(default_factory=lambda: [100, "S"])  # truncated reversal's K
+    neumann_terms: list[int] = Field(default_factory=lambda: [10, 100, 1000])  # implicit differentiation's series
+    neumann_step: Optional[float] = Field(default=None, gt=0.0)  # the series' step (None: the training alpha)
+    hvp_cost: float = Field(default=2.2, gt=0.0)  # one HVP of this MLP in gradient evaluations (declared)
     trace_points: int = Field(default=400, ge=2)  # reverse-pass rows kept per meta-iteration
     dtype: Literal["float64", "float32"] = "float64"
 
@@ -290,6 +294,10 @@ class QualityConfig(Section):
                 raise ValueError(f"protocols.{name}.init_scale: must lie within scale_bounds {self.scale_bounds}")
         check_names(self.runs, "runs")
         check_names(self.protocols, "protocols")
+        if any(k != "S" and k < 1 for k in self.truncate):
+            raise ValueError(f"truncate: each K a step count >= 1 or S (got {self.truncate})")
+        if any(n < 0 for n in self.neumann_terms):
+            raise ValueError(f"neumann_terms: each a count >= 0 (got {self.neumann_terms})")
         for name, run in self.runs.items():
             if run.protocol not in self.protocols:
                 raise ValueError(f"runs.{name}.protocol: one of {', '.join(self.protocols)} (got {run.protocol!r})")

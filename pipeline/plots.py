@@ -52,39 +52,83 @@ def save(figure: Figure, path) -> None:
 
 
 LABELS = {"exact": "exact", "float": "float reversal", "drmad": "DrMAD (heuristic S)",
-          "drmad_fixed": "DrMAD (fixed S)", "drmad2": "DrMAD2"}
-# One colour per method in every figure, so a method is recognised across them.
+          "drmad_fixed": "DrMAD (fixed S)", "drmad2": "DrMAD2", "truncated_S": "truncated (K = S)",
+          "greedy": "greedy (one step)"}
+# One colour per method in every figure, so a method is recognised across them; methods named by
+# a number (truncated_100, ift_10, ...) take the next free colour of the palette, in order.
 COLOURS = {"exact": "black", "float": "tab:orange", "drmad": "tab:blue", "drmad_fixed": "tab:purple",
-           "drmad2": "tab:green"}
+           "drmad2": "tab:green", "truncated_S": "tab:red", "greedy": "tab:gray"}
+PALETTE = ("tab:brown", "tab:pink", "tab:olive", "tab:cyan", "gold", "navy", "lime", "teal")
 
 
-def _by_method(ax, table: pd.DataFrame, column: str, methods) -> None:
+def label(method: str) -> str:
+    family, _, value = method.rpartition("_")
+    named = {"truncated": f"truncated (K = {value})", "ift": f"implicit ({value} Neumann terms)"}
+    return LABELS.get(method) or named.get(family, method)
+
+
+def colours(methods) -> dict[str, str]:
+    free = iter(PALETTE)
+    return {m: COLOURS.get(m) or next(free, None) for m in methods}
+
+
+def _by_method(ax, table: pd.DataFrame, column: str, methods, colour: dict[str, str]) -> None:
     for method in methods:
         rows = table[table["method"] == method]
-        ax.plot(rows["meta_iteration"], rows[column], marker="o", label=LABELS.get(method, method),
-                color=COLOURS.get(method))
+        ax.plot(rows["meta_iteration"], rows[column], marker="o", label=label(method), color=colour[method])
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # meta-iterations are whole
+
+
+def frontier(runs: dict[str, pd.DataFrame]) -> Figure:
+    """Per run, each method's cosine with the exact hypergradient against its counted work per
+    meta-iteration (mean over meta-iterations; the bars span their min and max): a cost-quality
+    frontier. `runs`: a title -> hypergradient rows (method, work, cos_exact)."""
+    methods = list(dict.fromkeys(m for rows in runs.values() for m in rows["method"]))
+    colour, cols = colours(methods), min(3, len(runs))
+    rows_n = -(-len(runs) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols, 4 * rows_n), squeeze=False)
+    for ax, (title, table) in zip(axes.flat, runs.items()):
+        for method in methods:
+            rows = table[table["method"] == method]
+            cos = rows["cos_exact"].fillna(1.0) if method == "exact" else rows["cos_exact"]
+            if not len(rows) or cos.isna().all():
+                continue
+            x, y = rows["work"].mean(), cos.mean()
+            ax.errorbar(x, y, yerr=[[y - cos.min()], [cos.max() - y]], marker="o", capsize=3, color=colour[method],
+                        label=label(method), linestyle="none")
+        ax.set(xscale="log", xlabel="counted work per meta-iteration (gradient evaluations)",
+               ylabel="cosine with exact", title=title, ylim=(-1.05, 1.05))
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(runs):]:
+        ax.axis("off")
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower right", fontsize=8)
+    fig.suptitle("Cost and quality of each hypergradient against exact")
+    fig.tight_layout()
+    return fig
 
 
 def quality_figures(frames: dict[str, pd.DataFrame], title: str) -> dict[str, Figure]:
     """The quality stage's figures, named after the thesis figures they reproduce."""
     hyper, errors, trace = frames["hypergrads"], frames["errors"], frames["reverse"]
-    out = {}
+    methods = list(dict.fromkeys(hyper["method"]))
+    colour, out = colours(methods), {}
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    _by_method(ax, hyper, "norm", LABELS)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    _by_method(ax, hyper, "norm", methods, colour)
     ax.set(yscale="log", xlabel="meta-iteration", ylabel="hypergradient norm", title=f"Fig 3.1 norms, {title}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
     out["fig3_1_norms.png"] = fig
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
     for ax, column, name in zip(axes, ("cos_exact", "sign_cos_exact"), ("hypergradients", "their signs")):
-        _by_method(ax, hyper, column, ("float", "drmad", "drmad_fixed", "drmad2"))
+        _by_method(ax, hyper, column, [m for m in methods if m != "exact"], colour)
         ax.axhline(0, color="grey", lw=0.8)
         ax.set(xlabel="meta-iteration", ylabel="cosine with exact", title=f"Fig 3.2 cosine of {name}")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7, ncol=2)
     fig.suptitle(title)
     out["fig3_2_cosines.png"] = fig
 

@@ -128,3 +128,12 @@ def test_code_deps_are_exactly_what_the_stage_imports(name):
     assert code_deps(stage) == code_closure(module)
     assert not [d for d in stage.get("do", stage).get("deps", []) if d.rstrip("/") in ("pipeline", "stages")
                 or re.fullmatch(r"(pipeline|stages)(/\w+)*", d.rstrip("/")) and (ROOT / d).is_dir()]
+
+
+def test_every_shared_quality_setting_is_declared_by_the_quality_stage():
+    """The stage reads its section through an alias (cfg = params.quality), which `reads` cannot
+    follow: every shared key (all but the runs and protocols, declared per instance) is listed."""
+    from pipeline.config import QualityConfig
+    names = declared(STAGES["quality"], yaml.safe_load((ROOT / "params.yaml").read_text()))
+    shared = set(QualityConfig.model_fields) - {"runs", "protocols"}
+    assert not sorted(k for k in shared if f"quality.{k}" not in names)

@@ -18,7 +18,8 @@ PROTOCOL = {"hidden": [10, 10], "activation": "relu", "biases": "plain", "batch_
 TINY = {"device": "cpu",
         "quality": {"data": {"source": "mnist5k", "train_size": 200, "val_size": 100, "test_size": 100},
                     "protocols": {"p": PROTOCOL}, "runs": {"t20": {"protocol": "p", "steps": 20}},
-                    "meta_iterations": 2, "drmad_steps": 5, "last": 3, "trace_points": 7},
+                    "meta_iterations": 2, "drmad_steps": 5, "last": 3, "trace_points": 7,
+                    "truncate": [4, "S"], "neumann_terms": [0, 6]},
         "paths": {"protocol": "p", "steps": 40, "every": 4, "coordinates": 2}}
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -95,12 +96,18 @@ def test_stage_writes_long_tables_figures_and_metrics(tmp_path):
     assert metrics["drmad/cos_exact"][0] == pytest.approx(first["drmad"]["cos_exact"], rel=1e-5)
     assert metrics["drmad/norm_ratio"][0] == pytest.approx(first["drmad"]["norm_ratio"], rel=1e-5)
     assert json.loads(paths.metrics.read_text()) == metrics
-    # each method's cost: the reverse steps it walked (exact and float all T; DrMAD fixed its S; DrMAD2 K + line)
-    assert metrics["exact/reverse_steps"] == metrics["float/reverse_steps"] == [20, 20]
-    assert metrics["drmad_fixed/reverse_steps"] == [5, 5] and metrics["drmad/reverse_steps"] == metrics["reverse_steps"]
-    assert all(k >= 3 for k in metrics["drmad2/reverse_steps"])  # at least its K = 3 float steps
+    # each method's cost: its HVPs (exact and float all T; DrMAD fixed its S; DrMAD2 K + line; truncated K,
+    # K = S DrMAD's; implicit N + 1; greedy 1) and its counted work, T + 1 + hvp_cost * HVPs
+    assert metrics["exact/hvps"] == metrics["float/hvps"] == [20, 20]
+    assert metrics["drmad_fixed/hvps"] == [5, 5] and metrics["drmad/hvps"] == metrics["reverse_steps"]
+    assert all(k >= 3 for k in metrics["drmad2/hvps"])  # at least its K = 3 float steps
+    assert metrics["truncated_4/hvps"] == [4, 4] and metrics["truncated_S/hvps"] == [min(s, 20) for s in metrics["reverse_steps"]]
+    assert metrics["ift_0/hvps"] == [1, 1] and metrics["ift_6/hvps"] == [7, 7] and metrics["greedy/hvps"] == [1, 1]
+    assert metrics["ift_6/work"] == pytest.approx([20 + 1 + 2.2 * 7] * 2) and metrics["exact/work"] == pytest.approx([65] * 2)
+    assert metrics["methods"] == quality.methods(params.quality)
+    assert metrics["hvp_cost"] == 2.2 and metrics["hvp_cost_measured"] > 1
     hyper = pd.read_csv(paths.hypergrads_csv)
-    assert set(hyper["method"]) == set(quality.METHODS) and len(hyper) == 2 * len(quality.METHODS)
+    assert list(dict.fromkeys(hyper["method"])) == metrics["methods"] and len(hyper) == 2 * len(metrics["methods"])
     assert hyper[hyper["method"] == "exact"]["norm"].iloc[0] == pytest.approx(first["exact"]["norm"], rel=1e-9)
     reverse = pd.read_csv(paths.reverse_csv)
     assert set(reverse["quantity"]) == set(quality.TRACE) and reverse["steps_back"].max() == 20
@@ -132,7 +139,7 @@ def test_interrupted_run_resumes_to_the_same_numbers(tmp_path, monkeypatch):
     monkeypatch.setattr(quality, "meta_iteration", lambda study, *a, **k: ran.append(study.iteration) or real(study, *a, **k))
     resumed = quality.run(tiny(), "t20", paths)
     assert ran == [1]  # resumed: only the meta-iteration the checkpoint lacked
-    timing = ("wall", "time", "floor")  # wall and CPU time, and the op-cost floor timed after the run
+    timing = ("wall", "time", "floor", "measured")  # wall and CPU time, the op-cost floor timed after the run
     assert {k: v for k, v in resumed.items() if not any(t in k for t in timing)} == \
         {k: v for k, v in straight.items() if not any(t in k for t in timing)}
     assert paths.hypergrads_csv.read_text() == (tmp_path / "a/plots/quality/t20/hypergrads.csv").read_text()
@@ -278,10 +285,12 @@ def test_op_floor_counts_every_ops_cost_and_takes_each_ops_faster_reading(monkey
 
     grad_s, hvp_s = quality.step_costs(Timed(), hvp, sample=10)
     assert (grad_s, hvp_s) == (pytest.approx(1e-3), pytest.approx(3e-3))
-    walked = [{"method": m, "reverse_steps": s} for _ in range(2) for m, s in zip(quality.METHODS, (40, 40, 7, 5, 9))]
+    walked = [{"meta_iteration": i, "method": m, "hvps": s} for i in range(2)
+              for m, s in zip(quality.BASE_METHODS, (40, 40, 7, 5, 9))]
     floor = quality.op_floor(40, [(2e-3, 3e-3), (1e-3, 4e-3)], walked, seconds=3.0, cpu_seconds=6.0)
     expected = 2 * 2 * 40 * 1e-3 + 2 * (40 + 40 + 7 + 5 + 9) * 3e-3  # 0.16 s of gradients, 0.606 s of HVPs
     assert floor["floor_time_s"] == round(expected, 1)
     assert floor["floor_time_readings_s"] == [round(0.32 + 0.606, 1), round(0.16 + 2 * 101 * 4e-3, 1)]
     assert floor["wall_over_floor"] == round(3.0 / expected, 3) and floor["cpu_over_floor"] == round(6.0 / expected, 3)
     assert (floor["floor_time_grad_ms"], floor["floor_time_hvp_ms"]) == (1.0, 3.0)
+    assert floor["hvp_cost_measured"] == 3.0  # the faster readings' ratio

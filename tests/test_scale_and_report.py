@@ -63,6 +63,9 @@ def test_scale_keeps_other_values_and_rejects_a_bad_overlay(tmp_path, paper):
     assert (tmp_path / "params.yaml").read_text() == before
 
 
+QUALITY_METHODS = ("exact", "float", "drmad", "truncated_S", "ift_10", "greedy")
+
+
 def write(path: Path, content) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(content, pd.DataFrame):
@@ -92,9 +95,13 @@ def test_report_rows_for_every_run_and_the_quality_table(tmp_path):
             "run": f"{protocol}-{steps}", "forward_steps": steps, "protocol": protocol, "outcome": "finished",
             "wall_time_s": 3.0, "meta_iterations_completed": 2, "meta_iterations": 10, "data": "mnist5k 300/100/100",
             "reverse_steps": [50, 60], "reverse_steps_text": [50, 60], "reverse_steps_scripts": [45, 54],
-            "exact/norm": [2.0, 3.0],
-            **{f"{m}/{k}": [0.5, None] for m in report.QUALITY_METHODS for k in ("cos_exact", "sign_cos_exact",
-                                                                                   "norm_ratio")}})
+            "exact/norm": [2.0, 3.0], "methods": list(QUALITY_METHODS),
+            **{f"{m}/{k}": [0.5, None] for m in QUALITY_METHODS[1:] for k in ("cos_exact", "sign_cos_exact",
+                                                                               "norm_ratio")},
+            **{f"{m}/hvps": [steps, steps] for m in QUALITY_METHODS}, **{f"{m}/work": [10.0, 20.0] for m in QUALITY_METHODS}})
+    write(tmp_path / "plots/quality/thesis-200/hypergrads.csv", pd.DataFrame(
+        {"meta_iteration": [0, 0, 1, 1], "method": ["exact", "greedy"] * 2, "cos_exact": [None, 0.3, None, 0.5],
+         "work": [400.0, 202.0, 400.0, 202.0]}))
     paths = report.ReportPaths(*(tmp_path / p for p in ("r/summary.md", "r/summary.csv", "r/quality.csv", "r/fig")))
     summary = report.run(tmp_path, last_n=2, paths=paths).set_index("run")
     assert list(summary.index) == ["baseline", "drmad -4.0", "adaptive k100"]
@@ -106,11 +113,12 @@ def test_report_rows_for_every_run_and_the_quality_table(tmp_path):
     assert summary.loc["adaptive k100", "outcome"] == "diverged"
     text = paths.summary_md.read_text()
     assert "| drmad -4.0 | 8.00% | 14.00% |" in text and "| 200 | thesis | drmad | 0.500 / n/a |" in text
-    assert "| 200 | thesis | exact |  |  |  | 2 / 3 |" in text
+    assert "| 200 | thesis | exact |  |  |  | 2 / 3 | 200 / 200 | 15 | finished |" in text
     assert "| thesis-2000 | thesis | 2000 | 2 of 10 | mnist5k 300/100/100 | 50 / 60 | 45 / 54 | finished |" in text
     assert pd.read_csv(paths.summary_csv).shape == (3, len(report.COLUMNS))
     table = pd.read_csv(paths.quality_csv)
-    assert len(table) == 3 * (1 + len(report.QUALITY_METHODS))
+    assert len(table) == 3 * len(QUALITY_METHODS) and set(table["work"]) == {15}
     order = table[["forward_steps", "protocol"]].drop_duplicates().values.tolist()
     assert order == [[200, "thesis"], [200, "standardised"], [2000, "thesis"]]  # protocols side by side per T
-    assert sorted(p.name for p in paths.figures.iterdir()) == ["test_error_per_epoch.png"]  # no layers.csv here
+    # the frontier from the one run with a hypergradient table; no layers.csv here
+    assert sorted(p.name for p in paths.figures.iterdir()) == ["hypergradient_frontier.png", "test_error_per_epoch.png"]

@@ -2,12 +2,13 @@
 
 The MNIST MLP in the form w = e^s * z trains z on CE(e^s * z) + c ||z||^2 from a fixed seeded
 z_0; the per-unit log scales s are the hyperparameters. Each meta-iteration trains with one
-seed (batches, z_0) in exact arithmetic and in floats, and takes five hypergradients of the
+seed (batches, z_0) in exact arithmetic and in floats, and takes the hypergradients of the
 validation loss: exact, float reversal (walked back side by side with exact: figs 3.4-3.6), DrMAD with
-the heuristic S and with a fixed S, and DrMAD2. Then s follows the sign of the heuristic
-DrMAD's hypergradient, as the thesis did. A checkpoint after each meta-iteration lets an
-interrupted run resume; leaving the fixed-point range or a non-finite value ends the run as
-the outcome `diverged`.
+the heuristic S and with a fixed S, DrMAD2, and the peers of algorithms §6b: truncated reversal
+(each K of `truncate`), implicit differentiation (each `neumann_terms`) and the greedy one-step
+hypergradient. Then s follows the sign of the heuristic DrMAD's hypergradient, as the thesis
+did. A checkpoint after each meta-iteration lets an interrupted run resume; leaving the
+fixed-point range or a non-finite value ends the run as the outcome `diverged`.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from pipeline.tracking import Tracker
 from pipeline.checkpoint import Checkpoint, fingerprint
 from pipeline.config import Params, QualityConfig, QualityProtocol
 from pipeline.hyper import HyperSpace
-from pipeline.hypergrad import ExactPath, FixedPointOverflow, FloatPath, Problem
+from pipeline.hypergrad import ExactPath, FixedPointOverflow, FloatPath, Problem, TruncatedPath, greedy, ift
 from pipeline.hypergrad.drmad import Drmad2Path, LinePath, heuristic_steps, step_map
 from pipeline.hypergrad.hvp import HVP, HVP_METHODS
 from pipeline.hypergrad import exact_process
@@ -38,7 +39,7 @@ from pipeline.models import MLP
 from pipeline.seeds import INIT_STREAM, derive_seed
 from pipeline.training import setup_device
 
-METHODS = ("exact", "float", "drmad", "drmad_fixed", "drmad2")
+BASE_METHODS = ("exact", "float", "drmad", "drmad_fixed", "drmad2")
 WEIGHTINGS = ("text", "scripts")  # the heuristic's readings of gamma: S is reported for both
 FOLLOWED = "drmad"  # the hypergradient whose sign the meta-iterations follow
 TRACE = ("theta_norm", "dw_norm", "w", "v", "d_theta", "dw", "cos_d_theta")
@@ -147,15 +148,42 @@ def hypergradients(problem: Problem, l2: HyperSpace, cfg: QualityConfig, protoco
     drmad2_path = Drmad2Path(problem, tail, k, heuristic(distances[:head]) if head else 0, cfg.step_map)
     lines = (reverse(problem, line(steps), l2, hvp), reverse(problem, line(cfg.drmad_steps), l2, hvp),
              reverse(problem, drmad2_path, l2, hvp))
+    others = peers(problem, l2, cfg, hvp, floats, steps)  # before float reversal walks `floats` back
     exact = child.walk() if child else Walk(problem, ExactPath.train(problem, coef), l2, hvp, keep)
     plain = Walk(problem, floats, l2, hvp, keep, stop_when_lost=True)
     trace = compare_walks(exact, plain)
-    results = (exact.result, plain.result, *lines)
-    walked = dict(zip(METHODS, (problem.steps, problem.steps, steps, cfg.drmad_steps, drmad2_path.reverse_steps)))
-    return {"grads": {m: flat(r["scale"]) for m, r in zip(METHODS, results)}, "named": results[2]["scale"],
-            "trace": trace, "w_T": exact.w_T, "reverse_steps": steps, "walked": walked,
+    results = {**dict(zip(BASE_METHODS, (exact.result, plain.result, *lines))), **others}
+    return {"grads": {m: flat(r["scale"]) for m, r in results.items()}, "named": results["drmad"]["scale"],
+            "trace": trace, "w_T": exact.w_T, "reverse_steps": steps,
+            "work": {m: r["work"] for m, r in results.items()},
             "heuristic_steps": {w: heuristic(distances, w) for w in WEIGHTINGS},
             "val_loss": exact.result["val_loss"]}
+
+
+def peers(problem: Problem, l2: HyperSpace, cfg: QualityConfig, hvp: HVP, floats: FloatPath, drmad_steps: int) -> dict:
+    """The other families on the float run at w_T (algorithms §6b): truncated reversal for each K
+    (S: DrMAD's heuristic S, so its cost matches DrMAD's), implicit differentiation for each
+    Neumann term count, the greedy one-step hypergradient."""
+    out = {}
+    for k in cfg.truncate:
+        last = min(drmad_steps if k == "S" else k, problem.steps)
+        path = TruncatedPath(FloatPath(problem, floats.w(), floats.v()), last)
+        out[f"truncated_{k}"] = reverse(problem, path, l2, hvp)
+    for terms in cfg.neumann_terms:
+        out[f"ift_{terms}"] = ift.hypergradient(problem, l2, floats.w(), hvp, terms, cfg.neumann_step)
+    out["greedy"] = greedy.hypergradient(problem, l2, floats.w_before, floats.w())
+    return out
+
+
+def methods(cfg: QualityConfig) -> list[str]:
+    """The study's hypergradients, in the order its tables and figures list them."""
+    return [*BASE_METHODS, *(f"truncated_{k}" for k in cfg.truncate), *(f"ift_{n}" for n in cfg.neumann_terms), "greedy"]
+
+
+def counted_work(steps: int, work: dict, hvp_cost: float) -> float:
+    """One hypergradient's counted work in gradient evaluations: the T training gradients, its own
+    gradients, and its HVPs at the declared `hvp_cost`."""
+    return steps + work["gradients"] + hvp_cost * work["hvps"]
 
 
 def compare(grads: dict[str, torch.Tensor]) -> list[dict]:
@@ -201,7 +229,9 @@ def meta_iteration(study: Study, problem: Problem, l2: HyperSpace, cfg: QualityC
         return False
     if not all(bool(torch.isfinite(got["grads"][m]).all()) for m in ("exact", FOLLOWED)):
         return False  # the others may overflow (float reversal does, for long T): recorded as NaN
-    compared = [{**row, "reverse_steps": got["walked"][row["method"]]} for row in compare(got["grads"])]
+    compared = [{**row, "hvps": got["work"][row["method"]]["hvps"],
+                 "work": counted_work(problem.steps, got["work"][row["method"]], cfg.hvp_cost)}
+                for row in compare(got["grads"])]
     errors = {s: error_rate(problem, got["w_T"], *(splits[s][k].to(problem.x.device) for k in ("x", "y")))
               for s in ("train", "val", "test")}
     sign_step(study.scales, got["named"], study.momentum, cfg.hyper_step, cfg.hyper_momentum)
@@ -254,6 +284,7 @@ def run(params: Params, name: str, paths: QualityPaths, tracker: Tracker | None 
     run_meta_iterations(study, bar, problem, l2, cfg, protocol, splits, hvp, tracker, checkpoint, child)
     sizes = meta["sizes"]
     metrics = {"run": name, "protocol": cfg.runs[name].protocol, "meta_iterations": cfg.meta_iterations_of(name),
+               "hvp_cost": cfg.hvp_cost,
                "data": f"{meta['source']} {sizes['train']}/{sizes['val']}/{sizes['test']}",
                **summarise(study, steps, time.perf_counter() - started), "processes": 2 if child else 1,
                "cpu_time_s": round(time.process_time() - cpu_started + (child.cpu_s if child else 0.0), 1)}
@@ -307,14 +338,17 @@ def step_costs(problem: Problem, hvp: HVP, sample: int = 100) -> tuple[float, fl
 def op_floor(steps: int, costs: list[tuple[float, float]], walked: list[dict], seconds: float,
              cpu_seconds: float) -> dict:
     """The run's op-cost floor: every meta-iteration needs 2T training gradients (the exact and
-    the float run) and, per reverse step walked by any method (2T for exact and float reversal,
-    S for each DrMAD line), one gradient-plus-HVP. `costs`: `step_costs` timed before and after
-    the run; the floor takes each op's faster reading, so a machine whose speed drifts during the
-    run never flatters the ratio (both readings' floors are recorded). `walked`: the hypergradient
-    rows of the meta-iterations this attempt ran (five per meta-iteration). The floor is one
-    process's: with the exact half in a second process the wall time may fall below it, and
-    `cpu_over_floor` (CPU seconds of both) is the work's ratio."""
-    meta_iterations, reverse_steps = len(walked) // len(METHODS), sum(r["reverse_steps"] for r in walked)
+    the float run) and, per HVP any method took (T each for exact and float reversal, S for each
+    DrMAD line, K for truncated reversal, N + 1 for implicit differentiation, 1 for greedy), one
+    gradient-plus-HVP. `costs`: `step_costs` timed before and after the run; the floor takes each
+    op's faster reading, so a machine whose speed drifts during the run never flatters the ratio
+    (both readings' floors are recorded). `walked`: the hypergradient rows of the meta-iterations
+    this attempt ran. The floor is one process's: with the exact half in a second process the wall
+    time may fall below it, and `cpu_over_floor` (CPU seconds of both) is the work's ratio.
+    `hvp_cost_measured`: this machine's gradient-plus-HVP over a gradient, beside the declared
+    `quality.hvp_cost` that counted work uses (a stale constant shows here)."""
+    meta_iterations = len({r["meta_iteration"] for r in walked})
+    reverse_steps = sum(r["hvps"] for r in walked)
 
     def floor(grad_s: float, hvp_s: float) -> float:
         return meta_iterations * 2 * steps * grad_s + reverse_steps * hvp_s
@@ -322,6 +356,7 @@ def op_floor(steps: int, costs: list[tuple[float, float]], walked: list[dict], s
     grad_s, hvp_s = min(g for g, _ in costs), min(h for _, h in costs)
     best = floor(grad_s, hvp_s)
     return {"floor_time_grad_ms": round(1e3 * grad_s, 4), "floor_time_hvp_ms": round(1e3 * hvp_s, 4),
+            "hvp_cost_measured": round(hvp_s / grad_s, 3),
             "floor_time_s": round(best, 1), "floor_time_readings_s": [round(floor(*c), 1) for c in costs],
             "wall_over_floor": round(seconds / best, 3) if best else None,
             "cpu_over_floor": round(cpu_seconds / best, 3) if best else None}
@@ -332,14 +367,16 @@ def summarise(study: Study, steps: int, seconds: float) -> dict:
     table = pd.DataFrame(study.rows["hypergrads"])
     out = {"forward_steps": steps, "outcome": study.outcome, "meta_iterations_completed": study.iteration,
            "wall_time_s": round(seconds, 1),
+           "methods": list(dict.fromkeys(table["method"])) if len(table) else [],
            "reverse_steps": [r["reverse_steps"] for r in study.rows["meta"]],
            **{f"reverse_steps_{w}": [r[f"reverse_steps_{w}"] for r in study.rows["meta"]] for w in WEIGHTINGS}}
     exact = table[table["method"] == "exact"] if len(table) else table
     out["exact/norm"] = [number(v) for v in exact["norm"]] if len(exact) else []
-    out["exact/reverse_steps"] = [number(v) for v in exact["reverse_steps"]] if len(exact) else []
-    for method in METHODS[1:]:
-        rows = table[table["method"] == method] if len(table) else table
-        for key in ("norm_ratio", "cos_exact", "sign_cos_exact", "reverse_steps"):
+    for key in ("hvps", "work"):
+        out[f"exact/{key}"] = [number(v) for v in exact[key]] if len(exact) else []
+    for method in out["methods"][1:]:
+        rows = table[table["method"] == method]
+        for key in ("norm_ratio", "cos_exact", "sign_cos_exact", "hvps", "work"):
             out[f"{method}/{key}"] = [number(v) for v in rows[key]] if len(rows) else []
     errors = study.rows["meta"][-1] if study.rows["meta"] else {}
     out.update({f"final_{s}_error": errors.get(f"{s}_error") for s in ("train", "val", "test")})

@@ -22,7 +22,6 @@ COLUMNS = ("run", "final_test_error", "mean_last_n_test_error", "last_n", "best_
 def _work(m: dict) -> dict:
     """Counted work (machine load cannot change it); older metrics without it: n/a."""
     return {k: m.get(k) for k in ("work_gradient_equivalents", "hypergradient_work_share")}
-QUALITY_METHODS = ("float", "drmad", "drmad_fixed", "drmad2")
 
 
 @dataclass(frozen=True)
@@ -84,26 +83,44 @@ def adaptive_rows(root: Path) -> list[dict]:
 
 def quality_rows(root: Path) -> list[dict]:
     """Per forward length, protocol and method: cosine with exact and norm ratio per
-    meta-iteration (exact's own row: its norm). Protocols of one length stand side by side."""
+    meta-iteration (exact's own row: its norm), and the method's counted work. Protocols of one
+    length stand side by side."""
     rows = []
     runs = sorted((_json(p) for p in (root / "metrics").glob("quality_*.json")),
                   key=lambda m: (m["forward_steps"], m.get("protocol") != "thesis", m.get("protocol", "")))
     for m in runs:
-        rows.append({"forward_steps": m["forward_steps"], "protocol": m.get("protocol"), "method": "exact",
-                     "cos_exact": "", "sign_cos_exact": "", "norm_ratio": "",
+        common = {"forward_steps": m["forward_steps"], "protocol": m.get("protocol")}
+        rows.append({**common, "method": "exact", "cos_exact": "", "sign_cos_exact": "", "norm_ratio": "",
                      "norm": " / ".join(_fmt(n, ".3g") for n in m.get("exact/norm", [])), "mean_cos_exact": None,
-                     "reverse_steps": _steps(m, "exact"), "outcome": m["outcome"], "wall_time_s": m["wall_time_s"]})
-        for method in QUALITY_METHODS:
+                     **_cost(m, "exact"), "outcome": m["outcome"]})
+        for method in m["methods"][1:]:
             cos, ratio = m[f"{method}/cos_exact"], m[f"{method}/norm_ratio"]
             finite = [c for c in cos if c is not None]
-            rows.append({"forward_steps": m["forward_steps"], "protocol": m.get("protocol"), "method": method,
-                         "cos_exact": " / ".join(_fmt(c, ".3f") for c in cos),
+            rows.append({**common, "method": method, "cos_exact": " / ".join(_fmt(c, ".3f") for c in cos),
                          "sign_cos_exact": " / ".join(_fmt(c, ".3f") for c in m[f"{method}/sign_cos_exact"]),
                          "norm_ratio": " / ".join(_fmt(r, ".3g") for r in ratio), "norm": "",
                          "mean_cos_exact": sum(finite) / len(finite) if finite else None,
-                         "reverse_steps": _steps(m, method),
-                         "outcome": m["outcome"], "wall_time_s": m["wall_time_s"]})
+                         **_cost(m, method), "outcome": m["outcome"]})
     return rows
+
+
+def _cost(m: dict, method: str) -> dict:
+    """HVPs per meta-iteration (a method's reverse steps, Neumann terms, ...) and the mean counted
+    work per meta-iteration in gradient evaluations (T training gradients included)."""
+    work = [w for w in m[f"{method}/work"] if w is not None]
+    return {"hvps": " / ".join(_fmt(s, ",.0f") for s in m[f"{method}/hvps"]),
+            "work": round(sum(work) / len(work)) if work else None}
+
+
+def quality_frontier(root: Path) -> dict[str, pd.DataFrame]:
+    """Per quality run (title: protocol, T), its hypergradient rows: the frontier figure's input."""
+    out = {}
+    for path in sorted((root / "metrics").glob("quality_*.json"), key=lambda p: _json(p)["forward_steps"]):
+        m, name = _json(path), _tag(path, "quality_")
+        table = root / f"plots/quality/{name}/hypergrads.csv"
+        if table.exists():
+            out[f"{m.get('protocol')}, T = {m['forward_steps']:,}"] = inputs.read_csv(table)
+    return out
 
 
 def quality_runs(root: Path) -> list[dict]:
@@ -119,14 +136,6 @@ def quality_runs(root: Path) -> list[dict]:
                      **{f"S_{w}": " / ".join(str(n) for n in m.get(f"reverse_steps_{w}", [])) for w in ("text", "scripts")},
                      "outcome": m["outcome"]})
     return rows
-
-
-def _steps(m: dict, method: str) -> str:
-    """Reverse steps walked per meta-iteration (each a gradient and an HVP): the method's cost."""
-    steps = m.get(f"{method}/reverse_steps")
-    if steps is None:  # metrics written before every method recorded its steps
-        steps = m["reverse_steps"] if method == "drmad" else []
-    return " / ".join(_fmt(s, ",.0f") for s in steps)
 
 
 def _fmt(value, spec: str) -> str:
@@ -272,9 +281,14 @@ def run(root: Path = Path("."), last_n: int = 3, paths: ReportPaths = ReportPath
                  "\nPer meta-iteration: cosine with the exact hypergradient, of the hypergradients and of their "
                  "signs, and the norm ratio to exact (thesis figs 3.1-3.2); exact's rows give its own norm. "
                  "n/a where that hypergradient was not finite (float reversal overflows on long runs). "
-                 "`reverse_steps`: the steps each method's reverse pass walked per meta-iteration (one gradient "
-                 "and one HVP each), its cost beside its quality; exact and float reversal walk all T. "
-                 "`wall_time_s` is the whole stage's.\n",
+                 "Methods (docs/algorithms.md §5-6b): exact and float reversal walk all T steps back; DrMAD the "
+                 "straight line in S steps (heuristic, or fixed); DrMAD2 float reversal of the last K steps, then "
+                 "the line; truncated reversal only the last K steps (K = S: DrMAD's cost); implicit "
+                 "differentiation at w_T with N Neumann terms; greedy the last step alone. `hvps`: Hessian-vector "
+                 "products per meta-iteration, its cost beside its quality; `work`: the mean counted work per "
+                 "meta-iteration in gradient evaluations (T training gradients, the hypergradient's gradients and "
+                 "its HVPs at `quality.hvp_cost`). reports/figures/hypergradient_frontier.png plots cosine "
+                 "against work.\n",
                  markdown(quality.drop(columns=["mean_cos_exact"]))]
     text += provenance(root, here)
     paths.summary_md.parent.mkdir(parents=True, exist_ok=True)
@@ -290,6 +304,8 @@ def run(root: Path = Path("."), last_n: int = 3, paths: ReportPaths = ReportPath
         if len(table):
             plots.save(verdict.figure(seeds, table, level), tmp / "test_error_vs_compute.png")
         plots.save(plots.runs_test_error(test_error_curves(root)), tmp / "test_error_per_epoch.png")
+        if frontier := quality_frontier(root):
+            plots.save(plots.frontier(frontier), tmp / "hypergradient_frontier.png")
         trajectories = layer_trajectories(root)
         if trajectories:
             plots.save(plots.layer_trajectories(trajectories), tmp / "hyperparameters_per_layer.png")
