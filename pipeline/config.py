@@ -380,6 +380,38 @@ class FinalConfig(Section):
         return self
 
 
+class ArenaConfig(Section):
+    """The verdict's MLP arena (pipeline/experiments/arena.py): per seed, every method tunes the
+    quality study's MLP at one counted budget, then its choice is retrained and tested."""
+    protocol: str = "thesis"  # a key of quality.protocols
+    seeds: list[int] = Field(default_factory=lambda: list(range(10)))  # one stage instance each
+    steps: int = Field(default=1000, ge=2)  # T of every training (tuning and final)
+    budget: float = Field(default=10_000.0, gt=0.0)  # gradient evaluations per method and seed
+    log_scale: list[float] = Field(default_factory=lambda: [-1.0, 1.0], min_length=2, max_length=2)  # searches
+    log_l2: list[float] = Field(default_factory=lambda: [-8.0, -1.0], min_length=2, max_length=2)  # protocol's base
+    rungs: int = Field(default=4, ge=1)  # hyperband: validation error reported every T / rungs steps
+    tpe_startup_trials: int = Field(default=4, ge=1)
+
+    @model_validator(mode="after")
+    def _checks(self):
+        for key in ("log_scale", "log_l2"):
+            low, high = getattr(self, key)
+            if low >= high:
+                raise ValueError(f"{key}: [low, high] with low < high, got {[low, high]}")
+        if len(self.seeds) < 2 or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: at least 2 distinct seeds (got {self.seeds})")
+        if any(not 0 <= s <= SEED_MAX for s in self.seeds):
+            raise ValueError(f"seeds: each within [0, {SEED_MAX}] (got {self.seeds})")
+        if self.rungs > self.steps:
+            raise ValueError(f"rungs: at most steps = {self.steps} (got {self.rungs})")
+        return self
+
+
+class VerdictConfig(Section):
+    """How the verdict words a paired difference (pipeline/stats.py `decide`)."""
+    margin_points: float = Field(default=0.5, gt=0.0, le=100.0)  # equivalence margin, percentage points
+
+
 class ReportConfig(Section):
     last_n: int = Field(default=3, ge=1)  # DrMAD rows: mean test error of the last n meta-iterations
 
@@ -393,8 +425,9 @@ class EvaluationConfig(Section):
 
 class WorkConfig(Section):
     """How counted work is added up (pipeline/work.py)."""
-    # One Hessian-vector product in gradient evaluations: 3.2-3.7 for DenseNet-40 and 1.7-2.1
-    # for the MNIST MLP by double backward on this 2-core CPU (bench/hypergrad.py --only hvp).
+    # One reverse step (a Hessian-vector product by double backward, which returns the gradient
+    # too) in gradient evaluations, declared per model: DenseNet-40 3.2-3.7 on a 2-core CPU
+    # (bench/hypergrad.py --only hvp); the MLP's is quality.hvp_cost.
     hvp_cost: float = Field(default=3.5, gt=0.0)
 
 
@@ -420,6 +453,8 @@ class Params(Section):
     paths: PathsConfig = PathsConfig()
     search: SearchConfig = SearchConfig()
     final: FinalConfig = FinalConfig()
+    arena: ArenaConfig = ArenaConfig()
+    verdict: VerdictConfig = VerdictConfig()
     report: ReportConfig = ReportConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     work: WorkConfig = WorkConfig()
@@ -449,6 +484,12 @@ class Params(Section):
             if variant.val_size is not None and pooled - variant.val_size < self.adaptive.batch_size:
                 raise ValueError(f"adaptive.variants.{name}.val_size: leaves {pooled - variant.val_size} of the "
                                  f"{pooled} train+val images for training, fewer than adaptive.batch_size")
+        if self.arena.protocol not in self.quality.protocols:
+            raise ValueError(f"arena.protocol: one of {', '.join(self.quality.protocols)} (got {self.arena.protocol!r})")
+        low, high = self.quality.scale_bounds
+        if not low <= self.arena.log_scale[0] < self.arena.log_scale[1] <= high:
+            raise ValueError(f"arena.log_scale: within quality.scale_bounds {self.quality.scale_bounds} "
+                             f"(got {self.arena.log_scale})")
         for name, protocol in self.quality.protocols.items():
             if protocol.batch_size > self.quality.data.train_count:
                 raise ValueError(f"quality.protocols.{name}.batch_size: at most the {self.quality.data.train_count} "

@@ -79,24 +79,25 @@ def _by_method(ax, table: pd.DataFrame, column: str, methods, colour: dict[str, 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # meta-iterations are whole
 
 
-def frontier(runs: dict[str, pd.DataFrame]) -> Figure:
-    """Per run, each method's cosine with the exact hypergradient against its counted work per
-    meta-iteration (mean over meta-iterations; the bars span their min and max): a cost-quality
-    frontier. `runs`: a title -> hypergradient rows (method, work, cos_exact)."""
-    methods = list(dict.fromkeys(m for rows in runs.values() for m in rows["method"]))
+def frontier(runs: dict[str, tuple[pd.DataFrame, int]]) -> Figure:
+    """Per run, each method's cosine with the exact hypergradient against the counted work of the
+    hypergradient itself, beyond the T training gradients every method shares (mean over
+    meta-iterations; the bars span their min and max): a cost-quality frontier. `runs`: a title ->
+    (hypergradient rows with method, work and cos_exact; T)."""
+    methods = list(dict.fromkeys(m for rows, _ in runs.values() for m in rows["method"]))
     colour, cols = colours(methods), min(3, len(runs))
     rows_n = -(-len(runs) // cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols, 4 * rows_n), squeeze=False)
-    for ax, (title, table) in zip(axes.flat, runs.items()):
+    for ax, (title, (table, steps)) in zip(axes.flat, runs.items()):
         for method in methods:
             rows = table[table["method"] == method]
             cos = rows["cos_exact"].fillna(1.0) if method == "exact" else rows["cos_exact"]
             if not len(rows) or cos.isna().all():
                 continue
-            x, y = rows["work"].mean(), cos.mean()
+            x, y = rows["work"].mean() - steps, cos.mean()
             ax.errorbar(x, y, yerr=[[y - cos.min()], [cos.max() - y]], marker="o", capsize=3, color=colour[method],
                         label=label(method), linestyle="none")
-        ax.set(xscale="log", xlabel="counted work per meta-iteration (gradient evaluations)",
+        ax.set(xscale="log", xlabel="hypergradient work beyond training (gradient evaluations)",
                ylabel="cosine with exact", title=title, ylim=(-1.05, 1.05))
         ax.axhline(0, color="grey", lw=0.8)
         ax.grid(alpha=0.3)

@@ -1,10 +1,17 @@
 """Counted work: what a run spent, in gradient evaluations, whatever else ran on the machine.
 
-A training step costs one gradient evaluation (forward and backward of its batch); a reverse
-step one gradient (recomputed, algorithms §4) and one Hessian-vector product; each hypergradient
-one more gradient, of the validation loss at its end. An HVP counts as `hvp_cost` gradient
-evaluations (params.yaml `work.hvp_cost`, measured by `bench/hypergrad.py --only hvp`).
-Evaluations (validation, test, precise BN) tune nothing and are not counted.
+- A training step: one gradient evaluation (forward and backward of its batch).
+- A reverse step: one Hessian-vector product, `hvp_cost` gradient evaluations. Double backward
+  returns the step's gradient with the product (algorithms §4), so nothing else is recomputed,
+  and DrMAD's line needs no gradient beyond it; forward-over-reverse recomputes the gradient, one
+  more evaluation per step (`recomputed`).
+- A hypergradient: one more gradient, of the validation loss at its end.
+- Evaluations (validation, test, precise BN) tune nothing and are not counted.
+
+`hvp_cost` is a declared constant per model (params.yaml `work.hvp_cost` for the DenseNet,
+`quality.hvp_cost` for the MLP), measured as double backward's time over a gradient's
+(`bench/hypergrad.py --only hvp`), so budgets and trial counts do not depend on the machine; each
+run records the ratio it measured beside it (`hvp_cost_measured`), so a stale constant shows.
 """
 from __future__ import annotations
 
@@ -20,8 +27,10 @@ class Work:
     def train(self, steps: int) -> None:
         self.training_gradients += steps
 
-    def hypergradient(self, reverse_steps: int) -> None:
-        self.hyper_gradients += reverse_steps + 1
+    def hypergradient(self, reverse_steps: int, recomputed: int = 0) -> None:
+        """One hypergradient: its reverse steps' HVPs, the validation gradient and the training
+        gradients its HVP did not return (`recomputed`)."""
+        self.hyper_gradients += 1 + recomputed
         self.hvps += reverse_steps
 
     def metrics(self, hvp_cost: float) -> dict[str, float]:

@@ -95,9 +95,9 @@ def test_unknown_variant_or_oversized_split_is_a_config_error():
 
 def test_counted_work_by_hand(prepared, tmp_path):
     """Variant a: 3 epochs of 3 steps = 9 gradients; hypergradients at steps 3 and 7 through
-    window 3: 2 x (3 + 1) gradients and 2 x 3 HVPs; HVP cost 3 (params.yaml work.hvp_cost)."""
+    window 3: 2 validation gradients and 2 x 3 HVPs; HVP cost 3 (params.yaml work.hvp_cost)."""
     params = parse_params({**TINY, "work": {"hvp_cost": 3.0}})
     metrics = adaptive_run.run(params, prepared, "a", adaptive_run.AdaptivePaths.for_variant("a", tmp_path))
-    assert (metrics["work_training_gradients"], metrics["work_hypergradient_gradients"], metrics["work_hvps"]) == (9, 8, 6)
-    assert metrics["work_gradient_equivalents"] == 9 + 8 + 3 * 6
-    assert metrics["hypergradient_work_share"] == pytest.approx((8 + 18) / 35, abs=1e-6)
+    assert (metrics["work_training_gradients"], metrics["work_hypergradient_gradients"], metrics["work_hvps"]) == (9, 2, 6)
+    assert metrics["work_gradient_equivalents"] == 9 + 2 + 3 * 6
+    assert metrics["hypergradient_work_share"] == pytest.approx((2 + 18) / 29, abs=1e-6)

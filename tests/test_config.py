@@ -231,5 +231,5 @@ def test_a_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
 def test_an_oversized_params_file_is_refused_unread(tmp_path, monkeypatch):
     (tmp_path / "params.yaml").write_text(Path(ROOT / "params.yaml").read_text() + "#" * (1 << 20) + "\n")
     monkeypatch.setattr("pipeline.config.read_yaml", lambda *a: pytest.fail("read an oversized file"))
-    with pytest.raises(ConfigError, match=r"params.yaml: 1,05\d,\d{3} bytes; at most 1,048,576"):
+    with pytest.raises(ConfigError, match=r"params.yaml: 1,0\d\d,\d{3} bytes; at most 1,048,576"):
         load_params(tmp_path / "params.yaml")

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = {"model_dump", "model_copy"}  # pydantic methods, not keys
 # Read, but changing none of a stage's outputs: where workers meet and how often they beat, and the
 # foreach list itself (each item is its own stage instance).
-NOT_RESULTS = {"search.storage", "search.heartbeat_s", "search.samplers", "device"}
+NOT_RESULTS = {"search.storage", "search.heartbeat_s", "search.samplers", "device", "arena.seeds"}
 
 
 def reads(path: Path) -> set[str]:

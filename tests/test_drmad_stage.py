@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import psutil
 import pytest
 import torch
@@ -138,12 +139,16 @@ def test_sigkill_then_dvc_repro_resumes_to_the_uninterrupted_result(prepared, tm
 
 def test_counted_work_by_hand(prepared, tmp_path):
     """3 meta-iterations of 1, 1, 2 epochs (x1.4 growth, cap 2) of 3 steps, S = 3 reverse steps each:
-    12 training gradients, 3 x (3 + 1) hypergradient gradients, 9 HVPs."""
+    12 training gradients, 3 validation gradients (one per hypergradient), 9 HVPs; a reverse step is
+    one HVP (double backward returns its gradient), nothing more."""
     params = parse_params({**TINY, "work": {"hvp_cost": 2.5}})
     metrics = drmad_tuning.run(params, prepared, -4.0, drmad_tuning.DrmadPaths.for_init("-4.0", tmp_path))
     assert [epochs_at(i, 1, 1.4, 2) for i in range(3)] == [1, 1, 2]
-    assert (metrics["work_training_gradients"], metrics["work_hypergradient_gradients"], metrics["work_hvps"]) == (12, 12, 9)
-    assert metrics["work_gradient_equivalents"] == 12 + 12 + 2.5 * 9
+    assert (metrics["work_training_gradients"], metrics["work_hypergradient_gradients"], metrics["work_hvps"]) == (12, 3, 9)
+    assert metrics["work_gradient_equivalents"] == 12 + 3 + 2.5 * 9
+    # the same from the run's own rows: T per meta-iteration, S reverse steps at hvp_cost, one gradient each
+    rows = pd.read_csv(tmp_path / "plots/drmad/-4.0/meta.csv")
+    assert metrics["work_gradient_equivalents"] == sum(rows["training_gradients"]) + sum(1 + 2.5 * rows["reverse_steps"])
 
 
 def test_the_finalist_is_the_best_validation_meta_iteration_not_the_last(prepared, tmp_path, monkeypatch):

@@ -24,15 +24,17 @@ TINY = {
                 "runs": {"tiny-10": {"protocol": "tiny", "steps": 10}, "tiny-20": {"protocol": "tiny", "steps": 20}},
                 "meta_iterations": 1, "drmad_steps": 3, "last": 3, "trace_points": 5},
     "paths": {"protocol": "tiny", "steps": 20, "every": 5},
-    "search": {"trial_epochs": 1},  # budget: drmad's counted work, 11.4 gradient evaluations -> 2 trials of 4
+    "search": {"trial_epochs": 1},  # budget: drmad's counted work, 9.4 gradient evaluations -> 2 trials of 4
     "final": {"seeds": [1, 2]},
+    "arena": {"protocol": "tiny", "seeds": [0, 1], "steps": 10, "budget": 60, "rungs": 2},
 }
 REPLACED = ("protocols", "runs")  # mappings the tiny params replace whole (merging would keep the defaults')
 DENSENET_STAGES = ("prepare", "baseline", "drmad@-4.0", "adaptive@k100", "adaptive@k131", "search@random",
                    "search@tpe", "final@baseline", "final@search", "final@drmad", "final@adaptive")
 METHODS = ("baseline", "random", "tpe", "drmad -4", "adaptive k100", "adaptive k131", "adaptive k100 baseline-schedule",
            "adaptive k131 baseline-schedule")
-STAGES = ("validate",) + DENSENET_STAGES + ("quality@tiny-10", "quality@tiny-20", "paths", "report")
+ARENA_METHODS = ("baseline", "drmad", "drmad2", "exact", "truncated", "greedy", "random", "tpe", "hyperband")
+STAGES = ("validate",) + DENSENET_STAGES + ("arena@0", "arena@1", "quality@tiny-10", "quality@tiny-20", "paths", "report")
 pytestmark = pytest.mark.slow
 
 
@@ -111,13 +113,19 @@ def test_repro_runs_what_changed_and_records_it(tmp_path):
         assert row in summary, row
     # The verdict leads: every method's row, with a finite interval over the two seeds.
     assert summary.startswith("# Verdict")
-    verdict_rows = {line.split(" | ")[0].removeprefix("| "): line for line in summary.split("# Tuning runs")[0].splitlines()
-                    if line.startswith("| ") and " [" in line}
-    assert set(verdict_rows) == set(METHODS)
-    for method, line in verdict_rows.items():
-        assert re.search(r"\| 2 \| \d+\.\d\d \[-?\d+\.\d\d, \d+\.\d\d\] \|", line), line
-        assert method == "baseline" or re.search(r"beats the baseline|worse than the baseline|no significant difference", line)
+    lead = summary.split("# Tuning runs")[0]
+    for arena, methods in (("DenseNet", METHODS), ("MLP", ARENA_METHODS)):
+        section = lead.split(f"## {arena} arena")[1].split("\n## ")[0]
+        verdict_rows = {line.split(" | ")[0].removeprefix("| "): line for line in section.splitlines()
+                        if line.startswith("| ") and " [" in line}
+        assert set(verdict_rows) == set(methods), arena
+        for method, line in verdict_rows.items():
+            assert re.search(r"\| 2 \| \d+\.\d\d \[-?\d+\.\d\d, \d+\.\d\d\] \|", line), line
+            assert method == "baseline" or re.search(r"\| (better|worse|equivalent|inconclusive)", line), line
+    assert "**densenet arena, 2 seeds** — " in lead and "**mlp arena, 2 seeds** — " in lead
     verdict = json.loads((repo / "reports/verdict.json").read_text())
+    assert set(verdict) == {"densenet", "mlp"} and set(verdict["mlp"]) == set(ARENA_METHODS)
+    verdict = verdict["densenet"]
     assert set(verdict) == set(METHODS) and verdict["baseline"]["tuning_work"] == 0
     assert verdict["random"]["tuning_work"] == verdict["tpe"]["tuning_work"] == 8  # two trials of 4 steps
     for cache in repo.rglob("__pycache__"):  # a fresh clone has no bytecode: it must not look like changed code
@@ -159,7 +167,8 @@ def test_repro_runs_what_changed_and_records_it(tmp_path):
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     assert "summary.md" in {Path(f.path).name for f in client.list_artifacts(parent, "report")}
     parent_metrics = client.get_run(parent).data.metrics
-    assert {f"verdict/{m}/test_error_mean" for m in METHODS} <= set(parent_metrics)
+    assert {f"verdict/densenet/{m}/test_error_mean" for m in METHODS} <= set(parent_metrics)
+    assert {f"verdict/mlp/{m}/test_error_mean" for m in ARENA_METHODS} <= set(parent_metrics)
     trials = client.search_runs([client.get_run(parent).info.experiment_id], "attributes.run_name LIKE 'trial %'")
     searches = {r.info.run_id: r.info.run_name for r in client.search_runs(
         [client.get_run(parent).info.experiment_id], "attributes.run_name LIKE 'search:%'")}

@@ -20,7 +20,7 @@ TINY = {"device": "cpu",
                     "protocols": {"p": PROTOCOL}, "runs": {"t20": {"protocol": "p", "steps": 20}},
                     "meta_iterations": 2, "drmad_steps": 5, "last": 3, "trace_points": 7,
                     "truncate": [4, "S"], "neumann_terms": [0, 6]},
-        "paths": {"protocol": "p", "steps": 40, "every": 4, "coordinates": 2}}
+        "paths": {"protocol": "p", "steps": 40, "every": 4, "coordinates": 2}, "arena": {"protocol": "p"}}
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

@@ -101,7 +101,7 @@ def test_report_rows_for_every_run_and_the_quality_table(tmp_path):
             **{f"{m}/hvps": [steps, steps] for m in QUALITY_METHODS}, **{f"{m}/work": [10.0, 20.0] for m in QUALITY_METHODS}})
     write(tmp_path / "plots/quality/thesis-200/hypergrads.csv", pd.DataFrame(
         {"meta_iteration": [0, 0, 1, 1], "method": ["exact", "greedy"] * 2, "cos_exact": [None, 0.3, None, 0.5],
-         "work": [400.0, 202.0, 400.0, 202.0]}))
+         "work": [400.0, 202.0, 400.0, 202.0]}))  # T = 200: 200 and 2 beyond it
     paths = report.ReportPaths(*(tmp_path / p for p in ("r/summary.md", "r/summary.csv", "r/quality.csv", "r/fig")))
     summary = report.run(tmp_path, last_n=2, paths=paths).set_index("run")
     assert list(summary.index) == ["baseline", "drmad -4.0", "adaptive k100"]

@@ -54,10 +54,13 @@ def test_the_table_says_only_what_the_intervals_support(tmp_path):
     table = verdict.table(seeds, 0.95).set_index("method")
     assert list(table.index) == ["baseline", "random", "drmad -4", "adaptive a"]
     assert table.loc["random", "diff_mean"] == pytest.approx(-0.2)
-    assert table.loc["random", "verdict"].startswith("beats the baseline by 20.00 points")
-    assert table.loc["drmad -4", "verdict"].startswith("no significant difference")
+    assert table.loc["random", "verdict"].startswith("better: 20.00 points fewer errors than the baseline")
+    assert table.loc["random", "decision"] == "better" and table.loc["drmad -4", "decision"] == "inconclusive"
+    assert table.loc["drmad -4", "verdict"].startswith("inconclusive")
     assert "1 of 3 seeds diverged" in table.loc["adaptive a", "verdict"]
-    assert table.loc["adaptive a", "verdict"].startswith("worse than the baseline")
+    assert table.loc["adaptive a", "verdict"].startswith("worse: ") and table.loc["adaptive a", "decision"] == "worse"
+    # random beats the baseline on every seed: probability of improvement 1, its bootstrap interval too
+    assert (table.loc["random", "p_improve"], table.loc["random", "p_improve_low"]) == (1.0, 1.0)
     assert table.loc["adaptive a", "seeds"] == 3 and table.loc["adaptive a", "test_error_mean"] == pytest.approx(0.825)
     # costs: the search's and DrMAD's tuning once, the adaptive's inside its runs; final work per seed
     assert table.loc["baseline", "tuning_work"] == 0 and table.loc["random", "tuning_work"] == 240
@@ -78,21 +81,25 @@ def test_the_report_leads_with_the_verdict(tmp_path):
     assert "| another CPU; torch 2.0; cpu | **no** | search/random |" in summary
     assert "| not recorded | **no** | drmad/-4, final/adaptive, final/baseline, final/drmad, final/search |" in summary
     assert summary.startswith("# Verdict")
-    assert "| random | 3 | 12.00 [" in summary and "beats the baseline by 20.00 points, CI [" in summary
+    assert "| random | 3 | 12.00 [" in summary and "better: 20.00 points fewer errors than the baseline, CI [" in summary
+    assert "**densenet arena, 3 seeds** — better than the baseline: random; worse: adaptive a; inconclusive: drmad -4." \
+        in summary
     assert "one image is 1.00 points" in summary
     assert (paths.figures / "test_error_vs_compute.png").stat().st_size > 10_000
-    metrics = json.loads(paths.verdict_json.read_text())
+    metrics = json.loads(paths.verdict_json.read_text())["densenet"]
     assert metrics["random"]["diff_mean"] == pytest.approx(-0.2) and metrics["baseline"]["diff_mean"] is None
 
 
 @pytest.mark.parametrize("low, high, expected", [
-    (-0.03, -0.01, "beats the baseline by 2.00 points, CI [-3.00, -1.00]"),
-    (0.01, 0.03, "worse than the baseline by 2.00 points, CI [+1.00, +3.00]"),
-    (-0.01, 0.05, "no significant difference (+2.00 points, CI [-1.00, +5.00])"),
+    (-0.03, -0.01, "better: 2.00 points fewer errors than the baseline, CI [-3.00, -1.00]"),
+    (0.01, 0.03, "worse: 2.00 points more errors than the baseline, CI [+1.00, +3.00]"),
+    (-0.004, 0.003, "equivalent within ±0.50 points (-0.05, CI [-0.40, +0.30])"),
+    (-0.01, 0.05, "inconclusive: +2.00 points, CI [-1.00, +5.00] reaches beyond 0 and ±0.50"),
 ])
 def test_sentences_follow_the_interval(low, high, expected):
-    mean = (low + high) / 2 if expected.startswith(("beats", "worse")) else 0.02
-    assert verdict.sentence("x", Interval(mean, low, high, 3), 0, 3) == expected
+    mean = (low + high) / 2 if expected.startswith(("better", "worse", "equivalent")) else 0.02
+    diff = Interval(mean, low, high, 3)
+    assert verdict.sentence("x", diff, verdict.decide(diff, 0.005), 0.005, 0, 3) == expected
 
 
 def test_a_method_has_one_colour_in_every_figure():
@@ -135,7 +142,7 @@ def test_differences_pair_seed_by_seed_and_image_by_image():
         error = verdict.seeds_and_items_ci([as_row(m[s]) for s in (1, 3, 4)], level)
         assert got.loc["m", "test_error_high"] == pytest.approx(error.high, abs=1e-12)  # the level reaches it too
         assert math.isnan(got.loc["lone", "diff_mean"]) and "no comparison" in got.loc["lone", "verdict"]
-        assert got.loc["same", "diff_mean"] == 0 and got.loc["same", "verdict"].startswith("no significant difference")
+        assert got.loc["same", "diff_mean"] == 0 and got.loc["same", "decision"] == "equivalent"  # a zero-width interval
     wide, narrow = (verdict.table(frame, lv).set_index("method").loc["m"] for lv in (0.95, 0.8))
     assert wide["diff_high"] - wide["diff_low"] > narrow["diff_high"] - narrow["diff_low"]
 
@@ -151,3 +158,32 @@ def test_error_intervals_are_clipped_to_zero_and_one_hundred_percent():
     assert raw_base.low < 0 and got.loc["baseline", "test_error_low"] == 0.0
     assert raw_bad.high > 1 and got.loc["bad", "test_error_high"] == 1.0
     assert got.loc["bad", "test_error_low"] == pytest.approx(raw_bad.low)  # the other end untouched
+
+
+def arena_result(root, seed: int, wrong: dict[str, list[int]], n: int = 50) -> None:
+    methods = {m: {"test_error": len(w) / n, "test_wrong": w, "outcome": "finished", "tuning_work": 0.0 if m == "baseline"
+                   else 900.0, "tuning_wall_s": 1.0, "final_work": 100.0, "final_wall_s": 0.5} for m, w in wrong.items()}
+    write(root / f"results/arena/{seed}.json", {"seed": seed, "protocol": "thesis", "steps": 100, "budget": 1000,
+                                                "data": "mnist5k 30/20/50", "test_size": n, "methods": methods})
+
+
+def test_the_mlp_arena_has_its_own_verdict_from_its_seeds(tmp_path):
+    """Ten seeds: `drmad` misses 5 images fewer of 50 on every seed (better), `tpe` exactly the
+    baseline's (equivalent), `random` one image fewer on every other seed (inconclusive at 50 images)."""
+    for seed in range(10):
+        base = list(range(seed % 3, 12 + seed % 3))
+        arena_result(tmp_path, seed, {"baseline": base, "drmad": base[5:], "tpe": base,
+                                      "random": base[1:] if seed % 2 else base})
+    seeds = verdict.arena_seeds(tmp_path)
+    assert len(seeds) == 40 and set(seeds["total_work"]) == {100.0, 1000.0}
+    paths = report.ReportPaths(*(tmp_path / p for p in ("r/summary.md", "r/summary.csv", "r/quality.csv", "r/fig",
+                                                         "r/verdict.json", "r/verdict_seeds.csv")))
+    report.run(tmp_path, paths=paths, margin=0.005)
+    summary = paths.summary_md.read_text()
+    assert "**mlp arena, 10 seeds** — better than the baseline: drmad; equivalent within ±0.50 points: tpe; " \
+           "inconclusive: random." in summary
+    assert "## MLP arena" in summary and "## DenseNet arena" not in summary
+    got = json.loads(paths.verdict_json.read_text())
+    assert set(got) == {"mlp"} and got["mlp"]["drmad"]["diff_mean"] == pytest.approx(-0.1)
+    assert got["mlp"]["drmad"]["p_improve"] == 1.0 and got["mlp"]["random"]["p_improve"] == pytest.approx(0.75)
+    assert (paths.figures / "test_error_vs_compute_mlp.png").exists()

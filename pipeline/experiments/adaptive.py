@@ -24,6 +24,7 @@ from pipeline.progress import Progress
 from pipeline.checkpoint import Checkpoint, fingerprint
 from pipeline.config import AdaptiveVariant, ConfigError, Params
 from pipeline.hyper import HyperSpace
+from pipeline.hypergrad.hvp import recomputed_gradients
 from pipeline.experiments.summaries import hyper_quantiles
 from pipeline.work import Work
 from pipeline.meta import layer_summary
@@ -176,7 +177,7 @@ def counted_work(trainer: AdaptiveTrainer) -> Work:
     work = Work()
     work.train(trainer.state.step)
     for _ in range(trainer.hypergradients_taken):
-        work.hypergradient(trainer.settings.window)
+        work.hypergradient(trainer.settings.window, recomputed_gradients(trainer.settings.hvp, trainer.settings.window))
     return work
 
 

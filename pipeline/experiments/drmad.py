@@ -26,7 +26,7 @@ from pipeline.config import ConfigError, Params
 from pipeline.hyper import HyperSpace
 from pipeline.hypergrad import FloatPath, Problem
 from pipeline.hypergrad.drmad import Drmad2Path, LinePath, heuristic_steps, step_map
-from pipeline.hypergrad.hvp import HVP_METHODS
+from pipeline.hypergrad.hvp import HVP_METHODS, recomputed_gradients
 from pipeline.hypergrad.reverse import reverse
 from pipeline.meta import epochs_at, layer_summary, sign_step, zero_momentum
 from pipeline.training import setup_device
@@ -213,20 +213,20 @@ def run(params: Params, prepared: Path, init: float, paths: DrmadPaths, tracker:
         if tracker and state.outcome == "diverged":
             tracker.set_tag("outcome", "diverged")
 
-    metrics = summarise(state, init, params.report.last_n, params.work.hvp_cost)
+    metrics = summarise(state, init, params.report.last_n, params.work.hvp_cost, params.hvp)
     metrics["platform"] = machine.describe(device)  # bit-identity holds within one platform
     _write_outputs(paths, state, metrics, tracker)
     checkpoint.clear()
     return metrics
 
 
-def summarise(run: Run, init: float, last_n: int, hvp_cost: float) -> dict:
+def summarise(run: Run, init: float, last_n: int, hvp_cost: float, hvp: str = "double_backward") -> dict:
     """Rows are the completed meta-iterations (a diverging one records none)."""
     rows = run.meta_rows
     work = Work()
     for r in rows:
         work.train(r["training_gradients"])
-        work.hypergradient(r["reverse_steps"])
+        work.hypergradient(r["reverse_steps"], recomputed_gradients(hvp, r["reverse_steps"]))
     forward = sum(r["forward_seconds"] for r in rows)
     return {
         "init_log10_l2": init, "outcome": run.outcome, "meta_iterations_completed": len(rows),

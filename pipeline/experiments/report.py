@@ -24,6 +24,9 @@ def _work(m: dict) -> dict:
     return {k: m.get(k) for k in ("work_gradient_equivalents", "hypergradient_work_share")}
 
 
+FIGURES = {"densenet": "test_error_vs_compute.png", "mlp": "test_error_vs_compute_mlp.png"}  # per arena
+
+
 @dataclass(frozen=True)
 class ReportPaths:
     summary_md: Path = Path("reports/summary.md")
@@ -112,14 +115,14 @@ def _cost(m: dict, method: str) -> dict:
             "work": round(sum(work) / len(work)) if work else None}
 
 
-def quality_frontier(root: Path) -> dict[str, pd.DataFrame]:
-    """Per quality run (title: protocol, T), its hypergradient rows: the frontier figure's input."""
+def quality_frontier(root: Path) -> dict[str, tuple[pd.DataFrame, int]]:
+    """Per quality run (title: protocol, T), its hypergradient rows and T: the frontier's input."""
     out = {}
     for path in sorted((root / "metrics").glob("quality_*.json"), key=lambda p: _json(p)["forward_steps"]):
         m, name = _json(path), _tag(path, "quality_")
         table = root / f"plots/quality/{name}/hypergrads.csv"
         if table.exists():
-            out[f"{m.get('protocol')}, T = {m['forward_steps']:,}"] = inputs.read_csv(table)
+            out[f"{m.get('protocol')}, T = {m['forward_steps']:,}"] = (inputs.read_csv(table), m["forward_steps"])
     return out
 
 
@@ -204,31 +207,70 @@ def search_rows(root: Path) -> list[dict]:
     return rows
 
 
-def verdict_section(root: Path, level: float, batchnorm: str) -> tuple[list[str], pd.DataFrame, pd.DataFrame]:
-    """The lead of summary.md: the finalists' verdict (empty when no finalist ran)."""
+def conclusion(arena: str, table: pd.DataFrame, seeds: int, margin: float) -> str:
+    """One line: what a researcher can conclude from an arena's decisions."""
+    others = table[table["method"] != verdict.REFERENCE]
+    groups = {d: list(others[others["decision"] == d]["method"]) for d in verdict.DECISIONS}
+    words = {"better": "better than the baseline", "worse": "worse", "equivalent": f"equivalent within ±{100 * margin:.2f} points",
+             "inconclusive": "inconclusive"}
+    parts = [f"{words[d]}: {', '.join(ms)}" for d, ms in groups.items() if ms]
+    return f"**{arena} arena, {seeds} seeds** — " + ("; ".join(parts) if parts else "no method compared") + "."
+
+
+def verdict_section(root: Path, level: float, batchnorm: str, margin: float = 0.005
+                    ) -> tuple[list[str], dict[str, pd.DataFrame], dict[str, pd.DataFrame]]:
+    """The lead of summary.md: each arena's verdict (none when neither has run)."""
+    tables, frames, text = {}, {}, []
     seeds = verdict.per_seed(root)
-    if not len(seeds):
-        return [], pd.DataFrame(), seeds
-    seeds = verdict.with_total_compute(seeds, root)
-    table = verdict.table(seeds, level)
-    n = seeds.groupby("method").size().max()
-    text = ["# Verdict\n",
-            f"Every method's chosen hyperparameters retrained from scratch at the baseline's full schedule on "
-            f"{n} seeds (seed: initialisation, batch order and dropout masks), each evaluated once on the test "
-            f"split {BATCHNORM[batchnorm]}. Intervals ({int(round(100 * level))}%, Student-t) carry both sources of "
-            "chance: the seed-to-seed spread and the sampling of the test images (one image is "
-            f"{100 / seeds['test_size'].iloc[0]:.2f} points; error intervals clipped to [0, 100]); the difference is "
-            "paired, seed by seed and image by image, method minus baseline (negative: fewer errors). Costs are counted "
-            "work in gradient evaluations (a training step 1; a reverse step 1 plus one HVP at `work.hvp_cost`; "
-            "evaluations not counted), wall seconds beside them on this machine. Tuning: what choosing the "
-            "hyperparameters spent (the searches at DrMAD's counted work; the adaptive method tunes while it "
-            "trains, so its tuning is the hypergradient work inside its final runs, per seed).\n",
-            verdict.markdown(table, level),
-            "\nTest error per seed (%):\n",
-            markdown(seeds.pivot(index="method", columns="seed", values="test_error").reindex(table["method"])
-                     .rename(columns=lambda seed: f"seed {seed}").reset_index(),
-                     percent=tuple(f"seed {seed}" for seed in seeds["seed"].unique()))]
-    return text, table, seeds
+    if len(seeds):
+        frames["densenet"] = verdict.with_total_compute(seeds, root)
+    if len(arena := verdict.arena_seeds(root)):
+        frames["mlp"] = arena
+    if not frames:
+        return [], tables, frames
+    pct = int(round(100 * level))
+    for name, frame in frames.items():
+        tables[name] = verdict.table(frame, level, margin)
+    text = ["# Verdict\n", *(conclusion(name, tables[name], frame.groupby("method").size().max(), margin) + "\n"
+                             for name, frame in frames.items()),
+            f"Decisions from the {pct}% interval of the paired difference (method minus baseline, seed by seed and image "
+            f"by image): better or worse when it excludes 0, equivalent when it lies within ±{100 * margin:.2f} points "
+            "(`verdict.margin_points`), inconclusive otherwise. Intervals (Student-t) carry both sources of chance: the "
+            "seed-to-seed spread and the sampling of the test images, without counting their interaction twice "
+            "(pipeline/stats.py). P(beats baseline): the share of seeds on which the method's test error is below the "
+            "baseline's (ties one half), with a bootstrap interval over seeds. Costs are counted work in gradient "
+            "evaluations (a training step 1; a reverse step one HVP at `work.hvp_cost`, the MLP's at "
+            "`quality.hvp_cost`; one gradient per hypergradient; evaluations not counted), wall seconds beside them.\n"]
+    if "densenet" in frames:
+        frame = frames["densenet"]
+        text += ["\n## DenseNet arena\n",
+                 f"Every method's chosen hyperparameters retrained from scratch at the baseline's full schedule on "
+                 f"{frame.groupby('method').size().max()} seeds (seed: initialisation, batch order and dropout masks), "
+                 f"each evaluated once on the test split {BATCHNORM[batchnorm]} (one image is "
+                 f"{100 / frame['test_size'].iloc[0]:.2f} points). Tuning: what choosing the hyperparameters spent (the "
+                 "searches at DrMAD's counted work; the adaptive method tunes while it trains, so its tuning is the "
+                 "hypergradient work inside its final runs, per seed).\n",
+                 verdict.markdown(tables["densenet"], level), "\nTest error per seed (%):\n", _per_seed(frame, tables["densenet"])]
+    if "mlp" in frames:
+        frame = frames["mlp"]
+        first = inputs.read_json(next(iter(sorted((root / "results/arena").glob("*.json")))))
+        text += ["\n## MLP arena\n",
+                 f"The thesis' CPU experiment as a benchmark: the MNIST MLP of the quality study (protocol "
+                 f"`{first['protocol']}`, {first['data']}, T = {first['steps']:,} steps per training). On each of "
+                 f"{frame.groupby('method').size().max()} seeds every method tunes with that seed's own streams at one "
+                 f"counted budget of {first['budget']:,.0f} gradient evaluations (DrMAD, DrMAD2 and the exact "
+                 "hypergradient follow their signs on the per-unit log scales from the hand-set protocol; random "
+                 "search, TPE and Hyperband search the global log scale and log L2), then its choice trains again from "
+                 "the seed's final initialisation and batch order, the same for every method, and is tested once "
+                 f"(one image is {100 / frame['test_size'].iloc[0]:.2f} points). The baseline is the hand-set protocol.\n",
+                 verdict.markdown(tables["mlp"], level), "\nTest error per seed (%):\n", _per_seed(frame, tables["mlp"])]
+    return text, tables, frames
+
+
+def _per_seed(frame: pd.DataFrame, table: pd.DataFrame) -> str:
+    return markdown(frame.pivot(index="method", columns="seed", values="test_error").reindex(table["method"])
+                    .rename(columns=lambda seed: f"seed {seed}").reset_index(),
+                    percent=tuple(f"seed {seed}" for seed in frame["seed"].unique()))
 
 
 def provenance(root: Path, here: str | None) -> list[str]:
@@ -250,13 +292,13 @@ def provenance(root: Path, here: str | None) -> list[str]:
 
 def run(root: Path = Path("."), last_n: int = 3, paths: ReportPaths = ReportPaths(),
         tracker: Tracker | None = None, batchnorm: str = "precise", level: float = 0.95,
-        here: str | None = None) -> pd.DataFrame:
+        here: str | None = None, margin: float = 0.005) -> pd.DataFrame:
     rows = [r for r in (baseline_row(root),) if r] + drmad_rows(root, last_n) + adaptive_rows(root)
     summary = pd.DataFrame(rows, columns=list(COLUMNS))
     quality = pd.DataFrame(quality_rows(root))
     searches = pd.DataFrame(search_rows(root))
     errors = ("final_test_error", "mean_last_n_test_error", "best_val_error", "val_test_gap")
-    lead, table, seeds = verdict_section(root, level, batchnorm)
+    lead, tables, frames = verdict_section(root, level, batchnorm, margin)
     text = lead + ["\n# Tuning runs\n" if lead else "# Summary\n",
                    "The tuning stages as they ran, one seed each and at budgets that differ (epochs, schedules, "
                    "momentum): a record of what each did, not a verdict (that is the table above). Errors on the "
@@ -296,13 +338,13 @@ def run(root: Path = Path("."), last_n: int = 3, paths: ReportPaths = ReportPath
     for target, frame in ((paths.summary_csv, summary), (paths.quality_csv, quality)):
         with io.atomic_path(target) as tmp:
             frame.to_csv(tmp, index=False)
-    if len(table):
-        io.write_json(paths.verdict_json, verdict.metrics(table))
+    if tables:
+        io.write_json(paths.verdict_json, {name: verdict.metrics(table) for name, table in tables.items()})
         with io.atomic_path(paths.verdict_seeds) as tmp:
-            seeds.to_csv(tmp, index=False)
+            pd.concat([frame.assign(arena=name) for name, frame in frames.items()]).to_csv(tmp, index=False)
     with io.atomic_dir(paths.figures) as tmp:
-        if len(table):
-            plots.save(verdict.figure(seeds, table, level), tmp / "test_error_vs_compute.png")
+        for name, table in tables.items():
+            plots.save(verdict.figure(frames[name], table, level, name), tmp / FIGURES[name])
         plots.save(plots.runs_test_error(test_error_curves(root)), tmp / "test_error_per_epoch.png")
         if frontier := quality_frontier(root):
             plots.save(plots.frontier(frontier), tmp / "hypergradient_frontier.png")
@@ -310,19 +352,19 @@ def run(root: Path = Path("."), last_n: int = 3, paths: ReportPaths = ReportPath
         if trajectories:
             plots.save(plots.layer_trajectories(trajectories), tmp / "hyperparameters_per_layer.png")
     if tracker:
-        if len(table):
-            _log_verdict(tracker, table)
-        extra = (paths.verdict_json, paths.verdict_seeds) if len(table) else ()
+        if tables:
+            _log_verdict(tracker, tables)
+        extra = (paths.verdict_json, paths.verdict_seeds) if tables else ()
         for target in (paths.summary_md, paths.summary_csv, paths.quality_csv, *extra, *sorted(paths.figures.glob("*.png"))):
             tracker.log_artifact(target)
             tracker.log_parent_artifact(target, "report")
     return summary
 
 
-def _log_verdict(tracker: Tracker, table: pd.DataFrame) -> None:
+def _log_verdict(tracker: Tracker, tables: dict[str, pd.DataFrame]) -> None:
     """The verdict's numbers on the stage's run and on the pipeline's parent run."""
-    flat = {f"verdict/{method}/{key}": value for method, entry in verdict.metrics(table).items()
-            for key, value in entry.items() if value is not None}
+    flat = {f"verdict/{arena}/{method}/{key}": value for arena, table in tables.items()
+            for method, entry in verdict.metrics(table).items() for key, value in entry.items() if value is not None}
     tracker.log_metrics(flat)
     if hasattr(tracker, "log_parent_metrics"):
         tracker.log_parent_metrics(flat)

@@ -1,10 +1,14 @@
-"""The verdict: did a tuning method beat the baseline, and at what cost?
+"""The verdict: did a tuning method beat the baseline, and at what cost? Two arenas.
 
-Read from the finalists (metrics/final/*.json: test error per method and seed, each retrained
-from scratch at the baseline's schedule) and the tuning stages' counted work. Per method: the
-mean test error over seeds with its confidence interval, the paired difference to the baseline
-on the same seeds with its interval, the tuning and final costs, and one sentence that says
-only what the intervals support.
+- densenet: the finalists (metrics/final/*.json: test error per method and seed, each retrained
+  from scratch at the baseline's schedule) and the tuning stages' counted work;
+- mlp: the MLP arena (results/arena/SEED.json: per seed, every method tuned with that seed's
+  streams at one counted budget, then retrained and tested).
+
+Per method: the mean test error over seeds with its confidence interval, the paired difference to
+the baseline on the same seeds and test images with its interval, a decision from that interval
+and the margin `verdict.margin_points` (better, worse, equivalent within the margin, or
+inconclusive), the probability of beating the baseline on a random seed, and the costs.
 """
 from __future__ import annotations
 
@@ -16,10 +20,13 @@ from matplotlib.figure import Figure
 
 from pipeline import inputs, plots
 
-from pipeline.stats import Interval, seeds_and_items_ci
+from pipeline.stats import DECISIONS, Interval, decide, probability_of_improvement, seeds_and_items_ci
 
 REFERENCE = "baseline"
 KIND_ORDER = ("baseline", "search", "drmad", "adaptive")
+ARENAS = ("densenet", "mlp")
+SEED_COLUMNS = ["kind", "method", "seed", "test_error", "outcome", "final_work", "final_wall_s", "run_tuning_work",
+                "run_tuning_wall_s", "test_wrong", "test_size"]
 
 
 ENTRY = ("test_error", "outcome", "training_work", "wall_time_s", "tuning_work", "tuning_wall_s", "test_wrong")
@@ -45,8 +52,24 @@ def per_seed(root: Path) -> pd.DataFrame:
                              "run_tuning_work": entry["tuning_work"][seed],
                              "run_tuning_wall_s": entry["tuning_wall_s"][seed],
                              "test_wrong": entry["test_wrong"][seed], "test_size": final["test_size"]})
-    return pd.DataFrame(rows, columns=["kind", "method", "seed", "test_error", "outcome", "final_work", "final_wall_s",
-                                       "run_tuning_work", "run_tuning_wall_s", "test_wrong", "test_size"])
+    return pd.DataFrame(rows, columns=SEED_COLUMNS)
+
+
+def arena_seeds(root: Path) -> pd.DataFrame:
+    """The MLP arena's rows, one per (method, seed), with the columns of `with_total_compute`:
+    each seed's own tuning work and time, then its retraining's."""
+    rows = []
+    for path in sorted((root / "results/arena").glob("*.json"), key=lambda p: int(p.stem) if p.stem.isdigit() else -1):
+        result = inputs.read_json(path, ("seed", "methods", "test_size"))
+        for method, e in result["methods"].items():
+            rows.append({"kind": "arena", "method": method, "seed": int(result["seed"]), "test_error": e["test_error"],
+                         "outcome": e["outcome"], "final_work": e["final_work"], "final_wall_s": e["final_wall_s"],
+                         "run_tuning_work": e["tuning_work"], "run_tuning_wall_s": e["tuning_wall_s"],
+                         "test_wrong": e["test_wrong"], "test_size": result["test_size"]})
+    seeds = pd.DataFrame(rows, columns=SEED_COLUMNS)
+    seeds["tuning_work"], seeds["tuning_wall_s"] = seeds["run_tuning_work"], seeds["run_tuning_wall_s"]
+    seeds["total_work"] = seeds["tuning_work"] + seeds["final_work"]
+    return seeds
 
 
 def tuning_costs(root: Path, method: str, kind: str) -> tuple[float | None, float | None]:
@@ -79,20 +102,20 @@ def with_total_compute(seeds: pd.DataFrame, root: Path) -> pd.DataFrame:
     return out
 
 
-def sentence(method: str, diff: Interval | None, diverged: int, n: int) -> str:
-    """What the intervals support, in words (differences in percentage points)."""
+def sentence(method: str, diff: Interval | None, decision: str | None, margin: float, diverged: int, n: int) -> str:
+    """What the interval of the paired difference supports, in words (percentage points)."""
     note = f" ({diverged} of {n} seeds diverged and are left out)" if diverged else ""
     if method == REFERENCE:
         return "the reference" + note
     if diff is None:
         return "no comparison: fewer than two seeds with a result on both sides" + note
     d, low, high = (100 * x for x in (diff.mean, diff.low, diff.high))
-    span = f"CI [{low:+.2f}, {high:+.2f}]"
-    if diff.high < 0:
-        return f"beats the baseline by {-d:.2f} points, {span}" + note
-    if diff.low > 0:
-        return f"worse than the baseline by {d:.2f} points, {span}" + note
-    return f"no significant difference ({d:+.2f} points, {span})" + note
+    span, within = f"CI [{low:+.2f}, {high:+.2f}]", f"±{100 * margin:.2f}"
+    words = {"better": f"better: {-d:.2f} points fewer errors than the baseline, {span}",
+             "worse": f"worse: {d:.2f} points more errors than the baseline, {span}",
+             "equivalent": f"equivalent within {within} points ({d:+.2f}, {span})",
+             "inconclusive": f"inconclusive: {d:+.2f} points, {span} reaches beyond 0 and {within}"}
+    return words[decision] + note
 
 
 def wrong_rows(runs: pd.DataFrame) -> dict[int, list[int]]:
@@ -106,10 +129,13 @@ def wrong_rows(runs: pd.DataFrame) -> dict[int, list[int]]:
     return out
 
 
-def table(seeds: pd.DataFrame, level: float) -> pd.DataFrame:
+def table(seeds: pd.DataFrame, level: float, margin: float = 0.005) -> pd.DataFrame:
     """One row per method, the baseline first. Intervals carry the seed-to-seed spread and the
-    test split's sampling of images (`seeds_and_items_ci`); differences pair seeds and images."""
+    test split's sampling of images (`seeds_and_items_ci`); differences pair seeds and images.
+    `margin`: equivalence margin as an error rate (0.005: half a point)."""
     reference = wrong_rows(seeds[seeds["method"] == REFERENCE])
+    base = seeds[seeds["method"] == REFERENCE]
+    reference_error = dict(zip(base["seed"].astype(int), base["test_error"]))
     rows = []
     for method, runs in seeds.groupby("method", sort=False):
         wrong = wrong_rows(runs)
@@ -117,15 +143,21 @@ def table(seeds: pd.DataFrame, level: float) -> pd.DataFrame:
         common = [s for s in wrong if s in reference]
         diff = (seeds_and_items_ci([[a - b for a, b in zip(wrong[s], reference[s])] for s in common], level)
                 if len(common) >= 2 and method != REFERENCE else None)
+        errors = dict(zip(runs["seed"].astype(int), runs["test_error"]))
+        improve = (probability_of_improvement([errors[s] for s in common], [reference_error[s] for s in common], level)
+                   if diff else None)
+        decision = decide(diff, margin) if diff else None
         rows.append({"method": method, "seeds": len(runs), "test_error_mean": error.mean if error else None,
                      # an error rate lies in [0, 1]: the interval is clipped to it
                      "test_error_low": max(error.low, 0.0) if error else None,
                      "test_error_high": min(error.high, 1.0) if error else None,
                      "diff_mean": diff.mean if diff else None, "diff_low": diff.low if diff else None,
-                     "diff_high": diff.high if diff else None,
+                     "diff_high": diff.high if diff else None, "decision": decision,
+                     "p_improve": improve.mean if improve else None, "p_improve_low": improve.low if improve else None,
+                     "p_improve_high": improve.high if improve else None,
                      "tuning_work": runs["tuning_work"].mean(), "tuning_wall_s": runs["tuning_wall_s"].mean(),
                      "final_work": runs["final_work"].mean(), "final_wall_s": runs["final_wall_s"].mean(),
-                     "verdict": sentence(method, diff,
+                     "verdict": sentence(method, diff, decision, margin,
                                          int(runs["test_error"].isna().sum()), len(runs))})
     return pd.DataFrame(rows)
 
@@ -137,28 +169,31 @@ def _pct(x) -> str:
 def markdown(verdict: pd.DataFrame, level: float) -> str:
     pct = int(round(100 * level))
     head = (f"| method | seeds | test error % (mean, {pct}% CI) | minus baseline, points (paired, {pct}% CI) | "
-            "tuning cost: gradient evals / wall s | final cost per seed: gradient evals / wall s | verdict |")
-    lines = [head, "|---|---|---|---|---|---|---|"]
+            f"P(beats baseline on a seed) ({pct}% CI) | tuning cost: gradient evals / wall s | "
+            "final cost per seed: gradient evals / wall s | verdict |")
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
     for r in verdict.itertuples(index=False):
         error = f"{_pct(r.test_error_mean)} [{_pct(r.test_error_low)}, {_pct(r.test_error_high)}]"
         diff = ("—" if r.method == REFERENCE else
                 f"{_pct(r.diff_mean)} [{_pct(r.diff_low)}, {_pct(r.diff_high)}]" if r.diff_mean is not None else "n/a")
-        lines.append(f"| {r.method} | {r.seeds} | {error} | {diff} | {r.tuning_work:.0f} / {r.tuning_wall_s:.0f} | "
-                     f"{r.final_work:.0f} / {r.final_wall_s:.0f} | {r.verdict} |")
+        improve = ("—" if r.method == REFERENCE else f"{r.p_improve:.2f} [{r.p_improve_low:.2f}, {r.p_improve_high:.2f}]"
+                   if r.p_improve is not None else "n/a")
+        lines.append(f"| {r.method} | {r.seeds} | {error} | {diff} | {improve} | {r.tuning_work:.0f} / "
+                     f"{r.tuning_wall_s:.0f} | {r.final_work:.0f} / {r.final_wall_s:.0f} | {r.verdict} |")
     return "\n".join(lines) + "\n"
 
 
 def metrics(verdict: pd.DataFrame) -> dict:
     """The verdict as `dvc metrics` and MLflow read it: method -> numbers (null where none)."""
     keys = ("test_error_mean", "test_error_low", "test_error_high", "diff_mean", "diff_low", "diff_high",
-            "tuning_work", "tuning_wall_s", "final_work", "final_wall_s")
+            "p_improve", "p_improve_low", "p_improve_high", "tuning_work", "tuning_wall_s", "final_work", "final_wall_s")
 
     def clean(x):
         return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else round(float(x), 6)
     return {r["method"]: {k: clean(r[k]) for k in keys} for r in verdict.to_dict("records")}
 
 
-def figure(seeds: pd.DataFrame, verdict: pd.DataFrame, level: float) -> Figure:
+def figure(seeds: pd.DataFrame, verdict: pd.DataFrame, level: float, arena: str = "densenet") -> Figure:
     """Test error against total compute (tuning + final training, gradient evaluations): one
     small point per seed, the method's mean with its interval as a large one."""
     fig, ax = plots.plt.subplots(figsize=(7.5, 4.8))
@@ -174,7 +209,7 @@ def figure(seeds: pd.DataFrame, verdict: pd.DataFrame, level: float) -> Figure:
                         yerr=[[100 * (r.test_error_mean - low)], [100 * (high - r.test_error_mean)]],
                         fmt="o", ms=7, capsize=4, color=colour, label=r.method)
     ax.set(xlabel="total compute per seed: tuning + final training (gradient evaluations)", ylabel="test error (%)",
-           title=f"Finalists: test error per seed, mean and {int(round(100 * level))}% CI")
+           title=f"{arena} arena: test error per seed, mean and {int(round(100 * level))}% CI")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()

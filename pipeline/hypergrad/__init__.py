@@ -12,9 +12,9 @@
     log_lr_hypergradient(problem, result, lr)      # per-parameter log learning rates from d alpha
     validation_loss(problem, l2)                   # train, then f(w_T): for finite differences
 
-Each returns {"log10_l2": {key: tensor}, "val_loss": ..., "reverse_steps": ..., "work": {"hvps": n,
-"gradients": m}} (and "scale" for buffer hyperparameters); the reversals also "alpha", "beta",
-"w0". "work" counts what the hypergradient cost beyond the T training gradients: Hessian-vector
+Each returns {"log10_l2": {key: tensor}, "val_loss": ..., "w_T": ..., "reverse_steps": ...,
+"work": {"hvps": n, "gradients": m}} (and "scale" for buffer hyperparameters; "w_T": where training
+ended, "unrolled" aside); the reversals also "alpha", "beta", "w0". "work" counts what the hypergradient cost beyond the T training gradients: Hessian-vector
 products and gradients (the validation gradient, and training gradients recomputed by an HVP
 that does not return them).
 """
@@ -59,10 +59,11 @@ def hypergradient(problem: Problem, l2: HyperSpace | None = None, method: str = 
         path = StoredPath.train(problem, coef)
     else:
         path = FloatPath.train(problem, coef)
+    w_T = path.w().clone()
     if method == "greedy":
-        return greedy.hypergradient(problem, l2, path.w_before, path.w())
+        return {**greedy.hypergradient(problem, l2, path.w_before, w_T), "w_T": w_T}
     if method == "ift":
-        return ift.hypergradient(problem, l2, path.w(), HVP_METHODS[hvp], neumann_terms, neumann_step)
+        return {**ift.hypergradient(problem, l2, w_T, HVP_METHODS[hvp], neumann_terms, neumann_step), "w_T": w_T}
     if method == "truncated":
         path = TruncatedPath(path, min(truncate, problem.steps))
     elif method == "drmad":
@@ -72,7 +73,7 @@ def hypergradient(problem: Problem, l2: HyperSpace | None = None, method: str = 
         head = problem.steps - k
         line = 0 if head == 0 else reverse_steps or heuristic_steps(path.distances[:head], multiplier)
         path = Drmad2Path(problem, path, k, line, step_map)
-    return reverse(problem, path, l2, HVP_METHODS[hvp], record=record)
+    return {**reverse(problem, path, l2, HVP_METHODS[hvp], record=record), "w_T": w_T}
 
 
 validation_loss = unrolled.validation_loss

@@ -50,6 +50,8 @@ def heuristic_steps(distances: torch.Tensor, multiplier: float = 1.0, weighting:
     """Number of reverse steps S = 1 / (multiplier * gamma) (thesis 3.1: multiplier 10 on CPU),
     rounded to the nearest (text) or up (scripts)."""
     s = 1.0 / (multiplier * gamma_estimate(distances, weighting))
+    if not math.isfinite(s):
+        raise FloatingPointError("DrMAD's step heuristic: the distances |w_t - w_0| are not finite (training diverged)")
     return max(1, math.ceil(s) if weighting == "scripts" else round(s))
 
 

@@ -62,3 +62,9 @@ def forward_over_reverse(problem: Problem, w: torch.Tensor, t: int, dv: torch.Te
 
 
 HVP_METHODS: dict[str, HVP] = {"double_backward": double_backward, "forward_over_reverse": forward_over_reverse}
+
+
+def recomputed_gradients(hvp: str, reverse_steps: int) -> int:
+    """Training gradients a reverse pass of `reverse_steps` recomputes beside its HVPs: none by
+    double backward (it returns them), one per step by forward-over-reverse (counted work)."""
+    return 0 if hvp == "double_backward" else reverse_steps

@@ -56,15 +56,19 @@ class FloatPath(_ForwardStepsOneToOne):
         path = cls(problem, problem.w0, torch.zeros_like(problem.w0))
         path.w_before, distances, path.iterates = problem.w0, [], [problem.w0.cpu()] if keep_every else []
         for t in range(problem.steps):
-            g = problem.train_grad(path._w, t) + l2_coef * path._w
-            path.w_before, beta = path._w, problem.beta[t].item()
-            path._v = beta * path._v - (1 - beta) * g
-            path._w = path._w + problem.alpha_at(t) * path._v
+            path.step(t, l2_coef)
             distances.append(torch.linalg.vector_norm(path._w - problem.w0))
             if keep_every and (t + 1) % keep_every == 0:
                 path.iterates.append(path._w.cpu())
         path.distances = torch.stack(distances).double().cpu()
         return path
+
+    def step(self, t: int, l2_coef: torch.Tensor) -> None:
+        """Forward step t in floats (training in pieces: a search's rungs)."""
+        g = self.problem.train_grad(self._w, t) + l2_coef * self._w
+        self.w_before, beta = self._w, self.problem.beta[t].item()
+        self._v = beta * self._v - (1 - beta) * g
+        self._w = self._w + self.problem.alpha_at(t) * self._v
 
     def w(self) -> torch.Tensor:
         return self._w
