@@ -151,13 +151,14 @@ def test_counted_work_by_hand(prepared, tmp_path):
     assert metrics["work_gradient_equivalents"] == sum(rows["training_gradients"]) + sum(1 + 2.5 * rows["reverse_steps"])
 
 
-def test_the_finalist_is_the_best_validation_meta_iteration_not_the_last(prepared, tmp_path, monkeypatch):
-    """The rule the report states: the meta-iteration with the lowest validation error (the
-    earliest among equals). Validation errors forced to 0.5, 0.2, 0.2: the rule picks 1, "the last"
-    would pick 2; final@drmad then retrains with the coefficients meta-iteration 1 trained with."""
+def test_the_finalist_is_the_best_validation_meta_iteration_at_the_longest_training(prepared, tmp_path, monkeypatch):
+    """The rule the report states: among the meta-iterations trained longest (epochs grow 1, 1, 2, 2
+    to the cap), the lowest validation error, the earliest among equals. Validation errors forced
+    to 0.1, 0.5, 0.3, 0.3: the rule picks 2; the best overall would pick 0 (a shorter training), the
+    last 3; final@drmad then retrains with the coefficients meta-iteration 2 trained with."""
     import pandas as pd
     from pipeline.experiments import final
-    forced, trainers, real_epoch = [0.5, 0.2, 0.2], [], drmad_tuning.train_epoch
+    forced, trainers, real_epoch = [0.1, 0.5, 0.3, 0.3], [], drmad_tuning.train_epoch
 
     def epoch_with_forced_val(trainer, *args, **kwargs):
         if trainer not in trainers:
@@ -165,12 +166,13 @@ def test_the_finalist_is_the_best_validation_meta_iteration_not_the_last(prepare
         row = real_epoch(trainer, *args, **kwargs)
         return {**row, "val_error": forced[trainers.index(trainer)]}
     monkeypatch.setattr(drmad_tuning, "train_epoch", epoch_with_forced_val)
-    params = parse_params(TINY)
+    params = parse_params({**TINY, "drmad": {**TINY["drmad"], "meta_iterations": 4}})
+    assert [epochs_at(i, 1, 1.4, 2) for i in range(4)] == [1, 1, 2, 2]
     drmad_tuning.run(params, prepared, -4.0, drmad_tuning.DrmadPaths.for_init("-4.0", tmp_path))
     saved = torch.load(tmp_path / "results/drmad/-4.0/hypers.pt", weights_only=True)
-    assert len(trainers) == 3 and saved["chosen"]["meta_iteration"] == 1
+    assert len(trainers) == 4 and saved["chosen"]["meta_iteration"] == 2 and saved["chosen"]["epochs"] == 2
     (finalist,) = final.finalists(params, "drmad", tmp_path)
     layers = pd.read_csv(tmp_path / "plots/drmad/-4.0/layers.csv").set_index(["meta_iteration", "layer"])["mean"]
     chosen = {n: torch.log10(c / 2).mean().item() for n, c in finalist.l2_coefficients.items()}
-    assert chosen == pytest.approx({n: layers[(1, n)] for n in chosen}, abs=1e-9)
-    assert chosen != pytest.approx({n: layers[(2, n)] for n in chosen}, abs=1e-9)
+    assert chosen == pytest.approx({n: layers[(2, n)] for n in chosen}, abs=1e-9)
+    assert chosen != pytest.approx({n: layers[(3, n)] for n in chosen}, abs=1e-9)

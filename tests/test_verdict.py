@@ -183,6 +183,11 @@ def test_the_mlp_arena_has_its_own_verdict_from_its_seeds(tmp_path):
     assert "**mlp arena, 10 seeds** — better than the baseline: drmad; equivalent within ±0.50 points: tpe; " \
            "inconclusive: random." in summary
     assert "## MLP arena" in summary and "## DenseNet arena" not in summary
+    # against the best method, drmad: tpe is the baseline again, 5 images of 50 more on every seed
+    versus = summary.split("against the lowest mean test error, `drmad`")[1].split("Test error per seed")[0]
+    assert "| tpe | 10.00 [" in versus
+    assert [line.split(" | ")[-1] for line in versus.splitlines() if line.startswith("| tpe")] == ["worse |"]
+    assert "| baseline |" not in versus and "| drmad |" not in versus
     got = json.loads(paths.verdict_json.read_text())
     assert set(got) == {"mlp"} and got["mlp"]["drmad"]["diff_mean"] == pytest.approx(-0.1)
     assert got["mlp"]["drmad"]["p_improve"] == 1.0 and got["mlp"]["random"]["p_improve"] == pytest.approx(0.75)

@@ -97,6 +97,14 @@ def reverse_path(params: Params, problem: Problem, trainer: Trainer, distances: 
     return Drmad2Path(problem, float_path, k, line_steps(distances[:head]) if head else 0, cfg.step_map)
 
 
+def chosen_instead(chosen: dict | None, epochs: int, val_error: float) -> bool:
+    """Does a meta-iteration of `epochs` epochs and `val_error` replace the choice so far? Only a
+    longer training, or an equally long one with a lower error, does (ties: the earlier stays)."""
+    if chosen is None or epochs > chosen.get("epochs", 0):
+        return True
+    return epochs == chosen["epochs"] and val_error < chosen["val_error"]
+
+
 def finite(*tensors: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
@@ -107,8 +115,10 @@ class Run:
     def __init__(self, hypers: HyperSpace, start_epochs: int):
         self.hypers, self.momentum, self.start_epochs = hypers, zero_momentum(hypers), start_epochs
         self.iteration, self.outcome = 0, "finished"
-        # The hyperparameters of the meta-iteration with the best validation error so far: what
-        # the finalists retrain (`final` stage). {meta_iteration, val_error, l2_coefficients}.
+        # What the finalists retrain (`final` stage): the hyperparameters of the meta-iteration with
+        # the best validation error among those trained longest (epochs grow to a cap: a longer
+        # training's lower error says nothing about its hyperparameters), the earliest among equals.
+        # {meta_iteration, epochs, val_error, l2_coefficients}.
         self.chosen: dict | None = None
         self.meta_rows: list[dict] = []
         self.epoch_rows: list[dict] = []
@@ -168,8 +178,8 @@ def meta_iteration(params: Params, run: Run, splits: dict, meta: dict, device: t
                           "val_loss": grads["val_loss"], "hypergrad_norm": norm, "seconds": seconds,
                           "forward_seconds": forward_seconds, "reverse_seconds": seconds - forward_seconds,
                           "training_gradients": trainer.total_steps})
-    if run.chosen is None or row["val_error"] < run.chosen["val_error"]:  # ties: the earlier one
-        run.chosen = {"meta_iteration": i, "val_error": row["val_error"],
+    if chosen_instead(run.chosen, trainer.cfg.epochs, row["val_error"]):
+        run.chosen = {"meta_iteration": i, "epochs": trainer.cfg.epochs, "val_error": row["val_error"],
                       "l2_coefficients": {n: c.detach().cpu().clone() for n, c in coefs.items()}}
     if tracker:
         _log_meta_iteration(tracker, run, i, trained_with)

@@ -162,6 +162,21 @@ def table(seeds: pd.DataFrame, level: float, margin: float = 0.005) -> pd.DataFr
     return pd.DataFrame(rows)
 
 
+def versus(seeds: pd.DataFrame, reference: str, level: float, margin: float) -> str:
+    """A markdown table: every other method minus `reference` (paired by seed and image), its
+    interval and decision; what the baseline column cannot say when every method beats it."""
+    against, lines = wrong_rows(seeds[seeds["method"] == reference]), []
+    for method, runs in seeds.groupby("method", sort=False):
+        wrong = wrong_rows(runs)
+        common = [s for s in wrong if s in against]
+        if method in (reference, REFERENCE) or len(common) < 2:
+            continue
+        diff = seeds_and_items_ci([[a - b for a, b in zip(wrong[s], against[s])] for s in common], level)
+        lines.append(f"| {method} | {_pct(diff.mean)} [{_pct(diff.low)}, {_pct(diff.high)}] | {decide(diff, margin)} |")
+    head = [f"| method | minus {reference}, points (paired, {int(round(100 * level))}% CI) | decision |", "|---|---|---|"]
+    return "\n".join(head + lines) + "\n"
+
+
 def _pct(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{100 * x:.2f}"
 
