@@ -56,13 +56,13 @@ def seeds_and_items_ci(values: Sequence[Sequence[float]], level: float = 0.95) -
     every seed). As a two-way random-effects table x_si = mu + S_s + I_i + E_si, the mean's
     variance is sigma_S^2 / k + sigma_I^2 / n + sigma_E^2 / (k n), estimated without bias by
 
-        V = a + b - c,  a = var_s(mean over items) / k,  b = var_i(mean over seeds) / n,
-                        c = (residual mean square) / (k n)
+        V = a + (b - c),  a = var_s(mean over items) / k,  b = var_i(mean over seeds) / n,
+                          c = (residual mean square) / (k n)
 
-    (a and b each contain sigma_E^2 / (k n): adding them alone counts the interaction twice).
-    V is at least c (the interaction's own share); Student's t at the Satterthwaite degrees of
-    freedom V^2 / (a^2/(k-1) + b^2/(n-1) + c^2/((k-1)(n-1))): k - 1 when the seeds dominate, n - 1
-    when the images do. With the seed part alone, three seeds that each miss one more image
+    (a and b each contain sigma_E^2 / (k n): adding them alone counts the interaction twice). The
+    seeds' part is at least c, the images' part b - c at least zero; Student's t at the
+    Satterthwaite degrees of freedom of the mean squares used, e.g. V^2 / (a^2/(k-1) + b^2/(n-1) +
+    c^2/((k-1)(n-1))): k - 1 when the seeds dominate, n - 1 when the images do. With the seed part alone, three seeds that each miss one more image
     would give an interval of zero width; with k = 1 the interval is unbounded, as for `mean_ci`."""
     table = np.asarray(values, dtype=np.float64)
     if table.ndim != 2 or table.shape[0] == 0 or table.shape[1] < 2:
@@ -75,10 +75,15 @@ def seeds_and_items_ci(values: Sequence[Sequence[float]], level: float = 0.95) -
     residual = table - seed_means[:, None] - item_means[None, :] + mean
     a, b = seed_means.var(ddof=1) / k, item_means.var(ddof=1) / n
     c = float((residual ** 2).sum()) / ((k - 1) * (n - 1)) / (k * n)
-    v = max(a + b - c, c)
+    # The seeds' part a is at least the interaction's share c; the images' own part b - c is
+    # truncated at zero. Degrees of freedom by Satterthwaite over the mean squares each part uses.
+    seeds, seeds_df = (a, k - 1) if a >= c else (c, (k - 1) * (n - 1))
+    v, spread = seeds, seeds ** 2 / seeds_df
+    if b > c:
+        v, spread = v + b - c, spread + b ** 2 / (n - 1) + c ** 2 / ((k - 1) * (n - 1))
     if v <= 0:
         return Interval(mean, mean, mean, k)
-    df = v ** 2 / (a ** 2 / (k - 1) + b ** 2 / (n - 1) + c ** 2 / ((k - 1) * (n - 1)))
+    df = v ** 2 / spread
     half = stats.t.ppf(0.5 + level / 2, df) * math.sqrt(v)
     return Interval(mean, mean - half, mean + half, k)
 
