@@ -336,9 +336,11 @@ class SearchSpace(Section):
 
 
 class SearchConfig(Section):
-    """Random search and TPE (Optuna) over the baseline's global log10 L2 and step size alpha,
-    each trial a short training at the baseline's settings otherwise, at DrMAD's counted work."""
-    samplers: list[Literal["random", "tpe"]] = Field(default_factory=lambda: ["random", "tpe"], min_length=1)
+    """Random search and TPE (Optuna), each trial a short training at the baseline's settings
+    otherwise, at DrMAD's counted work. `random` and `tpe` search DrMAD's space, the global log10
+    L2 at the baseline's step size; `random-step` and `tpe-step` the log10 step size as well."""
+    samplers: list[Literal["random", "tpe", "random-step", "tpe-step"]] = Field(
+        default_factory=lambda: ["random", "tpe", "random-step", "tpe-step"], min_length=1)
     space: SearchSpace = SearchSpace()
     trial_epochs: int = Field(default=2, ge=1)  # each trial: this many epochs, the baseline's schedule compressed
     # Gradient evaluations to spend: `drmad` (the mean counted work of the drmad@INIT runs) or a number.

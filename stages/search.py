@@ -7,13 +7,13 @@ from pipeline.config import ConfigError, load_params
 from stages.common import params_option, user_errors_exit_2
 
 
-@click.command(help="Search the baseline's log10 L2 and step size with the Optuna sampler NAME (one of "
-                    "`search.samplers`: random, tpe) until the budget (`search.budget`, gradient evaluations; "
+@click.command(help="Search the baseline's global log10 L2 (DrMAD's space; NAME random or tpe) or the L2 and "
+                    "the step size (NAME random-step or tpe-step) with that Optuna sampler (`search.samplers`) until the budget (`search.budget`, gradient evaluations; "
                     "`drmad`: what a drmad@INIT run spent) is spent. Each trial is a nested MLflow run. "
                     "Writes results/search/NAME/best.json, metrics/search/NAME.json and plots/search/NAME/"
                     "trials.csv. A killed search resumes with its finished trials kept (Optuna RDB storage).")
 @params_option
-@click.option("--sampler", "name", required=True, help="random or tpe (listed in search.samplers).")
+@click.option("--sampler", "name", required=True, help="random, tpe, random-step or tpe-step (listed in search.samplers).")
 @click.option("--prepared", default="data/prepared", show_default=True, type=click.Path(file_okay=False))
 @click.option("--worker", is_flag=True, help="Only run trials of the shared study (search.storage), write no "
               "outputs: start any number beside the DVC stage, on this machine or others.")

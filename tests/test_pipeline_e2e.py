@@ -30,8 +30,9 @@ TINY = {
 }
 REPLACED = ("protocols", "runs")  # mappings the tiny params replace whole (merging would keep the defaults')
 DENSENET_STAGES = ("prepare", "baseline", "drmad@-4.0", "adaptive@k100", "adaptive@k131", "search@random",
+                   "search@random-step", "search@tpe-step",
                    "search@tpe", "final@baseline", "final@search", "final@drmad", "final@adaptive")
-METHODS = ("baseline", "random", "tpe", "drmad -4", "adaptive k100", "adaptive k131", "adaptive k100 baseline-schedule",
+METHODS = ("baseline", "random", "tpe", "random-step", "tpe-step", "drmad -4", "adaptive k100", "adaptive k131", "adaptive k100 baseline-schedule",
            "adaptive k131 baseline-schedule")
 ARENA_METHODS = ("baseline", "drmad", "drmad2", "exact", "truncated", "greedy", "random", "tpe", "hyperband")
 STAGES = ("validate",) + DENSENET_STAGES + ("arena@0", "arena@1", "quality@tiny-10", "quality@tiny-20", "paths", "report")
@@ -115,7 +116,7 @@ def test_repro_runs_what_changed_and_records_it(tmp_path):
     assert summary.startswith("# Verdict")
     lead = summary.split("# Tuning runs")[0]
     for arena, methods in (("DenseNet", METHODS), ("MLP", ARENA_METHODS)):
-        section = lead.split(f"## {arena} arena")[1].split("\n## ")[0]
+        section = lead.split(f"## {arena} arena")[1].split("\n## ")[0].split("Every method against")[0]
         verdict_rows = {line.split(" | ")[0].removeprefix("| "): line for line in section.splitlines()
                         if line.startswith("| ") and " [" in line}
         assert set(verdict_rows) == set(methods), arena
@@ -128,6 +129,7 @@ def test_repro_runs_what_changed_and_records_it(tmp_path):
     verdict = verdict["densenet"]
     assert set(verdict) == set(METHODS) and verdict["baseline"]["tuning_work"] == 0
     assert verdict["random"]["tuning_work"] == verdict["tpe"]["tuning_work"] == 8  # two trials of 4 steps
+    assert verdict["random-step"]["tuning_work"] == verdict["tpe-step"]["tuning_work"] == 8
     for cache in repo.rglob("__pycache__"):  # a fresh clone has no bytecode: it must not look like changed code
         shutil.rmtree(cache)
     assert ran(sh(repo, "dvc", "repro")) == set()
@@ -172,12 +174,14 @@ def test_repro_runs_what_changed_and_records_it(tmp_path):
     trials = client.search_runs([client.get_run(parent).info.experiment_id], "attributes.run_name LIKE 'trial %'")
     searches = {r.info.run_id: r.info.run_name for r in client.search_runs(
         [client.get_run(parent).info.experiment_id], "attributes.run_name LIKE 'search:%'")}
-    assert sorted(searches[t.data.tags["mlflow.parentRunId"]] for t in trials) == ["search:random"] * 2 + ["search:tpe"] * 2
+    assert sorted(searches[t.data.tags["mlflow.parentRunId"]] for t in trials) == \
+        sorted(f"search:{name}" for name in ("random", "tpe", "random-step", "tpe-step") for _ in range(2))
 
     # Changing one value reruns exactly the stages that depend on it, and the report.
     # (`validate` reruns on any params change; its constant stamp reruns nothing by itself)
     set_params(repo, {"baseline": {"epochs": 3}})  # the peers train and the finalists retrain at the baseline's
-    assert stale(repo) == {"validate", "baseline", "search@random", "search@tpe", "final@baseline", "final@search",
+    assert stale(repo) == {"validate", "baseline", "search@random", "search@tpe", "search@random-step", "search@tpe-step",
+                           "final@baseline", "final@search",
                            "final@drmad", "final@adaptive"}  # (the report follows from their outputs)
     set_params(repo, {"baseline": {"epochs": TINY["baseline"]["epochs"]}})
     set_params(repo, {"data": {"val_size": 50}})  # every DenseNet stage follows from prepare's outputs

@@ -99,7 +99,7 @@ def test_a_search_killed_mid_study_resumes_with_its_finished_trials(prepared, tm
     assert len(kept) == 2 and not resumed.metrics.exists()
 
     got = search.run(params, prepared, name, resumed)
-    assert pd.read_csv(resumed.trials_csv)[["log10_l2", "log10_alpha"]].head(2).to_dict("records") == kept
+    assert pd.read_csv(resumed.trials_csv)[["log10_l2"]].head(2).to_dict("records") == kept
     # the finished trials were kept, not redone, and the resumed study drew what an uninterrupted one did
     table = pd.read_csv(resumed.trials_csv)
     assert table["trial"].tolist() == [0, 1, 2, 3]  # numbered as finished: the dead attempt's trial leaves no gap
@@ -204,7 +204,7 @@ def test_a_trial_past_the_plan_is_never_reported(prepared, tmp_path):
     (summary,) = optuna.get_all_study_summaries(storage)
     study = optuna.load_study(study_name=summary.study_name, storage=storage)
     extra = study.get_trials(states=(TrialState.COMPLETE,))[0]
-    study.add_trial(optuna.trial.create_trial(params={"log10_l2": -5.0, "log10_alpha": 0.0},
+    study.add_trial(optuna.trial.create_trial(params={"log10_l2": -5.0},
                                               distributions=extra.distributions, value=0.0,
                                               user_attrs={**extra.user_attrs}))  # the best of all, but surplus
     again = search.run(params, prepared, "random", paths)
@@ -255,7 +255,7 @@ def test_two_workers_one_place_one_trial_completes_the_other_is_pruned(prepared,
 
     def other_worker_asks_first(*args, **kwargs):  # called after the look at the plan, before the ask
         if not others:
-            others.append(study.ask(search.distributions(params)))
+            others.append(study.ask(search.distributions(params, "random")))
             others[0].set_user_attr("worker", f"{socket.gethostname()}:{os.getppid()}")  # alive, elsewhere
         return real_sampler(*args, **kwargs)
     monkeypatch.setattr(search, "sampler", other_worker_asks_first)
@@ -271,3 +271,20 @@ def test_two_workers_one_place_one_trial_completes_the_other_is_pruned(prepared,
     got = search.run(params, prepared, "random", paths)
     assert got["trials"] == 1 and got["work_gradient_equivalents"] == 3.0 and got["best_val_error"] == 0.4
     assert states() == [TrialState.COMPLETE, TrialState.PRUNED]
+
+
+def test_the_plain_searches_stay_in_drmads_space_and_the_step_ones_search_the_step(prepared, tmp_path):
+    """random and tpe tune the global L2 alone, at the baseline's step size, as DrMAD does; their
+    `-step` twins search the step size too (a second, labelled row of the verdict)."""
+    params = settings(budget=6, samplers=["random", "random-step"])
+    for name in ("random", "random-step"):
+        search.run(params, prepared, name, search.SearchPaths.for_sampler(name, tmp_path))
+    plain = pd.read_csv(tmp_path / "plots/search/random/trials.csv")
+    step = pd.read_csv(tmp_path / "plots/search/random-step/trials.csv")
+    assert len(plain) == len(step) == 2
+    assert plain["log10_alpha"].tolist() == [0.0, 0.0]  # the baseline's alpha 1.0
+    assert step["log10_alpha"].nunique() == 2 and not (step["log10_alpha"] == 0.0).any()
+    best = json.loads((tmp_path / "results/search/random/best.json").read_text())
+    assert best["alpha"] == pytest.approx(params.baseline.alpha)
+    assert set(search.distributions(params, "tpe")) == {"log10_l2"}
+    assert set(search.distributions(params, "tpe-step")) == {"log10_l2", "log10_alpha"}

@@ -1,4 +1,5 @@
-"""The peers: random search and TPE (Optuna) over the baseline's global log10 L2 and step size.
+"""The peers: random search and TPE (Optuna) over the baseline's global log10 L2 (DrMAD's space:
+`random`, `tpe`), or over it and the log10 step size (`random-step`, `tpe-step`).
 
 Each trial trains a fresh DenseNet for `search.trial_epochs` epochs with the baseline's settings
 otherwise (its schedule compressed into those epochs) and reports the validation error. The
@@ -40,6 +41,7 @@ from pipeline.tracking import Tracker
 from pipeline.training import setup_device
 
 SEARCH_STREAM = 4  # seeds of the samplers (pipeline/seeds.py holds streams 1-3)
+STEP = "-step"  # a search of the step size as well
 DIVERGED_ERROR = 1.0  # the objective of a trial whose loss became non-finite: worse than any result
 
 
@@ -60,19 +62,28 @@ def sampler(name: str, params: Params, finished: int, worker: int = 0) -> optuna
     """Seeded from (seed, finished trials): a resumed search draws what an uninterrupted one drew.
     Helper workers (`worker` > 0) add their own stream, or two would draw the same point."""
     seed = derive_seed(params.seed, SEARCH_STREAM + worker, finished) % 2 ** 32  # Optuna seeds numpy: 32 bits
-    if name == "random":
+    if name.removesuffix(STEP) == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=params.search.tpe_startup_trials)
 
 
-def distributions(params: Params) -> dict[str, FloatDistribution]:
+def distributions(params: Params, name: str) -> dict[str, FloatDistribution]:
+    """DrMAD's space (the global log10 L2), and the log10 step size for the `-step` searches."""
     space = params.search.space
-    return {"log10_l2": FloatDistribution(*space.log10_l2), "log10_alpha": FloatDistribution(*space.log10_alpha)}
+    out = {"log10_l2": FloatDistribution(*space.log10_l2)}
+    if name.endswith(STEP):
+        out["log10_alpha"] = FloatDistribution(*space.log10_alpha)
+    return out
+
+
+def log10_alpha(params: Params, values: dict[str, float]) -> float:
+    """The trial's log10 step size: searched, or the baseline's."""
+    return values.get("log10_alpha", math.log10(params.baseline.alpha))
 
 
 def trial_config(params: Params, values: dict[str, float]) -> TrainConfig:
     return params.baseline.model_copy(update={"epochs": params.search.trial_epochs, "log10_l2": values["log10_l2"],
-                                              "alpha": 10.0 ** values["log10_alpha"]})
+                                              "alpha": 10.0 ** log10_alpha(params, values)})
 
 
 def trial_cost(params: Params, meta: dict) -> int:
@@ -188,7 +199,7 @@ def run(params: Params, prepared: Path, name: str, paths: SearchPaths, tracker: 
 
     def objective(trial: optuna.Trial) -> float:
         nonlocal plan_full
-        values = {key: trial.suggest_float(key, d.low, d.high) for key, d in distributions(params).items()}
+        values = {key: trial.suggest_float(key, d.low, d.high) for key, d in distributions(params, name).items()}
         trial.set_user_attr("worker", WORKER)
         if trial.number not in live(study)[:planned]:  # another worker took the last place meanwhile
             plan_full = True
@@ -212,7 +223,7 @@ def run(params: Params, prepared: Path, name: str, paths: SearchPaths, tracker: 
             optuna.storages.fail_stale_trials(study)
     if worker_only:
         return None
-    trials = trials_table(study, planned)
+    trials = trials_table(study, planned, math.log10(params.baseline.alpha))
     metrics = summarise(trials, name, total, cost, time.perf_counter() - start)
     metrics["platform"] = machine.describe(device)  # bit-identity holds within one platform
     _write_outputs(paths, trials, metrics, tracker)
@@ -244,13 +255,13 @@ def _trial(params: Params, splits: dict, meta: dict, values: dict, number: int, 
         return train_trial(child)
 
 
-def trials_table(study: optuna.Study, planned: int) -> pd.DataFrame:
+def trials_table(study: optuna.Study, planned: int, fixed_log10_alpha: float) -> pd.DataFrame:
     """The first `planned` finished trials in the order they were asked for, numbered 0, 1, ... as
     finished trials (Optuna's numbers count failed and surplus ones too: a killed attempt would
     renumber the rest). A trial past the plan (a racing worker's) is never reported: no search
     reports more work than its budget."""
     done = sorted(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.number)[:planned]
-    rows = [{"trial": i, "log10_l2": t.params["log10_l2"], "log10_alpha": t.params["log10_alpha"],
+    rows = [{"trial": i, "log10_l2": t.params["log10_l2"], "log10_alpha": t.params.get("log10_alpha", fixed_log10_alpha),
              "val_error": t.value, "test_error": t.user_attrs["test_error"], "outcome": t.user_attrs["outcome"],
              "work_gradient_equivalents": t.user_attrs["work"], "wall_time_s": t.user_attrs["seconds"]}
             for i, t in enumerate(done)]
