@@ -48,7 +48,7 @@ def test_scale_keeps_the_comments_and_layout_of_params_yaml(tmp_path, paper):
     merged = (tmp_path / "params.yaml").read_text()
     comments = [line.strip() for line in (ROOT / "params.yaml").read_text().splitlines() if line.strip().startswith("#")]
     assert comments and all(c in merged for c in comments)
-    assert "  samplers: [random, tpe]" in merged  # flow style kept
+    assert "  samplers: [random, tpe, random-step, tpe-step]" in merged  # flow style kept
     assert paper.model.depth == 40 and paper.final.seeds == [1, 2, 3, 4, 5]
 
 
