@@ -21,6 +21,7 @@ SOURCE_SIZES = {"digits": (1797, 0), "mnist5k": (5000, 0), "cifar10": (50000, 10
 
 
 FINAL_KINDS = ("baseline", "search", "drmad", "adaptive")  # the kinds of method the verdict retrains
+TUNED_KINDS = ("search", "drmad")  # the kinds tune@KIND reruns per seed before final@KIND retrains
 
 
 def check_names(named: dict, where: str) -> None:

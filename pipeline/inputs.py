@@ -17,6 +17,7 @@ from pipeline.config import ConfigError
 
 _WRITERS = (  # output path pattern -> the stage that writes it
     (r"metrics/final/(?P<x>[^/]+)\.json", "final@{x}"),
+    (r"(?:metrics|results)/tune/(?P<x>[^/]+)\.(?:json|pt)", "tune@{x}"),
     (r"metrics/search/(?P<x>[^/]+)\.json", "search@{x}"),
     (r"results/search/(?P<x>[^/]+)/best\.json", "search@{x}"),
     (r"metrics/drmad/(?P<x>[^/]+)\.json", "drmad@{x}"),

@@ -15,7 +15,11 @@ run records the ratio it measured beside it (`hvp_cost_measured`), so a stale co
 """
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
+
+import torch
 
 
 @dataclass
@@ -40,3 +44,22 @@ class Work:
         return {"work_gradient_equivalents": total, "work_training_gradients": self.training_gradients,
                 "work_hypergradient_gradients": self.hyper_gradients, "work_hvps": self.hvps,
                 "hypergradient_work_share": round(hyper / total, 6) if total else 0.0}
+
+
+def step_costs(problem, hvp, sample: int = 100) -> tuple[float, float]:
+    """Seconds of one training gradient and of one gradient-plus-HVP (double backward computes
+    both), each the best of two passes over `sample` steps of a hypergradient Problem. Their
+    ratio is the `hvp_cost_measured` a run records beside the declared constant."""
+    k, w = min(sample, problem.steps), problem.w0
+    dv = torch.ones_like(w)
+
+    def per_step(fn) -> float:
+        best = math.inf
+        for _ in range(2):
+            start = time.perf_counter()
+            for t in range(k):
+                fn(w, t)
+            best = min(best, (time.perf_counter() - start) / k)
+        return best
+
+    return per_step(problem.train_grad), per_step(lambda w, t: hvp(problem, w, t, dv))

@@ -122,7 +122,8 @@ STAGE_COMMANDS = {"prepare": ["stages.prepare"], "baseline": ["stages.baseline"]
                   "drmad": ["stages.drmad", "--init=-4.0"], "adaptive": ["stages.adaptive", "--variant=k100"],
                   "quality": ["stages.quality", "--run=thesis-200"], "paths": ["stages.paths"],
                   "report": ["stages.report"], "validate": ["stages.cli", "validate", "--stamp", "checks/params.ok"],
-                  "search": ["stages.search", "--sampler=tpe"], "final": ["stages.final", "--kind=drmad"]}
+                  "search": ["stages.search", "--sampler=tpe"], "final": ["stages.final", "--kind=drmad"],
+                  "tune": ["stages.tune", "--kind=drmad"]}
 
 
 @pytest.mark.parametrize("stage", list(STAGE_COMMANDS))

@@ -120,7 +120,7 @@ def test_sigkill_then_dvc_repro_resumes_to_the_uninterrupted_result(prepared, tm
 
     assert "Running stage 'drmad@-4.0'" in sh(repo, "dvc", "repro", "drmad@-4.0")
     got = json.loads(paths.metrics.read_text())
-    untimed = lambda m: {k: v for k, v in m.items() if "seconds" not in k and "time" not in k}
+    untimed = lambda m: {k: v for k, v in m.items() if not any(w in k for w in ("seconds", "time", "measured"))}
     assert untimed(got) == untimed(expected)
     db = sqlite3.connect(repo / "mlflow.db")
     (killed, status), (resumed, link) = db.execute(
@@ -149,15 +149,17 @@ def test_counted_work_by_hand(prepared, tmp_path):
     # the same from the run's own rows: T per meta-iteration, S reverse steps at hvp_cost, one gradient each
     rows = pd.read_csv(tmp_path / "plots/drmad/-4.0/meta.csv")
     assert metrics["work_gradient_equivalents"] == sum(rows["training_gradients"]) + sum(1 + 2.5 * rows["reverse_steps"])
+    # the declared constant counts; the ratio this machine measured on this model is recorded beside it
+    assert metrics["hvp_cost"] == 2.5 and 1.0 < metrics["hvp_cost_measured"] < 20.0
 
 
 def test_the_finalist_is_the_best_validation_meta_iteration_at_the_longest_training(prepared, tmp_path, monkeypatch):
     """The rule the report states: among the meta-iterations trained longest (epochs grow 1, 1, 2, 2
     to the cap), the lowest validation error, the earliest among equals. Validation errors forced
     to 0.1, 0.5, 0.3, 0.3: the rule picks 2; the best overall would pick 0 (a shorter training), the
-    last 3; final@drmad then retrains with the coefficients meta-iteration 2 trained with."""
+    last 3; tune@drmad hands final@drmad the coefficients meta-iteration 2 trained with."""
     import pandas as pd
-    from pipeline.experiments import final
+    from pipeline.experiments import tune
     forced, trainers, real_epoch = [0.1, 0.5, 0.3, 0.3], [], drmad_tuning.train_epoch
 
     def epoch_with_forced_val(trainer, *args, **kwargs):
@@ -168,11 +170,11 @@ def test_the_finalist_is_the_best_validation_meta_iteration_at_the_longest_train
     monkeypatch.setattr(drmad_tuning, "train_epoch", epoch_with_forced_val)
     params = parse_params({**TINY, "drmad": {**TINY["drmad"], "meta_iterations": 4}})
     assert [epochs_at(i, 1, 1.4, 2) for i in range(4)] == [1, 1, 2, 2]
-    drmad_tuning.run(params, prepared, -4.0, drmad_tuning.DrmadPaths.for_init("-4.0", tmp_path))
-    saved = torch.load(tmp_path / "results/drmad/-4.0/hypers.pt", weights_only=True)
+    choice = tune.tune_one(params, prepared, "drmad", "drmad -4", tmp_path)  # what final@drmad retrains
+    saved = torch.load(tmp_path / "results/drmad/-4/hypers.pt", weights_only=True)
     assert len(trainers) == 4 and saved["chosen"]["meta_iteration"] == 2 and saved["chosen"]["epochs"] == 2
-    (finalist,) = final.finalists(params, "drmad", tmp_path)
-    layers = pd.read_csv(tmp_path / "plots/drmad/-4.0/layers.csv").set_index(["meta_iteration", "layer"])["mean"]
-    chosen = {n: torch.log10(c / 2).mean().item() for n, c in finalist.l2_coefficients.items()}
+    assert choice["meta_iteration"] == 2
+    layers = pd.read_csv(tmp_path / "plots/drmad/-4/layers.csv").set_index(["meta_iteration", "layer"])["mean"]
+    chosen = {n: torch.log10(c / 2).mean().item() for n, c in choice["l2_coefficients"].items()}
     assert chosen == pytest.approx({n: layers[(2, n)] for n in chosen}, abs=1e-9)
     assert chosen != pytest.approx({n: layers[(3, n)] for n in chosen}, abs=1e-9)

@@ -27,14 +27,20 @@ def prepared(tmp_path_factory):
     return out
 
 
-def chosen_results(root, meta, l2=-1.0):
-    """What search@random and drmad@-4.0 would have left: a best trial, a chosen meta-iteration."""
-    io.write_json(root / "results/search/random/best.json", {"log10_l2": -3.0, "alpha": 0.5, "trial": 0, "val_error": 0.1})
+def chosen_results(root, meta, l2=-1.0, search_l2=-3.0):
+    """What tune@search and tune@drmad would have left: per seed, a best trial and a chosen
+    meta-iteration (seed 2's differ from seed 1's)."""
     model = build_densenet(parse_params(TINY).model, meta, 0)
-    coefs = {n: torch.full_like(p, 2 * 10.0 ** l2, dtype=torch.float64) for n, p in model.named_parameters()
-             if is_regularised(n)}
-    io.save_torch(root / "results/drmad/-4.0/hypers.pt", {"chosen": {"meta_iteration": 1, "val_error": 0.1,
-                                                                    "l2_coefficients": coefs}})
+    search, drmad = {}, {}
+    for seed in (1, 2):
+        search[f"seed{seed}"] = {"outcome": "finished", "log10_l2": search_l2 - (seed - 1), "alpha": 0.5,
+                                 "l2_coefficients": None, "tuning_work": 12.0 * seed, "tuning_wall_s": 1.0}
+        coefs = {n: torch.full_like(p, 2 * 10.0 ** (l2 - (seed - 1)), dtype=torch.float64)
+                 for n, p in model.named_parameters() if is_regularised(n)}
+        drmad[f"seed{seed}"] = {"outcome": "finished", "l2_coefficients": coefs, "tuning_work": 20.0 * seed,
+                                "tuning_wall_s": 2.0}
+    io.save_torch(root / "results/tune/search.pt", {"random": search})
+    io.save_torch(root / "results/tune/drmad.pt", {"drmad -4": drmad})
 
 
 class Interrupt(Exception):
@@ -66,6 +72,9 @@ def test_every_kind_retrains_its_methods_once_per_seed(prepared, tmp_path):
         assert all(w == pytest.approx(by_hand, rel=1e-12) for w in seen[method]["tuning_work"].values())
     assert seen["adaptive a"]["test_wrong"] != seen["adaptive a baseline-schedule"]["test_wrong"]  # two different runs
     assert all(w == 0 for w in seen["baseline"]["tuning_work"].values())
+    # each seed's own tuning is charged to that seed's retraining
+    assert seen["random"]["tuning_work"] == {"seed1": 12.0, "seed2": 24.0}
+    assert seen["drmad -4"]["tuning_work"] == {"seed1": 20.0, "seed2": 40.0}
 
 
 def test_adaptive_finalists_run_as_the_thesis_did_and_with_the_baseline_schedule():
@@ -87,6 +96,9 @@ def test_finalists_train_with_the_chosen_hyperparameters(prepared, tmp_path):
     chosen_results(tmp_path, meta, l2=-1.0)
     by_kind = {k: final.finalists(params, k, tmp_path)[0] for k in ("baseline", "search", "drmad")}
     assert by_kind["search"].cfg.alpha == 0.5 and by_kind["search"].cfg.log10_l2 == -3.0
+    # tuned kinds: one finalist per seed, each the choice of its own seed's tuning
+    searched = final.finalists(params, "search", tmp_path)
+    assert [(f.seed, f.cfg.log10_l2) for f in searched] == [(1, -3.0), (2, -4.0)]
     weights = {}
     for kind, finalist in by_kind.items():
         trainer, _ = train(params, finalist.cfg, 1, splits, meta, l2_coefficients=finalist.l2_coefficients)
@@ -129,17 +141,23 @@ def test_an_interrupted_final_keeps_its_finished_seeds(prepared, tmp_path, monke
         {k: v for k, v in expected["methods"]["baseline"].items() if k != "wall_time_s"}
 
 
-def test_missing_choices_are_a_clear_error(tmp_path):
+def test_missing_choices_are_a_clear_error(prepared, tmp_path):
     params = parse_params(TINY)
-    with pytest.raises(ConfigError, match="results/search/random/best.json: missing; it is written by search@random"):
+    with pytest.raises(ConfigError, match="results/tune/search.pt: missing; it is written by tune@search"):
         final.finalists(params, "search", tmp_path)
-    with pytest.raises(ConfigError, match=r"no hyperparameters for init\(s\) \[-4.0\]"):
+    with pytest.raises(ConfigError, match="results/tune/drmad.pt: missing; it is written by tune@drmad"):
         final.finalists(params, "drmad", tmp_path)
+    chosen_results(tmp_path, data.load_meta(prepared))
+    tuned = torch.load(tmp_path / "results/tune/search.pt", weights_only=True)
+    del tuned["random"]["seed2"]  # tuned before seed 2 was added
+    io.save_torch(tmp_path / "results/tune/search.pt", tuned)
+    with pytest.raises(ConfigError, match="lacks random at seed 2; it is written by tune@search"):
+        final.finalists(params, "search", tmp_path)
 
 
 def test_a_finished_seed_is_reused_only_with_unchanged_choices(prepared, tmp_path, monkeypatch):
-    """Interrupted after seed 1, the search's best trial changes before the resume: seed 1 is
-    retrained at the new choice, not taken from its record."""
+    """Interrupted after seed 1, the tuned choices change before the resume: seed 1 is retrained
+    at its new choice, not taken from its record."""
     params = parse_params({**TINY, "final": {"seeds": [1, 2]}})
     meta = data.load_meta(prepared)
     chosen_results(tmp_path, meta)
@@ -155,10 +173,9 @@ def test_a_finished_seed_is_reused_only_with_unchanged_choices(prepared, tmp_pat
     monkeypatch.setattr(final.baseline, "train", stop_at_seed_2)
     with pytest.raises(Interrupt):
         final.run(params, prepared, "search", paths, root=tmp_path)
-    io.write_json(tmp_path / "results/search/random/best.json", {"log10_l2": -1.5, "alpha": 0.5, "trial": 1,
-                                                                 "val_error": 0.1})
+    chosen_results(tmp_path, meta, search_l2=-1.5)
     final.run(params, prepared, "search", paths, root=tmp_path)
-    assert trained == [(1, -3.0), (2, -3.0), (1, -1.5), (2, -1.5)]
+    assert trained == [(1, -3.0), (2, -4.0), (1, -1.5), (2, -2.5)]
 
 
 def test_every_adaptive_finalist_seed_trains_from_its_own_seed(prepared, tmp_path, monkeypatch):

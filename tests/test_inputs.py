@@ -21,6 +21,7 @@ def one_line(err: pytest.ExceptionInfo, *words: str) -> None:
 
 @pytest.mark.parametrize("path, stage", [
     ("metrics/final/search.json", "final@search"), ("results/search/tpe/best.json", "search@tpe"),
+    ("results/tune/drmad.pt", "tune@drmad"), ("metrics/tune/search.json", "tune@search"),
     ("results/drmad/-4.0/hypers.pt", "drmad@-4.0"), ("metrics/drmad/-7.0.json", "drmad@-7.0"),
     ("metrics/quality_thesis-200.json", "quality@thesis-200"), ("plots/adaptive/k100/epochs.csv", "adaptive@k100"),
     ("metrics/baseline.json", "baseline")])
@@ -28,30 +29,28 @@ def test_each_output_names_its_stage(path, stage):
     assert inputs.writer_of(__import__("pathlib").Path(path)) == stage
 
 
-@pytest.mark.parametrize("content, words", [("{", "not valid JSON"), ("[1]", "holds a list"), ("{}", "lacks log10_l2, alpha")])
-def test_a_broken_best_trial_stops_final_search_in_one_line(tmp_path, content, words):
-    (tmp_path / "results/search/random").mkdir(parents=True)
-    (tmp_path / "results/search/random/best.json").write_text(content)
-    with pytest.raises(inputs.InputError) as err:
-        final.finalists(parse_params(TINY), "search", tmp_path)
-    one_line(err, "results/search/random/best.json", words, "search@random", "dvc repro search@random")
-
-
-def test_a_missing_best_trial_names_the_search(tmp_path):
-    with pytest.raises(inputs.InputError) as err:
-        final.finalists(parse_params(TINY), "search", tmp_path)
-    one_line(err, "best.json: missing", "dvc repro search@random")
-
-
-@pytest.mark.parametrize("damage", ["truncated", "no chosen"])
-def test_a_broken_drmad_result_stops_final_drmad_in_one_line(tmp_path, damage):
-    path = tmp_path / "results/drmad/-4.0/hypers.pt"
-    io.save_torch(path, {"chosen": {"l2_coefficients": {"w": torch.ones(3)}}} if damage == "truncated" else {"x": 1})
+@pytest.mark.parametrize("kind", ["search", "drmad"])
+@pytest.mark.parametrize("damage, words", [("truncated", "truncated"), ("list", "holds a list"),
+                                           ("no seed", "lacks random at seed"), ("no keys", "lacks random at seed")])
+def test_broken_tuning_results_stop_final_in_one_line(tmp_path, kind, damage, words):
+    path = tmp_path / f"results/tune/{kind}.pt"
+    method = "random" if kind == "search" else "drmad -4"
+    entry = {"outcome": "finished", "tuning_work": 1.0, "tuning_wall_s": 1.0, "log10_l2": -3.0, "alpha": 1.0,
+             "l2_coefficients": {"w": torch.ones(3)}}
+    payload = {"list": [1], "no seed": {method: {"seed0": entry}}, "no keys": {method: {"seed0": {"outcome": "finished"}}}}.get(
+        damage, {method: {"seed0": entry}})
+    io.save_torch(path, payload)
     if damage == "truncated":
         path.write_bytes(path.read_bytes()[:-40])
     with pytest.raises(inputs.InputError) as err:
-        final.finalists(parse_params(TINY), "drmad", tmp_path)
-    one_line(err, "results/drmad/-4.0/hypers.pt", "drmad@-4.0", "truncated" if damage == "truncated" else "lacks chosen")
+        final.finalists(parse_params({**TINY, "final": {"seeds": [0, 1]}}), kind, tmp_path)
+    one_line(err, f"results/tune/{kind}.pt", words.replace("random", method), f"dvc repro tune@{kind}")
+
+
+def test_a_missing_tuning_names_its_stage(tmp_path):
+    with pytest.raises(inputs.InputError) as err:
+        final.finalists(parse_params(TINY), "search", tmp_path)
+    one_line(err, "search.pt: missing", "dvc repro tune@search")
 
 
 def test_an_empty_final_metrics_file_stops_the_verdict_in_one_line(tmp_path):

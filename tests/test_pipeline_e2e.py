@@ -31,7 +31,8 @@ TINY = {
 REPLACED = ("protocols", "runs")  # mappings the tiny params replace whole (merging would keep the defaults')
 DENSENET_STAGES = ("prepare", "baseline", "drmad@-4.0", "adaptive@k100", "adaptive@k131", "search@random",
                    "search@random-step", "search@tpe-step",
-                   "search@tpe", "final@baseline", "final@search", "final@drmad", "final@adaptive")
+                   "search@tpe", "tune@search", "tune@drmad", "final@baseline", "final@search", "final@drmad",
+                   "final@adaptive")
 METHODS = ("baseline", "random", "tpe", "random-step", "tpe-step", "drmad -4", "adaptive k100", "adaptive k131", "adaptive k100 baseline-schedule",
            "adaptive k131 baseline-schedule")
 ARENA_METHODS = ("baseline", "drmad", "drmad2", "exact", "truncated", "greedy", "random", "tpe", "hyperband")
@@ -181,7 +182,7 @@ def test_repro_runs_what_changed_and_records_it(tmp_path):
     # (`validate` reruns on any params change; its constant stamp reruns nothing by itself)
     set_params(repo, {"baseline": {"epochs": 3}})  # the peers train and the finalists retrain at the baseline's
     assert stale(repo) == {"validate", "baseline", "search@random", "search@tpe", "search@random-step", "search@tpe-step",
-                           "final@baseline", "final@search",
+                           "tune@search", "final@baseline", "final@search",
                            "final@drmad", "final@adaptive"}  # (the report follows from their outputs)
     set_params(repo, {"baseline": {"epochs": TINY["baseline"]["epochs"]}})
     set_params(repo, {"data": {"val_size": 50}})  # every DenseNet stage follows from prepare's outputs
@@ -191,7 +192,8 @@ def test_repro_runs_what_changed_and_records_it(tmp_path):
     set_params(repo, {"adaptive": {"variants": {"k131": {"every": 4}}}})
     assert ran(sh(repo, "dvc", "repro")) == {"validate", "adaptive@k131", "final@adaptive", "report"}
     set_params(repo, {"final": {"seeds": [1, 3]}})
-    assert stale(repo) == {"validate", "final@baseline", "final@search", "final@drmad", "final@adaptive"}
+    assert stale(repo) == {"validate", "tune@search", "tune@drmad", "final@baseline", "final@search", "final@drmad",
+                           "final@adaptive"}  # each seed tunes again
     set_params(repo, {"final": {"seeds": TINY["final"]["seeds"]}, "quality": {"drmad_steps": 4}})
     assert stale(repo) == {"validate", "quality@tiny-10", "quality@tiny-20"}
     set_params(repo, {"quality": {"drmad_steps": TINY["quality"]["drmad_steps"]}})

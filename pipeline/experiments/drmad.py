@@ -32,7 +32,7 @@ from pipeline.meta import epochs_at, layer_summary, sign_step, zero_momentum
 from pipeline.training import setup_device
 from pipeline.training import Trainer, final_errors, finite_losses, train_epoch
 from pipeline.experiments.summaries import hyper_quantiles
-from pipeline.work import Work
+from pipeline.work import Work, step_costs
 
 
 @dataclass(frozen=True)
@@ -172,12 +172,15 @@ def meta_iteration(params: Params, run: Run, splits: dict, meta: dict, device: t
 
     norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grad.values())).item()
     seconds = time.perf_counter() - start
+    # this machine's HVP over gradient on this model, beside the declared `work.hvp_cost` (a few steps, once)
+    grad_s, hvp_s = step_costs(problem, HVP_METHODS[params.hvp], sample=3) if i == 0 else (None, None)
     run.meta_rows.append({"meta_iteration": i, "epochs": trainer.cfg.epochs, "steps": trainer.total_steps,
                           "reverse_steps": path.reverse_steps, "train_error": row["train_error"],
                           "val_error": row["val_error"], "test_error": row["test_error"],
                           "val_loss": grads["val_loss"], "hypergrad_norm": norm, "seconds": seconds,
                           "forward_seconds": forward_seconds, "reverse_seconds": seconds - forward_seconds,
-                          "training_gradients": trainer.total_steps})
+                          "training_gradients": trainer.total_steps,
+                          "hvp_cost_measured": round(hvp_s / grad_s, 3) if grad_s else None})
     if chosen_instead(run.chosen, trainer.cfg.epochs, row["val_error"]):
         run.chosen = {"meta_iteration": i, "epochs": trainer.cfg.epochs, "val_error": row["val_error"],
                       "l2_coefficients": {n: c.detach().cpu().clone() for n, c in coefs.items()}}
@@ -245,7 +248,8 @@ def summarise(run: Run, init: float, last_n: int, hvp_cost: float, hvp: str = "d
         "chosen_meta_iteration": run.chosen["meta_iteration"] if run.chosen else None,
         "seconds_per_meta_iteration": round(sum(r["seconds"] for r in rows) / len(rows), 3) if rows else None,
         "reverse_over_forward_time": round(sum(r["reverse_seconds"] for r in rows) / forward, 3) if rows else None,
-        **work.metrics(hvp_cost),
+        **work.metrics(hvp_cost), "hvp_cost": hvp_cost,
+        "hvp_cost_measured": rows[0].get("hvp_cost_measured") if rows else None,
     }
 
 

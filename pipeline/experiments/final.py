@@ -4,8 +4,10 @@ dropout masks), and evaluated on the test split once, at the end.
 
 One stage instance per kind of method:
     baseline   the hand-set hyperparameters of `baseline`
-    search     each sampler's best trial (global log10 L2 and step size)
-    drmad      each initialisation's per-parameter log10 L2 from its best-validation meta-iteration
+    search     each sampler's best trial (global log10 L2, and the step size for NAME-step),
+               the search rerun per seed by tune@search: seed s retrains seed s's choice
+    drmad      each initialisation's per-parameter log10 L2 from its chosen meta-iteration (the
+               best validation among the longest trainings), rerun per seed by tune@drmad
     adaptive   each variant tunes while it trains: its own run at the baseline's epochs, step size
                and batch size (its hypergradient work is its tuning cost), twice: as the thesis ran
                it, with no schedule ("adaptive NAME"), and with the baseline's schedule under its
@@ -30,7 +32,7 @@ from pipeline import inputs, io, machine
 from pipeline.checkpoint import Checkpoint, code_digest, fingerprint
 from pipeline.config import FINAL_KINDS as KINDS, ConfigError, Params
 from pipeline.data import load_prepared
-from pipeline.experiments import adaptive, baseline
+from pipeline.experiments import adaptive, baseline, tune
 from pipeline.tracking import Tracker
 from pipeline.models import build_densenet
 from pipeline.training import setup_device, wrong_examples
@@ -57,37 +59,37 @@ class Finalist:
     l2_coefficients: dict | None = None
     variant: str | None = None
     scheduled: bool = False  # adaptive: the baseline's schedule under the learned rates
+    seed: int | None = None  # tuned per seed: the seed it was tuned at (and retrains at); None: every seed
+    tuning_work: float = 0.0  # what choosing it cost (the adaptive's is inside its run)
+    tuning_wall_s: float = 0.0
+    diverged: bool = False  # its tuning diverged before a first choice: nothing to retrain
 
 
 def finalists(params: Params, kind: str, root: Path = Path(".")) -> list[Finalist]:
+    """The kind's choices: one per method for all seeds, or (search, drmad: tuned per seed by
+    tune@KIND) one per method and seed."""
     if kind == "baseline":
         return [Finalist("baseline", params.baseline)]
-    if kind == "search":
-        out = []
-        for name in params.search.samplers:
-            best = inputs.read_json(root / f"results/search/{name}/best.json", ("log10_l2", "alpha"))
-            out.append(Finalist(name, params.baseline.model_copy(update={"log10_l2": best["log10_l2"],
-                                                                          "alpha": best["alpha"]})))
-        return out
-    if kind == "drmad":
-        found = {float(p.name): p for p in (root / "results/drmad").glob("*") if (p / "hypers.pt").is_file()}
-        if missing := [i for i in params.drmad.inits if i not in found]:
-            raise ConfigError(f"final: results/drmad has no hyperparameters for init(s) {missing}; "
-                              "run `dvc repro drmad` first")
-        out = []
-        for init in params.drmad.inits:
-            chosen = inputs.read_torch(found[init] / "hypers.pt", ("chosen",))["chosen"]
-            if chosen is not None and "l2_coefficients" not in chosen:
-                raise inputs.InputError(f"{found[init] / 'hypers.pt'}: its chosen meta-iteration lacks l2_coefficients; "
-                                        f"run `dvc repro drmad@{init}`")
-            if chosen is None:
-                raise ConfigError(f"final: drmad {init:g} completed no meta-iteration (diverged at once): nothing to retrain")
-            out.append(Finalist(f"drmad {init:g}", params.baseline, chosen["l2_coefficients"]))
-        return out
     if kind == "adaptive":
         return [Finalist(f"adaptive {name}{' baseline-schedule' if scheduled else ''}", variant=name, scheduled=scheduled)
                 for name in params.adaptive.variants for scheduled in (False, True)]
-    raise ConfigError(f"--kind: one of {', '.join(KINDS)} (got {kind!r})")
+    if kind not in tune.TUNED_KINDS:
+        raise ConfigError(f"--kind: one of {', '.join(KINDS)} (got {kind!r})")
+    path = tune.TunePaths.for_kind(kind, root).choices
+    choices = inputs.read_torch(path)
+    needs = ("outcome", "tuning_work", "tuning_wall_s") + (("log10_l2", "alpha") if kind == "search" else ("l2_coefficients",))
+    out = []
+    for method in tune.methods(params, kind):
+        for seed in params.final.seeds:
+            c = choices.get(method, {}).get(f"seed{seed}")
+            if not isinstance(c, dict) or not set(needs) <= set(c):
+                raise inputs.InputError(f"{path}: lacks {method} at seed {seed}; it is written by tune@{kind}: "
+                                        f"run `dvc repro tune@{kind}`")
+            cfg = params.baseline if kind == "drmad" else params.baseline.model_copy(
+                update={"log10_l2": c["log10_l2"], "alpha": c["alpha"]})
+            out.append(Finalist(method, cfg, c["l2_coefficients"], seed=seed, tuning_work=c["tuning_work"],
+                                tuning_wall_s=c["tuning_wall_s"], diverged=c["outcome"] == "diverged"))
+    return out
 
 
 def adaptive_params(params: Params, seed: int, scheduled: bool) -> Params:
@@ -106,7 +108,7 @@ def run(params: Params, prepared: Path, kind: str, paths: FinalPaths, tracker: T
     meta, splits = load_prepared(prepared, device, tracker)
     results = []
     for finalist in finalists(params, kind, root):
-        for seed in params.final.seeds:
+        for seed in params.final.seeds if finalist.seed is None else [finalist.seed]:
             result = _finished_or_run(params, finalist, seed, prepared, splits, meta, paths, progress)
             results.append(result)
             if tracker:
@@ -122,17 +124,23 @@ def _finished_or_run(params: Params, finalist: Finalist, seed: int, prepared: Pa
                      paths: FinalPaths, progress: bool | None) -> dict:
     key = fingerprint(code_digest(), finalist.method, seed, params.model.model_dump(), params.evaluation.model_dump(),
                       finalist.cfg.model_dump() if finalist.cfg else adaptive_params(params, seed, finalist.scheduled).adaptive.model_dump(),
-                      _digest(finalist.l2_coefficients), meta["digest"])
+                      _digest(finalist.l2_coefficients), finalist.tuning_work, finalist.diverged, meta["digest"])
     stem = f"{finalist.method.replace(' ', '_')}-seed{seed}"
     done = paths.work_dir / f"{stem}.json"
     if (saved := _record(done)) is not None and saved.get("key") == key:
         return saved["result"]
     print(f"final: {finalist.method}, seed {seed}", file=sys.stderr, flush=True)
+    if finalist.diverged:
+        result = {"method": finalist.method, "seed": seed, "outcome": "diverged", "test_error": None, "val_error": None,
+                  "train_error": None, "training_work": 0, "tuning_work": finalist.tuning_work, "wall_time_s": 0.0,
+                  "tuning_wall_s": finalist.tuning_wall_s, "test_wrong": None, "epochs": []}
+        io.write_json(done, {"key": key, "result": result})
+        return result
     if finalist.variant is None:
         checkpoint = Checkpoint(paths.work_dir / f"{stem}.pt", key)
         trainer, m = baseline.train(params, finalist.cfg, seed, splits, meta, checkpoint, finalist.l2_coefficients,
                                     progress=progress, desc=f"{finalist.method} seed {seed}")
-        history, tuning, tuning_wall = trainer.state.history, 0.0, 0.0
+        history, tuning, tuning_wall = trainer.state.history, finalist.tuning_work, finalist.tuning_wall_s
         model = trainer.model
         checkpoint.clear()
     else:

@@ -38,6 +38,7 @@ from pipeline.meta import layer_summary, sign_step, zero_momentum
 from pipeline.models import MLP
 from pipeline.seeds import INIT_STREAM, derive_seed
 from pipeline.training import setup_device
+from pipeline.work import step_costs
 
 BASE_METHODS = ("exact", "float", "drmad", "drmad_fixed", "drmad2")
 WEIGHTINGS = ("text", "scripts")  # the heuristic's readings of gamma: S is reported for both
@@ -315,24 +316,6 @@ def run_meta_iterations(study: Study, bar: Progress, problem: Problem, l2: Hyper
             if tracker:
                 tracker.set_tag("outcome", "diverged")
         checkpoint.save(study.state())
-
-
-def step_costs(problem: Problem, hvp: HVP, sample: int = 100) -> tuple[float, float]:
-    """Seconds of one training gradient and of one gradient-plus-HVP (double backward computes
-    both), each the best of two passes over `sample` steps."""
-    k, w = min(sample, problem.steps), problem.w0
-    dv = torch.ones_like(w)
-
-    def per_step(fn) -> float:
-        best = math.inf
-        for _ in range(2):
-            start = time.perf_counter()
-            for t in range(k):
-                fn(w, t)
-            best = min(best, (time.perf_counter() - start) / k)
-        return best
-
-    return per_step(problem.train_grad), per_step(lambda w, t: hvp(problem, w, t, dv))
 
 
 def op_floor(steps: int, costs: list[tuple[float, float]], walked: list[dict], seconds: float,

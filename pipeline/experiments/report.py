@@ -223,7 +223,7 @@ def verdict_section(root: Path, level: float, batchnorm: str, margin: float = 0.
     tables, frames, text = {}, {}, []
     seeds = verdict.per_seed(root)
     if len(seeds):
-        frames["densenet"] = verdict.with_total_compute(seeds, root)
+        frames["densenet"] = verdict.with_total_compute(seeds)
     if len(arena := verdict.arena_seeds(root)):
         frames["mlp"] = arena
     if not frames:
@@ -247,11 +247,12 @@ def verdict_section(root: Path, level: float, batchnorm: str, margin: float = 0.
                  f"Every method's chosen hyperparameters retrained from scratch at the baseline's full schedule on "
                  f"{frame.groupby('method').size().max()} seeds (seed: initialisation, batch order and dropout masks), "
                  f"each evaluated once on the test split {BATCHNORM[batchnorm]} (one image is "
-                 f"{100 / frame['test_size'].iloc[0]:.2f} points). Tuning: what choosing the hyperparameters spent (the "
-                 "searches at DrMAD's counted work; the adaptive method tunes while it trains, so its tuning is the "
-                 "hypergradient work inside its final runs, per seed). DrMAD's choice: the meta-iteration with the "
-                 "lowest validation error among those trained longest (its epochs grow to a cap). The hyperparameters "
-                 "were tuned once, at `seed`; the seeds vary the retraining only.\n",
+                 f"{100 / frame['test_size'].iloc[0]:.2f} points). Each seed tunes again before it retrains (tune@KIND: "
+                 "the searches' sampler streams and trials, DrMAD's w_0, batches and masks are that seed's), so the "
+                 "interval holds tuning's variance too. Tuning: what that seed's choice spent (the searches at the "
+                 "search stages' budget, DrMAD's counted work; the adaptive method tunes while it trains, so its "
+                 "tuning is the hypergradient work inside its final runs). DrMAD's choice: the meta-iteration with the "
+                 "lowest validation error among those trained longest (its epochs grow to a cap).\n",
                  verdict.markdown(tables["densenet"], level), "\nTest error per seed (%):\n", _per_seed(frame, tables["densenet"])]
     if "mlp" in frames:
         frame = frames["mlp"]

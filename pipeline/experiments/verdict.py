@@ -1,7 +1,8 @@
 """The verdict: did a tuning method beat the baseline, and at what cost? Two arenas.
 
-- densenet: the finalists (metrics/final/*.json: test error per method and seed, each retrained
-  from scratch at the baseline's schedule) and the tuning stages' counted work;
+- densenet: the finalists (metrics/final/*.json: test error per method and seed, each seed's
+  choice tuned at that seed by tune@KIND and retrained from scratch at the baseline's schedule),
+  with each seed's tuning work;
 - mlp: the MLP arena (results/arena/SEED.json: per seed, every method tuned with that seed's
   streams at one counted budget, then retrained and tested).
 
@@ -66,38 +67,14 @@ def arena_seeds(root: Path) -> pd.DataFrame:
                          "outcome": e["outcome"], "final_work": e["final_work"], "final_wall_s": e["final_wall_s"],
                          "run_tuning_work": e["tuning_work"], "run_tuning_wall_s": e["tuning_wall_s"],
                          "test_wrong": e["test_wrong"], "test_size": result["test_size"]})
-    seeds = pd.DataFrame(rows, columns=SEED_COLUMNS)
-    seeds["tuning_work"], seeds["tuning_wall_s"] = seeds["run_tuning_work"], seeds["run_tuning_wall_s"]
-    seeds["total_work"] = seeds["tuning_work"] + seeds["final_work"]
-    return seeds
+    return with_total_compute(pd.DataFrame(rows, columns=SEED_COLUMNS))
 
 
-def tuning_costs(root: Path, method: str, kind: str) -> tuple[float | None, float | None]:
-    """(gradient evaluations, wall seconds) the method spent choosing its hyperparameters before
-    its finalists trained: 0 for the hand-set baseline; the adaptive method's is in its runs."""
-    if kind in ("baseline", "adaptive"):
-        return 0.0, 0.0
-    if kind == "search":
-        m = inputs.read_json(root / f"metrics/search/{method}.json", ("work_gradient_equivalents", "wall_time_s"))
-        return m["work_gradient_equivalents"], m["wall_time_s"]
-    init = float(method.removeprefix("drmad "))
-    for path in (root / "metrics/drmad").glob("*.json"):
-        if float(path.stem) == init:
-            m = inputs.read_json(path, ("work_gradient_equivalents", "seconds_per_meta_iteration",
-                                        "meta_iterations_completed"))
-            wall = (m["seconds_per_meta_iteration"] or 0.0) * m["meta_iterations_completed"]
-            return m["work_gradient_equivalents"], round(wall, 3)
-    return None, None
-
-
-def with_total_compute(seeds: pd.DataFrame, root: Path) -> pd.DataFrame:
-    """Per seed: tuning + final work, the compute that produced that test error."""
+def with_total_compute(seeds: pd.DataFrame) -> pd.DataFrame:
+    """Per seed: its own tuning's work (tune@KIND's, or the adaptive run's hypergradients) plus its
+    retraining's: the compute that produced that test error."""
     out = seeds.copy()
-    costs = {m: tuning_costs(root, m, k) for m, k in seeds[["method", "kind"]].drop_duplicates().itertuples(index=False)}
-    out["tuning_work"] = [costs[m][0] + w if costs[m][0] is not None else None
-                          for m, w in zip(out["method"], out["run_tuning_work"])]
-    out["tuning_wall_s"] = [costs[m][1] + w if costs[m][1] is not None else None
-                            for m, w in zip(out["method"], out["run_tuning_wall_s"])]
+    out["tuning_work"], out["tuning_wall_s"] = out["run_tuning_work"], out["run_tuning_wall_s"]
     out["total_work"] = out["tuning_work"] + out["final_work"]
     return out
 
