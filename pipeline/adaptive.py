@@ -18,6 +18,7 @@ import torch
 from pipeline.hyper import HyperSpace
 from pipeline.hypergrad import Problem, StoredPath, log_lr_hypergradient
 from pipeline.hypergrad.hvp import DEFAULT_HVP, HVP_METHODS
+from pipeline.hypergrad.problem import flat
 from pipeline.hypergrad.reverse import reverse
 from pipeline.meta import sign_step, zero_momentum
 from pipeline.training import Trainer
@@ -32,10 +33,6 @@ class AdaptiveSettings:
     val_batch_size: int = 500  # validation batches cycle through the validation split
     hvp: str = DEFAULT_HVP  # Hessian-vector product implementation (params.yaml `hvp`)
     eta_floor: Callable[[int, int], float] | None = None  # (step, total steps) -> least eta, if scheduled
-
-
-def flat(tensors) -> torch.Tensor:
-    return torch.cat([t.detach().reshape(-1) for t in tensors])
 
 
 class AdaptiveTrainer(Trainer):

@@ -311,8 +311,8 @@ class QualityConfig(Section):
         return self.runs[run].meta_iterations or self.meta_iterations
 
 
-class PathsConfig(Section):
-    """Parameter paths of the quality MLP (thesis figs 2.1-2.2)."""
+class TrajectoryConfig(Section):
+    """The training trajectory of the quality MLP (thesis figs 2.1-2.2)."""
     protocol: str = "thesis"  # which of quality.protocols trains the MLP
     steps: int = Field(default=2000, ge=2)
     every: int = Field(default=10, ge=1)  # keep every n-th iterate
@@ -453,7 +453,7 @@ class Params(Section):
     drmad: DrmadConfig = DrmadConfig()
     adaptive: AdaptiveConfig = AdaptiveConfig()
     quality: QualityConfig = QualityConfig()
-    paths: PathsConfig = PathsConfig()
+    trajectory: TrajectoryConfig = TrajectoryConfig()
     search: SearchConfig = SearchConfig()
     final: FinalConfig = FinalConfig()
     arena: ArenaConfig = ArenaConfig()
@@ -472,8 +472,8 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _across_sections(self):
-        if self.paths.protocol not in self.quality.protocols:
-            raise ValueError(f"paths.protocol: one of {', '.join(self.quality.protocols)} (got {self.paths.protocol!r})")
+        if self.trajectory.protocol not in self.quality.protocols:
+            raise ValueError(f"trajectory.protocol: one of {', '.join(self.quality.protocols)} (got {self.trajectory.protocol!r})")
         train = self.data.train_count
         for key in ("baseline", "drmad", "adaptive"):  # search trials and finalists use the baseline's
             if getattr(self, key).batch_size > train:

@@ -14,34 +14,23 @@ import pandas as pd
 import torch
 
 from pipeline.config import ConfigError
-
-_WRITERS = (  # output path pattern -> the stage that writes it
-    (r"metrics/final/(?P<x>[^/]+)\.json", "final@{x}"),
-    (r"(?:metrics|results)/tune/(?P<x>[^/]+)\.(?:json|pt)", "tune@{x}"),
-    (r"metrics/search/(?P<x>[^/]+)\.json", "search@{x}"),
-    (r"results/search/(?P<x>[^/]+)/best\.json", "search@{x}"),
-    (r"metrics/drmad/(?P<x>[^/]+)\.json", "drmad@{x}"),
-    (r"results/drmad/(?P<x>[^/]+)/hypers\.pt", "drmad@{x}"),
-    (r"(?:metrics|plots)/drmad/(?P<x>[^/]+)/.*", "drmad@{x}"),
-    (r"metrics/quality_(?P<x>.+)\.json", "quality@{x}"),
-    (r"metrics/adaptive_(?P<x>.+)\.json", "adaptive@{x}"),
-    (r"plots/adaptive/(?P<x>[^/]+)/.*", "adaptive@{x}"),
-    (r"(?:metrics|plots)/baseline.*", "baseline"),
-    (r"(?:metrics|plots)/paths.*", "paths"),
-)
-
+from pipeline.layout import SINGLE_INSTANCE, STAGES
 
 class InputError(ConfigError):
     """Another stage's output is missing or malformed: one line naming it and its writer."""
 
 
 def writer_of(path: Path) -> str:
-    """The stage whose output `path` is (by the layout of dvc.yaml's outs), or 'its stage'."""
-    text = path.as_posix()
-    for pattern, stage in _WRITERS:
-        if found := re.search(pattern + "$", text):
-            return stage.format(**found.groupdict())
-    return "its stage"
+    """The stage whose output `path` is, by the one rule of pipeline/layout.py
+    (<kind>/<stage>/<instance>...), or 'its stage'."""
+    found = re.search(r"(?:^|/)(?:metrics|plots|results|figures|models)/(?P<stage>[\w-]+)(?P<rest>(?:\.\w+)?(?:/.*)?)$",
+                      path.as_posix())
+    if not found or found["stage"] not in STAGES:
+        return "its stage"
+    if found["stage"] in SINGLE_INSTANCE:
+        return found["stage"]
+    instance = re.match(r"/([^/]+?)(?:\.(?:json|pt|csv))?(?:/|$)", found["rest"])
+    return f"{found['stage']}@{instance[1]}" if instance else "its stage"
 
 
 def _fail(path: Path, problem: str) -> InputError:

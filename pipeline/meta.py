@@ -11,9 +11,12 @@ and epochs that grow by a factor per meta-iteration up to a cap (thesis: 100 -> 
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from pipeline.hyper import HyperSpace
+from pipeline.progress import Progress
 
 
 def epochs_at(iteration: int, start: int, growth: float, cap: int) -> int:
@@ -40,3 +43,46 @@ def layer_summary(hypers: HyperSpace) -> dict[str, dict[str, float]]:
         values = hypers.log_value(name).double()
         out[name] = {"mean": values.mean().item(), "std": values.std(unbiased=False).item()}
     return out
+
+
+class MetaState:
+    """A meta-iteration loop's state, what its checkpoint holds: the hyperparameters, their
+    sign-step momentum, the completed iterations, the outcome, the rows written so far (tables by
+    name) and what a finalist would retrain (`chosen`, where the loop chooses)."""
+    FORMAT = 2  # in checkpoint fingerprints: a checkpoint of another layout is not restored
+
+    def __init__(self, hypers: HyperSpace, tables: tuple[str, ...]):
+        self.hypers, self.momentum = hypers, zero_momentum(hypers)
+        self.iteration, self.outcome, self.chosen = 0, "finished", None
+        self.rows: dict[str, list[dict]] = {name: [] for name in tables}
+
+    def state(self) -> dict:
+        return {"values": self.hypers.values, "momentum": self.momentum, "iteration": self.iteration,
+                "outcome": self.outcome, "rows": self.rows, "chosen": self.chosen}
+
+    def restore(self, state: dict) -> None:
+        for key, value in state["values"].items():
+            self.hypers.values[key].copy_(value)
+            self.momentum[key].copy_(state["momentum"][key])
+        self.iteration, self.outcome, self.rows, self.chosen = (state["iteration"], state["outcome"], state["rows"],
+                                                                state["chosen"])
+
+
+def run_meta_iterations(state: MetaState, total: int, step: Callable[[], bool], save: Callable[[dict], None],
+                        bar_name: str, report: Callable[[], dict], progress: bool | None = None,
+                        tracker=None) -> None:
+    """The meta-iterations left (from `state.iteration` to `total`), `save`d after each. `step` runs
+    one and says whether it stayed finite: a divergence ends the loop as outcome `diverged`, the
+    hyperparameters at their last finite values; `report` gives the progress bar's figures."""
+    bar = Progress(state.iteration, total, bar_name, "meta-iteration", progress)
+    for _ in bar:
+        if state.outcome == "diverged":
+            break
+        if step():
+            state.iteration += 1
+            bar.report(**report())
+        else:
+            state.outcome = "diverged"
+            if tracker:
+                tracker.set_tag("outcome", "diverged")
+        save(state.state())

@@ -4,6 +4,7 @@ from pathlib import Path
 import click
 
 from pipeline.config import load_params
+from pipeline.layout import Outputs
 from stages.common import data_parallel_stage, params_option, say, user_errors_exit_2
 
 
@@ -19,7 +20,7 @@ def main(params_file: str, prepared: str) -> None:
     from pipeline.experiments import baseline
     from pipeline.tracking import stage_run
     with stage_run("baseline", params) as run:  # run() tags the dataset it loads
-        metrics = baseline.run(params, Path(prepared), baseline.BaselinePaths(), tracker=run)
+        metrics = baseline.run(params, Path(prepared), Outputs().baseline(), tracker=run)
     say(f"baseline {metrics['outcome']}: test error {metrics['final_test_error']}, "
         f"mean of last {metrics['last_n']} {metrics['mean_last_n_test_error']}")
 

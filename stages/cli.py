@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from pipeline.config import ConfigError, load_params
-from stages import adaptive, baseline, drmad, paths, prepare, quality, report
+from stages import adaptive, baseline, drmad, prepare, quality, report, trajectory
 from stages.common import params_option, user_errors_exit_2
 
 
@@ -116,7 +116,7 @@ main.add_command(baseline.main, "baseline")
 main.add_command(drmad.main, "drmad")
 main.add_command(adaptive.main, "adaptive")
 main.add_command(quality.main, "quality")
-main.add_command(paths.main, "paths")
+main.add_command(trajectory.main, "trajectory")
 main.add_command(report.main, "report")
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from pathlib import Path
 import click
 
 from pipeline.config import load_params
+from pipeline.layout import Outputs
 from stages.common import data_parallel_stage, params_option, say, user_errors_exit_2
 
 
@@ -23,7 +24,7 @@ def main(params_file: str, init: str, prepared: str) -> None:
     from pipeline.tracking import stage_run
     value = experiment.parse_init(init, params.drmad)
     with stage_run("drmad", params, variant=init) as run:  # run() tags the dataset it loads
-        metrics = experiment.run(params, Path(prepared), value, experiment.DrmadPaths.for_init(init), tracker=run)
+        metrics = experiment.run(params, Path(prepared), value, Outputs().drmad(init), tracker=run)
     say(f"drmad {init} {metrics['outcome']}: test error {metrics['final_test_error']} after "
         f"{metrics['meta_iterations_completed']} meta-iterations")
 

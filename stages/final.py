@@ -4,6 +4,7 @@ from pathlib import Path
 import click
 
 from pipeline.config import FINAL_KINDS as KINDS, load_params
+from pipeline.layout import Outputs
 from stages.common import data_parallel_stage, params_option, say, user_errors_exit_2
 
 
@@ -22,7 +23,7 @@ def main(params_file: str, kind: str, prepared: str) -> None:
     from pipeline.experiments import final as experiment
     from pipeline.tracking import stage_run
     with stage_run("final", params, variant=kind) as run:
-        metrics = experiment.run(params, Path(prepared), kind, experiment.FinalPaths.for_kind(kind), tracker=run)
+        metrics = experiment.run(params, Path(prepared), kind, Outputs().final(kind), tracker=run)
     for method, entry in metrics["methods"].items():
         errors = ", ".join("n/a" if e is None else f"{100 * e:.2f}%" for e in entry["test_error"].values())
         say(f"final {method}: test error per seed {errors}")

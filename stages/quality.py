@@ -2,6 +2,7 @@
 import click
 
 from pipeline.config import ConfigError, load_params
+from pipeline.layout import Outputs
 from stages.common import params_option, user_errors_exit_2
 
 
@@ -9,7 +10,7 @@ from stages.common import params_option, user_errors_exit_2
                     "`quality.runs` (a protocol of `quality.protocols` at a forward length T): from each "
                     "trajectory the exact, float-reversal, DrMAD (heuristic and fixed S) and DrMAD2 "
                     "hypergradients, their norms and cosines with exact, errors, and the reverse-pass traces "
-                    "(thesis figs 3.1-3.6). Writes metrics/quality_NAME.json, plots/quality/NAME/*.csv and "
+                    "(thesis figs 3.1-3.6). Writes metrics/quality/NAME.json, plots/quality/NAME/*.csv and "
                     "figures/quality/NAME/*.png; resumes after an interruption.")
 @params_option
 @click.option("--run", "name", required=True, help="A key of `quality.runs`, e.g. --run=thesis-2000.")
@@ -23,7 +24,7 @@ def main(params_file: str, name: str) -> None:
         from pipeline.experiments import quality
         from pipeline.tracking import stage_run
         with stage_run("quality", params, variant=name) as run:
-            metrics = quality.run(params, name, quality.QualityPaths.for_run(name), tracker=run, child=child)
+            metrics = quality.run(params, name, Outputs().quality(name), tracker=run, child=child)
     click.echo(f"quality {name} {metrics['outcome']}: cos(DrMAD, exact) {metrics['drmad/cos_exact']}, "
                f"norm ratio {metrics['drmad/norm_ratio']}")
 

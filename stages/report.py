@@ -2,6 +2,7 @@
 import click
 
 from pipeline.config import load_params
+from pipeline.layout import Outputs
 from stages.common import params_option, user_errors_exit_2
 
 
@@ -25,7 +26,7 @@ def main(params_file: str) -> None:
         report.run(last_n=params.report.last_n, tracker=run, batchnorm=params.evaluation.batchnorm,
                    level=params.final.confidence, here=machine.describe(resolve_device(params.device)),
                    margin=params.verdict.margin_points / 100)
-    click.echo(report.ReportPaths().summary_md.read_text().split("\n# Tuning runs")[0])
+    click.echo(Outputs().report().summary_md.read_text().split("\n# Tuning runs")[0])
 
 
 if __name__ == "__main__":

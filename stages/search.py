@@ -4,6 +4,7 @@ from pathlib import Path
 import click
 
 from pipeline.config import ConfigError, load_params
+from pipeline.layout import Outputs
 from stages.common import params_option, user_errors_exit_2
 
 
@@ -26,7 +27,7 @@ def main(params_file: str, name: str, prepared: str, worker: bool) -> None:
     from pipeline.tracking import stage_run
     variant = f"{name} worker {experiment.WORKER}" if worker else name
     with stage_run("search", params, variant=variant) as run:
-        metrics = experiment.run(params, Path(prepared), name, experiment.SearchPaths.for_sampler(name), tracker=run,
+        metrics = experiment.run(params, Path(prepared), name, Outputs().search(name), tracker=run,
                                  worker_only=worker)
     if metrics is None:
         click.echo(f"search {name}: worker {experiment.WORKER} done")

@@ -4,6 +4,7 @@ from pathlib import Path
 import click
 
 from pipeline.config import TUNED_KINDS as KINDS, load_params
+from pipeline.layout import Outputs
 from stages.common import params_option, say, user_errors_exit_2
 
 
@@ -22,7 +23,7 @@ def main(params_file: str, kind: str, prepared: str) -> None:
     from pipeline.experiments import tune as experiment
     from pipeline.tracking import stage_run
     with stage_run("tune", params, variant=kind) as run:
-        metrics = experiment.run(params, Path(prepared), kind, experiment.TunePaths.for_kind(kind), tracker=run)
+        metrics = experiment.run(params, Path(prepared), kind, Outputs().tune(kind), tracker=run)
     for method, by_seed in metrics["methods"].items():
         work = ", ".join(f"{c['tuning_work']:g}" for c in by_seed.values())
         say(f"tune {method}: counted work per seed {work}")

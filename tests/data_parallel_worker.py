@@ -9,7 +9,8 @@ from torch import nn
 
 from pipeline import data_parallel, io
 from pipeline.config import TrainConfig
-from pipeline.experiments.drmad import flat, problem_for
+from pipeline.experiments.drmad import problem_for
+from pipeline.hypergrad.problem import flat
 from pipeline.hyper import HyperSpace
 from pipeline.hypergrad.drmad import LinePath, step_map
 from pipeline.hypergrad.reverse import reverse

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
+from pipeline.layout import Outputs
 from pipeline import data
 from pipeline.experiments import adaptive as adaptive_run
 from pipeline.config import ConfigError, parse_params
@@ -56,8 +57,8 @@ def prepared(tmp_path_factory):
 @pytest.mark.parametrize("name", ["a", "b"])
 def test_interrupted_run_resumes_to_identical_numbers(prepared, tmp_path, name):
     params = parse_params(TINY)
-    straight = adaptive_run.AdaptivePaths.for_variant(name, tmp_path / "straight")
-    resumed = adaptive_run.AdaptivePaths.for_variant(name, tmp_path / "resumed")
+    straight = Outputs(tmp_path / "straight").adaptive(name)
+    resumed = Outputs(tmp_path / "resumed").adaptive(name)
     expected = adaptive_run.run(params, prepared, name, straight)
     with pytest.raises(Interrupt):
         adaptive_run.run(params, prepared, name, resumed, tracker=StopAt(epoch=3))
@@ -78,7 +79,7 @@ def test_interrupted_run_resumes_to_identical_numbers(prepared, tmp_path, name):
 
 def test_divergence_is_an_outcome(prepared, tmp_path):
     params = parse_params({**TINY, "adaptive": {**TINY["adaptive"], "alpha": 1e30, "lr_max": 1e31}})
-    paths = adaptive_run.AdaptivePaths.for_variant("a", tmp_path)
+    paths = Outputs(tmp_path).adaptive("a")
     metrics = adaptive_run.run(params, prepared, "a", paths)
     assert metrics["outcome"] == "diverged"
     assert json.loads(paths.metrics.read_text())["outcome"] == "diverged"
@@ -97,7 +98,7 @@ def test_counted_work_by_hand(prepared, tmp_path):
     """Variant a: 3 epochs of 3 steps = 9 gradients; hypergradients at steps 3 and 7 through
     window 3: 2 validation gradients and 2 x 3 HVPs; HVP cost 3 (params.yaml work.hvp_cost)."""
     params = parse_params({**TINY, "work": {"hvp_cost": 3.0}})
-    metrics = adaptive_run.run(params, prepared, "a", adaptive_run.AdaptivePaths.for_variant("a", tmp_path))
+    metrics = adaptive_run.run(params, prepared, "a", Outputs(tmp_path).adaptive("a"))
     assert (metrics["work_training_gradients"], metrics["work_hypergradient_gradients"], metrics["work_hvps"]) == (9, 2, 6)
     assert metrics["work_gradient_equivalents"] == 9 + 2 + 3 * 6
     assert metrics["hypergradient_work_share"] == pytest.approx((2 + 18) / 29, abs=1e-6)

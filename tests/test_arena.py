@@ -18,7 +18,7 @@ TINY = {"device": "cpu",
         "quality": {"data": {"source": "mnist5k", "train_size": 200, "val_size": 100, "test_size": 100},
                     "protocols": {"p": PROTOCOL}, "runs": {"t": {"protocol": "p", "steps": STEPS}},
                     "last": 5, "hvp_cost": HVP_COST, "hyper_step": 0.3},
-        "paths": {"protocol": "p"},
+        "trajectory": {"protocol": "p"},
         "arena": {"protocol": "p", "seeds": [0, 1], "steps": STEPS, "budget": BUDGET, "rungs": 4,
                   "tpe_startup_trials": 2}}
 

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
+from pipeline.layout import Outputs
 from pipeline import data
 from pipeline.experiments import baseline
 from pipeline.config import parse_params
@@ -54,8 +55,8 @@ def weights(path):
 
 def test_interrupted_run_resumes_to_identical_result(prepared, tmp_path):
     params = parse_params(TINY)
-    straight = baseline.BaselinePaths().under(tmp_path / "straight")
-    resumed = baseline.BaselinePaths().under(tmp_path / "resumed")
+    straight = Outputs(tmp_path / "straight").baseline()
+    resumed = Outputs(tmp_path / "resumed").baseline()
     expected = baseline.run(params, prepared, straight)
 
     with pytest.raises(Interrupt):
@@ -74,14 +75,14 @@ def test_interrupted_run_resumes_to_identical_result(prepared, tmp_path):
 
 
 def test_checkpoint_of_other_settings_is_ignored(prepared, tmp_path):
-    paths = baseline.BaselinePaths().under(tmp_path)
+    paths = Outputs(tmp_path).baseline()
     with pytest.raises(Interrupt):
         baseline.run(parse_params(TINY), prepared, paths, tracker=StopAfter(epoch=2))
     other = parse_params({**TINY, "baseline": {**TINY["baseline"], "log10_l2": -3.0}})
     after = StopAfter()
     baseline.run(other, prepared, paths, tracker=after)
     assert after.epochs == [1, 2, 3]  # started over
-    fresh = baseline.BaselinePaths().under(tmp_path / "fresh")
+    fresh = Outputs(tmp_path / "fresh").baseline()
     baseline.run(other, prepared, fresh)
     for key, tensor in weights(fresh.model).items():
         assert torch.equal(tensor, weights(paths.model)[key]), key
@@ -89,7 +90,7 @@ def test_checkpoint_of_other_settings_is_ignored(prepared, tmp_path):
 
 def test_divergence_is_an_outcome_not_a_crash(prepared, tmp_path):
     params = parse_params({**TINY, "baseline": {**TINY["baseline"], "alpha": 1e30}})
-    paths = baseline.BaselinePaths().under(tmp_path)
+    paths = Outputs(tmp_path).baseline()
     metrics = baseline.run(params, prepared, paths)
     assert metrics["outcome"] == "diverged"
     assert metrics["epochs_completed"] == 1  # alpha 1e30: the first epoch's losses are already NaN
@@ -98,7 +99,7 @@ def test_divergence_is_an_outcome_not_a_crash(prepared, tmp_path):
 
 
 def test_metrics_report_final_and_mean_of_last_n(prepared, tmp_path):
-    paths = baseline.BaselinePaths().under(tmp_path)
+    paths = Outputs(tmp_path).baseline()
     metrics = baseline.run(parse_params(TINY), prepared, paths)
     per_epoch = pd.read_csv(paths.per_epoch)
     assert list(per_epoch["epoch"]) == [1, 2, 3]

@@ -68,7 +68,7 @@ BAD = [  # (key path, bad value, words the message must contain)
     ("quality.protocols.thesis.pixels", "raw", ["quality.protocols.thesis.pixels", "unit", "standardised"]),
     ("quality.protocols.thesis.init_scale", 9.0, ["quality.protocols.thesis.init_scale", "scale_bounds"]),
     ("quality.lengths", [200], ["quality.lengths", "unknown key", "runs"]),
-    ("paths.protocol", "other", ["paths.protocol", "thesis"]),
+    ("trajectory.protocol", "other", ["trajectory.protocol", "thesis"]),
     ("drmad.epochs_start_by_init", {-2.0: 5}, ["drmad.epochs_cap", "epochs_start"]),
     # the verdict's search spaces, budgets and seed lists
     ("search.samplers", ["random", "grid"], ["search.samplers", "'random'", "'tpe'"]),
@@ -120,7 +120,7 @@ def test_broken_yaml_is_one_line(tmp_path):
 
 STAGE_COMMANDS = {"prepare": ["stages.prepare"], "baseline": ["stages.baseline"],
                   "drmad": ["stages.drmad", "--init=-4.0"], "adaptive": ["stages.adaptive", "--variant=k100"],
-                  "quality": ["stages.quality", "--run=thesis-200"], "paths": ["stages.paths"],
+                  "quality": ["stages.quality", "--run=thesis-200"], "trajectory": ["stages.trajectory"],
                   "report": ["stages.report"], "validate": ["stages.cli", "validate", "--stamp", "checks/params.ok"],
                   "search": ["stages.search", "--sampler=tpe"], "final": ["stages.final", "--kind=drmad"],
                   "tune": ["stages.tune", "--kind=drmad"]}

@@ -13,6 +13,7 @@ import psutil
 import pytest
 import torch
 
+from pipeline.layout import Outputs
 from pipeline import data
 from pipeline.experiments import drmad as drmad_tuning
 from pipeline.config import load_params, parse_params
@@ -81,7 +82,7 @@ def prepared(tmp_path_factory):
 
 def test_nan_is_an_outcome_and_the_last_finite_hyperparameters_are_kept(prepared, tmp_path):
     params = parse_params({**TINY, "drmad": {**TINY["drmad"], "alpha": 1e30}})
-    paths = drmad_tuning.DrmadPaths.for_init("-4.0", tmp_path)
+    paths = Outputs(tmp_path).drmad("-4.0")
     metrics = drmad_tuning.run(params, prepared, -4.0, paths)
     assert metrics["outcome"] == "diverged" and metrics["meta_iterations_completed"] == 0
     assert json.loads(paths.metrics.read_text())["outcome"] == "diverged"
@@ -97,9 +98,9 @@ def test_sigkill_then_dvc_repro_resumes_to_the_uninterrupted_result(prepared, tm
 
     repo = make_repo(tmp_path / "repo", TINY)
     params = load_params(repo / "params.yaml")
-    expected = drmad_tuning.run(params, prepared, -4.0, drmad_tuning.DrmadPaths.for_init("-4.0", tmp_path / "straight"))
+    expected = drmad_tuning.run(params, prepared, -4.0, Outputs(tmp_path / "straight").drmad("-4.0"))
     sh(repo, "dvc", "repro", "prepare")
-    paths = drmad_tuning.DrmadPaths.for_init("-4.0", repo)
+    paths = Outputs(repo).drmad("-4.0")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "PIPELINE_"))}
     env.update(PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}", PYTHONPATH=str(repo))
     log = tmp_path / "dvc.log"  # a file, not a pipe: nobody reads while we poll, and a full pipe would block dvc
@@ -142,7 +143,7 @@ def test_counted_work_by_hand(prepared, tmp_path):
     12 training gradients, 3 validation gradients (one per hypergradient), 9 HVPs; a reverse step is
     one HVP (double backward returns its gradient), nothing more."""
     params = parse_params({**TINY, "work": {"hvp_cost": 2.5}})
-    metrics = drmad_tuning.run(params, prepared, -4.0, drmad_tuning.DrmadPaths.for_init("-4.0", tmp_path))
+    metrics = drmad_tuning.run(params, prepared, -4.0, Outputs(tmp_path).drmad("-4.0"))
     assert [epochs_at(i, 1, 1.4, 2) for i in range(3)] == [1, 1, 2]
     assert (metrics["work_training_gradients"], metrics["work_hypergradient_gradients"], metrics["work_hvps"]) == (12, 3, 9)
     assert metrics["work_gradient_equivalents"] == 12 + 3 + 2.5 * 9

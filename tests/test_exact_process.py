@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+from pipeline.layout import Outputs
 from pipeline.experiments import quality
 from pipeline.hypergrad import exact_process
 from pipeline.hypergrad.hvp import double_backward
@@ -47,7 +48,7 @@ def test_the_stage_gives_the_same_tables_with_either_schedule(tmp_path, monkeypa
     runs = {}
     for mode in ("1", "0"):
         monkeypatch.setenv("PIPELINE_EXACT_PROCESS", mode)
-        paths = quality.QualityPaths.for_run("t20", tmp_path / mode)
+        paths = Outputs(tmp_path / mode).quality("t20")
         runs[mode] = (quality.run(tiny(), "t20", paths), paths)
     assert runs["1"][0]["processes"] == 2 and runs["0"][0]["processes"] == 1
     for table in ("hypergrads_csv", "errors_csv", "reverse_csv"):
@@ -56,7 +57,7 @@ def test_the_stage_gives_the_same_tables_with_either_schedule(tmp_path, monkeypa
 
 def test_a_divergence_in_the_child_is_the_run_s_outcome(tmp_path, monkeypatch):
     monkeypatch.setenv("PIPELINE_EXACT_PROCESS", "1")
-    metrics = quality.run(tiny({"alpha": 1e9}), "t20", quality.QualityPaths.for_run("t20", tmp_path))
+    metrics = quality.run(tiny({"alpha": 1e9}), "t20", Outputs(tmp_path).quality("t20"))
     assert metrics["outcome"] == "diverged" and metrics["meta_iterations_completed"] == 0
 
 

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from pipeline.layout import Outputs
 from pipeline import data, io
 from pipeline.config import ConfigError, parse_params
 from pipeline.experiments import final
@@ -53,11 +54,11 @@ def test_every_kind_retrains_its_methods_once_per_seed(prepared, tmp_path):
     chosen_results(tmp_path, meta)
     seen = {}
     for kind in final.KINDS:
-        metrics = final.run(params, prepared, kind, final.FinalPaths.for_kind(kind, tmp_path), root=tmp_path)
-        assert json.loads(final.FinalPaths.for_kind(kind, tmp_path).metrics.read_text()) == metrics
+        metrics = final.run(params, prepared, kind, Outputs(tmp_path).final(kind), root=tmp_path)
+        assert json.loads(Outputs(tmp_path).final(kind).metrics.read_text()) == metrics
         assert metrics["seeds"] == [1, 2] and metrics["test_size"] == 60
         seen.update(metrics["methods"])
-        assert not final.FinalPaths.for_kind(kind, tmp_path).work_dir.exists()
+        assert not Outputs(tmp_path).final(kind).work_dir.exists()
     assert set(seen) == {"baseline", "random", "drmad -4", "adaptive a", "adaptive a baseline-schedule"}
     for method, entry in seen.items():
         assert list(entry["test_error"]) == ["seed1", "seed2"]
@@ -121,8 +122,8 @@ def test_seeds_change_init_batches_and_masks(prepared):
 
 def test_an_interrupted_final_keeps_its_finished_seeds(prepared, tmp_path, monkeypatch):
     params = parse_params(TINY)
-    paths = final.FinalPaths.for_kind("baseline", tmp_path)
-    expected = final.run(params, prepared, "baseline", final.FinalPaths.for_kind("baseline", tmp_path / "straight"))
+    paths = Outputs(tmp_path).final("baseline")
+    expected = final.run(params, prepared, "baseline", Outputs(tmp_path / "straight").final("baseline"))
     trained, real_train = [], final.baseline.train
 
     def train_until_seed_2(params, cfg, seed, *args, **kwargs):
@@ -161,7 +162,7 @@ def test_a_finished_seed_is_reused_only_with_unchanged_choices(prepared, tmp_pat
     params = parse_params({**TINY, "final": {"seeds": [1, 2]}})
     meta = data.load_meta(prepared)
     chosen_results(tmp_path, meta)
-    paths = final.FinalPaths.for_kind("search", tmp_path)
+    paths = Outputs(tmp_path).final("search")
     trained, real_train = [], final.baseline.train
 
     def stop_at_seed_2(params, cfg, seed, *args, **kwargs):
@@ -193,5 +194,5 @@ def test_every_adaptive_finalist_seed_trains_from_its_own_seed(prepared, tmp_pat
     monkeypatch.setattr(adaptive_run.AdaptiveTrainer, "__init__", trainer_init)
     monkeypatch.setattr(adaptive_run, "build_densenet", build)
     params = parse_params({**TINY, "final": {"seeds": [4, 9]}})
-    final.run(params, prepared, "adaptive", final.FinalPaths.for_kind("adaptive", tmp_path), root=tmp_path)
+    final.run(params, prepared, "adaptive", Outputs(tmp_path).final("adaptive"), root=tmp_path)
     assert seen == [(kind, seed) for _ in ("thesis", "baseline-schedule") for seed in (4, 9) for kind in ("init", "trainer")]

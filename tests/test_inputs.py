@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from pipeline.layout import Outputs
 from pipeline import inputs, io
 from pipeline.config import ConfigError, parse_params
 from pipeline.experiments import final, search, verdict
@@ -23,7 +24,7 @@ def one_line(err: pytest.ExceptionInfo, *words: str) -> None:
     ("metrics/final/search.json", "final@search"), ("results/search/tpe/best.json", "search@tpe"),
     ("results/tune/drmad.pt", "tune@drmad"), ("metrics/tune/search.json", "tune@search"),
     ("results/drmad/-4.0/hypers.pt", "drmad@-4.0"), ("metrics/drmad/-7.0.json", "drmad@-7.0"),
-    ("metrics/quality_thesis-200.json", "quality@thesis-200"), ("plots/adaptive/k100/epochs.csv", "adaptive@k100"),
+    ("metrics/quality/thesis-200.json", "quality@thesis-200"), ("plots/adaptive/k100/epochs.csv", "adaptive@k100"),
     ("metrics/baseline.json", "baseline")])
 def test_each_output_names_its_stage(path, stage):
     assert inputs.writer_of(__import__("pathlib").Path(path)) == stage
@@ -83,7 +84,7 @@ def test_a_truncated_seed_record_is_run_again_not_a_traceback(tmp_path):
 
 def test_a_corrupt_optuna_study_file_is_one_line(tmp_path):
     params = parse_params(TINY)
-    paths = search.SearchPaths.for_sampler("random", tmp_path)
+    paths = Outputs(tmp_path).search("random")
     paths.storage_dir.mkdir(parents=True)
     (paths.storage_dir / "random.db").write_bytes(b"garbage, not SQLite" * 100)
     with pytest.raises(ConfigError) as err:

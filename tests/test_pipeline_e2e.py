@@ -23,7 +23,7 @@ TINY = {
                 "protocols": {"tiny": {"hidden": [8], "batch_size": 20, "alpha": 0.05, "momentum": 0.95}},
                 "runs": {"tiny-10": {"protocol": "tiny", "steps": 10}, "tiny-20": {"protocol": "tiny", "steps": 20}},
                 "meta_iterations": 1, "drmad_steps": 3, "last": 3, "trace_points": 5},
-    "paths": {"protocol": "tiny", "steps": 20, "every": 5},
+    "trajectory": {"protocol": "tiny", "steps": 20, "every": 5},
     "search": {"trial_epochs": 1},  # budget: drmad's counted work, 9.4 gradient evaluations -> 2 trials of 4
     "final": {"seeds": [1, 2]},
     "arena": {"protocol": "tiny", "seeds": [0, 1], "steps": 10, "budget": 60, "rungs": 2},
@@ -36,7 +36,7 @@ DENSENET_STAGES = ("prepare", "baseline", "drmad@-4.0", "adaptive@k100", "adapti
 METHODS = ("baseline", "random", "tpe", "random-step", "tpe-step", "drmad -4", "adaptive k100", "adaptive k131", "adaptive k100 baseline-schedule",
            "adaptive k131 baseline-schedule")
 ARENA_METHODS = ("baseline", "drmad", "drmad2", "exact", "truncated", "greedy", "random", "tpe", "hyperband")
-STAGES = ("validate",) + DENSENET_STAGES + ("arena@0", "arena@1", "quality@tiny-10", "quality@tiny-20", "paths", "report")
+STAGES = ("validate",) + DENSENET_STAGES + ("arena@0", "arena@1", "quality@tiny-10", "quality@tiny-20", "trajectory", "report")
 pytestmark = pytest.mark.slow
 
 
@@ -103,11 +103,11 @@ def test_repro_runs_what_changed_and_records_it(tmp_path):
     for out in ("data/prepared/train.pt", "data/prepared/meta.json", "models/baseline.pt",
                 "metrics/baseline.json", "plots/baseline/errors.csv", "results/drmad/-4.0/hypers.pt",
                 "metrics/drmad/-4.0.json", "plots/drmad/-4.0/meta.csv", "plots/drmad/-4.0/layers.csv",
-                "metrics/adaptive_k100.json", "plots/adaptive/k131/epochs.csv", "results/adaptive/k131/hypers.pt"):
+                "metrics/adaptive/k100.json", "plots/adaptive/k131/epochs.csv", "results/adaptive/k131/hypers.pt"):
         assert (repo / out).exists(), out
-    for out in ("metrics/quality_tiny-20.json", "plots/quality/tiny-10/hypergrads.csv",
+    for out in ("metrics/quality/tiny-20.json", "plots/quality/tiny-10/hypergrads.csv",
                 "figures/quality/tiny-20/fig3_6_drift.png",
-                "figures/paths/fig2_2_pca.png", "reports/summary.csv", "reports/figures/test_error_per_epoch.png"):
+                "figures/trajectory/fig2_2_pca.png", "reports/summary.csv", "reports/figures/test_error_per_epoch.png"):
         assert (repo / out).exists(), out
     summary = (repo / "reports/summary.md").read_text()
     for row in ("| baseline |", "| drmad -4.0 |", "| adaptive k100 |", "| adaptive k131 |", "| 10 | tiny | drmad |",
@@ -148,7 +148,7 @@ def test_repro_runs_what_changed_and_records_it(tmp_path):
     db = sqlite3.connect(repo / "mlflow.db")
     runs = dict(db.execute("select name, status from runs").fetchall())
     assert runs["prepare"] == runs["baseline"] == runs["drmad:-4.0"] == runs["adaptive:k131"] == "FINISHED"
-    assert runs["quality:tiny-10"] == runs["paths"] == runs["report"] == "FINISHED"
+    assert runs["quality:tiny-10"] == runs["trajectory"] == runs["report"] == "FINISHED"
     parents = db.execute("select count(*) from runs where name like 'pipeline%'").fetchone()[0]
     assert parents == 1  # all stage runs grouped under one parent
     baseline_id = db.execute("select run_uuid from runs where name = 'baseline'").fetchone()[0]

@@ -9,7 +9,8 @@ import torch
 from torch.nn import functional as F
 
 from pipeline import data
-from pipeline.experiments import paths as param_paths, quality
+from pipeline.experiments import quality, trajectory
+from pipeline.layout import Outputs
 from pipeline.config import parse_params
 from pipeline.hypergrad.hvp import double_backward
 
@@ -20,7 +21,7 @@ TINY = {"device": "cpu",
                     "protocols": {"p": PROTOCOL}, "runs": {"t20": {"protocol": "p", "steps": 20}},
                     "meta_iterations": 2, "drmad_steps": 5, "last": 3, "trace_points": 7,
                     "truncate": [4, "S"], "neumann_terms": [0, 6]},
-        "paths": {"protocol": "p", "steps": 40, "every": 4, "coordinates": 2}, "arena": {"protocol": "p"}}
+        "trajectory": {"protocol": "p", "steps": 40, "every": 4, "coordinates": 2}, "arena": {"protocol": "p"}}
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -86,7 +87,7 @@ def test_compare_on_hand_made_vectors():
 
 
 def test_stage_writes_long_tables_figures_and_metrics(tmp_path):
-    paths = quality.QualityPaths.for_run("t20", tmp_path)
+    paths = Outputs(tmp_path).quality("t20")
     metrics = quality.run(tiny(), "t20", paths)
     assert metrics["outcome"] == "finished" and metrics["meta_iterations_completed"] == 2
     # the stage's wiring (protocol, seed, penalty, multiplier) against a direct call at the same settings
@@ -121,8 +122,8 @@ def test_stage_writes_long_tables_figures_and_metrics(tmp_path):
 
 
 def test_interrupted_run_resumes_to_the_same_numbers(tmp_path, monkeypatch):
-    straight = quality.run(tiny(), "t20", quality.QualityPaths.for_run("t20", tmp_path / "a"))
-    paths = quality.QualityPaths.for_run("t20", tmp_path / "b")
+    straight = quality.run(tiny(), "t20", Outputs(tmp_path / "a").quality("t20"))
+    paths = Outputs(tmp_path / "b").quality("t20")
     real, calls = quality.meta_iteration, []
 
     def interrupted(*args, **kwargs):
@@ -146,15 +147,15 @@ def test_interrupted_run_resumes_to_the_same_numbers(tmp_path, monkeypatch):
 
 
 def test_leaving_the_fixed_point_range_is_an_outcome(tmp_path):
-    paths = quality.QualityPaths.for_run("t20", tmp_path)
+    paths = Outputs(tmp_path).quality("t20")
     metrics = quality.run(tiny({"alpha": 1e9}), "t20", paths)
     assert metrics["outcome"] == "diverged" and metrics["meta_iterations_completed"] == 0
     assert json.loads(paths.metrics.read_text())["outcome"] == "diverged"
 
 
 def test_paths_stage_projections_and_figures(tmp_path):
-    paths = param_paths.PathsPaths().under(tmp_path)
-    metrics = param_paths.run(tiny(), paths)
+    paths = Outputs(tmp_path).trajectory()
+    metrics = trajectory.run(tiny(), paths)
     assert metrics["iterates_kept"] == 11  # w_0 and every 4th of 40 steps
     # straightness = |w_T - w_0| / path length, by hand from a float run of the same protocol
     params = tiny()
@@ -184,7 +185,7 @@ def test_paths_stage_projections_and_figures(tmp_path):
 def test_projections_recover_a_straight_line():
     direction = torch.randn(50, dtype=torch.float64)
     iterates = torch.stack([k * direction for k in range(6)])
-    frame, explained = param_paths.projections(iterates, list(range(6)), torch.tensor([3, 7]))
+    frame, explained = trajectory.projections(iterates, list(range(6)), torch.tensor([3, 7]))
     assert explained[0] == pytest.approx(1.0) and explained[1] == pytest.approx(0.0, abs=1e-12)
     random = frame[frame["projection"] == "random"]
     assert random["x"].tolist() == pytest.approx([k * direction[3].item() for k in range(6)])

@@ -12,6 +12,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from pipeline.layout import Outputs
 from pipeline import checkpoint, data, io
 from pipeline.experiments import baseline, report
 from pipeline.checkpoint import Checkpoint, code_digest
@@ -98,7 +99,7 @@ def test_a_checkpoint_is_never_executed(tmp_path, monkeypatch, capsys):
 
 
 def test_a_killed_baseline_resumed_by_other_code_starts_over(prepared, tmp_path, monkeypatch, capsys):
-    paths = baseline.BaselinePaths().under(tmp_path)
+    paths = Outputs(tmp_path).baseline()
     params = parse_params({**TINY, "baseline": {**TINY["baseline"], "epochs": 2}})
     ckpt = Checkpoint(paths.checkpoint, "x")
     ckpt.load()
@@ -167,14 +168,14 @@ def test_a_full_disk_is_one_line_naming_the_output(tmp_path, monkeypatch):
 
 def test_a_diverged_baseline_reports_no_errors(prepared, tmp_path):
     params = parse_params({**TINY, "baseline": {**TINY["baseline"], "alpha": 1e6}})
-    paths = baseline.BaselinePaths().under(tmp_path)
+    paths = Outputs(tmp_path).baseline()
     metrics = baseline.run(params, prepared, paths)
     assert metrics["outcome"] == "diverged"
     for key in ("final_test_error", "mean_last_n_test_error", "best_val_error", "final_train_error"):
         assert metrics[key] is None, key
     assert "last_finite_epoch" not in metrics or metrics["last_finite_epoch"] < 1 + params.baseline.epochs
     (tmp_path / "metrics").mkdir(exist_ok=True)
-    paths_report = report.ReportPaths(*(tmp_path / p for p in ("r/s.md", "r/s.csv", "r/q.csv", "r/f")))
+    paths_report = Outputs(tmp_path).report()
     (tmp_path / "metrics/baseline.json").write_text(json.dumps(metrics))
     (tmp_path / "plots/baseline").mkdir(parents=True, exist_ok=True)
     paths.per_epoch.replace(tmp_path / "plots/baseline/errors.csv")

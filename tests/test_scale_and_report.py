@@ -6,6 +6,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from pipeline.layout import Outputs
 from pipeline import scale
 from pipeline.experiments import report
 from pipeline.models import build_densenet
@@ -86,12 +87,12 @@ def test_report_rows_for_every_run_and_the_quality_table(tmp_path):
     write(tmp_path / "plots/drmad/-4.0/meta.csv", pd.DataFrame({"test_error": [0.2, 0.08], "seconds": [5.0, 6.0]}))
     write(tmp_path / "plots/drmad/-4.0/epochs.csv", pd.DataFrame({"meta_iteration": [0, 1, 1], "epoch": [1, 1, 2],
                                                                   "test_error": [0.2, 0.1, 0.08]}))
-    write(tmp_path / "metrics/adaptive_k100.json", {"final_test_error": 0.05, "mean_last_n_test_error": 0.06,
+    write(tmp_path / "metrics/adaptive/k100.json", {"final_test_error": 0.05, "mean_last_n_test_error": 0.06,
                                                     "last_n": 3, "best_val_error": 0.04, "final_val_test_gap": -0.01,
                                                     "wall_time_s": 20.0, "hypergradient_time_share": 0.25,
                                                     "outcome": "diverged"})
     for protocol, steps in (("standardised", 200), ("thesis", 2000), ("thesis", 200)):
-        write(tmp_path / f"metrics/quality_{protocol}-{steps}.json", {
+        write(tmp_path / f"metrics/quality/{protocol}-{steps}.json", {
             "run": f"{protocol}-{steps}", "forward_steps": steps, "protocol": protocol, "outcome": "finished",
             "wall_time_s": 3.0, "meta_iterations_completed": 2, "meta_iterations": 10, "data": "mnist5k 300/100/100",
             "reverse_steps": [50, 60], "reverse_steps_text": [50, 60], "reverse_steps_scripts": [45, 54],
@@ -102,7 +103,7 @@ def test_report_rows_for_every_run_and_the_quality_table(tmp_path):
     write(tmp_path / "plots/quality/thesis-200/hypergrads.csv", pd.DataFrame(
         {"meta_iteration": [0, 0, 1, 1], "method": ["exact", "greedy"] * 2, "cos_exact": [None, 0.3, None, 0.5],
          "work": [400.0, 202.0, 400.0, 202.0]}))  # T = 200: 200 and 2 beyond it
-    paths = report.ReportPaths(*(tmp_path / p for p in ("r/summary.md", "r/summary.csv", "r/quality.csv", "r/fig")))
+    paths = Outputs(tmp_path).report()
     summary = report.run(tmp_path, last_n=2, paths=paths).set_index("run")
     assert list(summary.index) == ["baseline", "drmad -4.0", "adaptive k100"]
     assert summary.loc["baseline", "val_test_gap"] == pytest.approx(0.05)

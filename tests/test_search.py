@@ -9,6 +9,7 @@ import torch
 from optuna.trial import TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
+from pipeline.layout import Outputs
 from pipeline import data, io
 from pipeline.config import ConfigError, parse_params
 from pipeline.experiments import search
@@ -61,7 +62,7 @@ class KillDuringTrial:
 def test_two_samplers_given_one_budget_spend_it_within_one_trial(prepared, tmp_path, budget):
     spent = {}
     for name in ("random", "tpe"):
-        paths = search.SearchPaths.for_sampler(name, tmp_path)
+        paths = Outputs(tmp_path).search(name)
         metrics = search.run(settings(budget=budget), prepared, name, paths)
         trials = pd.read_csv(paths.trials_csv)
         assert metrics["trials"] == len(trials) and metrics["trial_gradient_equivalents"] == TRIAL
@@ -72,7 +73,7 @@ def test_two_samplers_given_one_budget_spend_it_within_one_trial(prepared, tmp_p
 
 
 def test_the_chosen_trial_is_the_best_and_trials_differ(prepared, tmp_path):
-    paths = search.SearchPaths.for_sampler("random", tmp_path)
+    paths = Outputs(tmp_path).search("random")
     metrics = search.run(settings(), prepared, "random", paths)
     trials = pd.read_csv(paths.trials_csv)
     best = json.loads(paths.best.read_text())
@@ -87,9 +88,9 @@ def test_the_chosen_trial_is_the_best_and_trials_differ(prepared, tmp_path):
 @pytest.mark.parametrize("name", ["random", "tpe"])
 def test_a_search_killed_mid_study_resumes_with_its_finished_trials(prepared, tmp_path, name):
     params = settings(budget=12)  # 4 trials
-    straight = search.SearchPaths.for_sampler(name, tmp_path / "straight")
+    straight = Outputs(tmp_path / "straight").search(name)
     expected = search.run(params, prepared, name, straight)
-    resumed = search.SearchPaths.for_sampler(name, tmp_path / "resumed")
+    resumed = Outputs(tmp_path / "resumed").search(name)
     with pytest.raises(Interrupt):
         search.run(params, prepared, name, resumed, tracker=KillDuringTrial(2))
     storage = f"sqlite:///{resumed.storage_dir / f'{name}.db'}"
@@ -119,18 +120,18 @@ def test_a_changed_budget_opens_a_new_study(prepared, tmp_path):
 
     reused, fresh = tmp_path / "reused", tmp_path / "fresh"
     spend(reused, 12.0)
-    search.run(params, prepared, "random", search.SearchPaths.for_sampler("random", reused), root=reused)  # 4 trials
+    search.run(params, prepared, "random", Outputs(reused).search("random"), root=reused)  # 4 trials
     spend(reused, 6.0)
     spend(fresh, 6.0)
-    smaller = search.run(params, prepared, "random", search.SearchPaths.for_sampler("random", reused), root=reused)
-    alone = search.run(params, prepared, "random", search.SearchPaths.for_sampler("random", fresh), root=fresh)
+    smaller = search.run(params, prepared, "random", Outputs(reused).search("random"), root=reused)
+    alone = search.run(params, prepared, "random", Outputs(fresh).search("random"), root=fresh)
     assert smaller["trials"] == 2 and smaller["work_gradient_equivalents"] <= smaller["budget_gradient_equivalents"] == 6
     assert {k: v for k, v in smaller.items() if "wall" not in k} == {k: v for k, v in alone.items() if "wall" not in k}
 
 
 def test_a_budget_below_one_trial_is_a_clear_error(prepared, tmp_path):
     with pytest.raises(ConfigError, match="search.trial_epochs: one trial costs 3 gradient evaluations"):
-        search.run(settings(budget=2), prepared, "random", search.SearchPaths.for_sampler("random", tmp_path))
+        search.run(settings(budget=2), prepared, "random", Outputs(tmp_path).search("random"))
 
 
 def test_budget_drmad_reads_what_each_init_spent(tmp_path):
@@ -198,7 +199,7 @@ def test_a_trial_whose_worker_stops_beating_is_failed_and_redone(prepared, tmp_p
 def test_a_trial_past_the_plan_is_never_reported(prepared, tmp_path):
     """A racing worker's surplus trial that finished anyway: the outputs keep to the plan, so the
     work reported never exceeds the budget."""
-    params, paths = settings(budget=6), search.SearchPaths.for_sampler("random", tmp_path)
+    params, paths = settings(budget=6), Outputs(tmp_path).search("random")
     first = search.run(params, prepared, "random", paths)  # 2 trials of 3
     storage = f"sqlite:///{paths.storage_dir / 'random.db'}"
     (summary,) = optuna.get_all_study_summaries(storage)
@@ -219,7 +220,7 @@ def test_the_trial_cost_on_a_split_that_batches_do_not_divide(tmp_path):
     params = parse_params(uneven)
     data.prepare(params.data, tmp_path / "prepared")
     assert search.trial_cost(params, data.load_meta(tmp_path / "prepared")) == 3
-    got = search.run(params, tmp_path / "prepared", "random", search.SearchPaths.for_sampler("random", tmp_path))
+    got = search.run(params, tmp_path / "prepared", "random", Outputs(tmp_path).search("random"))
     trials = pd.read_csv(tmp_path / "plots/search/random/trials.csv")
     assert got["trials"] == 2 and trials["work_gradient_equivalents"].tolist() == [3.0, 3.0]
     assert got["work_gradient_equivalents"] == 6.0 <= got["budget_gradient_equivalents"]
@@ -230,7 +231,7 @@ def test_a_trial_left_running_by_a_dead_local_process_is_failed_on_reopening(tmp
     import socket
     import subprocess
     import sys
-    params, paths = settings(budget=6), search.SearchPaths.for_sampler("random", tmp_path)
+    params, paths = settings(budget=6), Outputs(tmp_path).search("random")
     study = search.open_study("random", params, {"digest": "d"}, paths, 6.0)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -248,7 +249,7 @@ def test_two_workers_one_place_one_trial_completes_the_other_is_pruned(prepared,
     worker's look at the plan and its own ask, this worker's trial is pruned unrun, and the plan
     (here one trial) is kept."""
     import socket
-    params, paths = settings(budget=3), search.SearchPaths.for_sampler("random", tmp_path)  # one trial of 3
+    params, paths = settings(budget=3), Outputs(tmp_path).search("random")  # one trial of 3
     meta, _ = data.load_prepared(prepared, torch.device("cpu"))
     study = search.open_study("random", params, meta, paths, 3.0)  # the study the stage opens
     others, real_sampler = [], search.sampler
@@ -278,7 +279,7 @@ def test_the_plain_searches_stay_in_drmads_space_and_the_step_ones_search_the_st
     `-step` twins search the step size too (a second, labelled row of the verdict)."""
     params = settings(budget=6, samplers=["random", "random-step"])
     for name in ("random", "random-step"):
-        search.run(params, prepared, name, search.SearchPaths.for_sampler(name, tmp_path))
+        search.run(params, prepared, name, Outputs(tmp_path).search(name))
     plain = pd.read_csv(tmp_path / "plots/search/random/trials.csv")
     step = pd.read_csv(tmp_path / "plots/search/random-step/trials.csv")
     assert len(plain) == len(step) == 2

@@ -3,6 +3,7 @@ the search and drmad stages run directly at that seed (the explicit reference), 
 import pytest
 import torch
 
+from pipeline.layout import Outputs
 from pipeline import data, io
 from pipeline.config import parse_params
 from pipeline.experiments import drmad, search, tune
@@ -31,15 +32,15 @@ def prepared(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tuned(prepared, tmp_path_factory):
     root, params = tmp_path_factory.mktemp("tuned"), parse_params(TINY)
-    return {kind: tune.run(params, prepared, kind, tune.TunePaths.for_kind(kind, root)) for kind in ("search", "drmad")}, root
+    return {kind: tune.run(params, prepared, kind, Outputs(root).tune(kind)) for kind in ("search", "drmad")}, root
 
 
 def direct(params, prepared, kind, seed, where):
     """The stage itself, run at `seed`: what that seed's tuning must reproduce."""
     p = params.model_copy(update={"seed": seed})
     if kind == "search":
-        return search.run(p, prepared, "random", search.SearchPaths.for_sampler("random", where))
-    paths = drmad.DrmadPaths.for_init("-4", where)
+        return search.run(p, prepared, "random", Outputs(where).search("random"))
+    paths = Outputs(where).drmad("-4")
     drmad.run(p, prepared, -4.0, paths)
     return torch.load(paths.hypers, weights_only=True)["chosen"]
 
@@ -72,13 +73,13 @@ def test_the_searches_spend_the_search_stages_budget_at_every_seed(prepared, tmp
     for seed in (1, 2):
         p = tune.seeded(params, "search", seed, tmp_path)
         assert (p.seed, p.search.budget, p.search.storage) == (seed, 7.5, None)
-    metrics = tune.run(params, prepared, "search", tune.TunePaths.for_kind("search", tmp_path), root=tmp_path)
+    metrics = tune.run(params, prepared, "search", Outputs(tmp_path).tune("search"), root=tmp_path)
     assert [c["trials"] for c in metrics["methods"]["random"].values()] == [2, 2]  # floor(7.5 / 3)
 
 
 def test_an_interrupted_tuning_keeps_its_finished_seeds(prepared, tuned, tmp_path, monkeypatch):
     params = parse_params(TINY)
-    paths = tune.TunePaths.for_kind("search", tmp_path)
+    paths = Outputs(tmp_path).tune("search")
     ran, real = [], tune.tune_one
 
     def stop_at_seed_2(p, *args, **kwargs):

@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+from pipeline.layout import Outputs
 from pipeline.experiments import report, verdict
 from pipeline.stats import Interval
 
@@ -72,9 +73,7 @@ def test_the_table_says_only_what_the_intervals_support(tmp_path):
 
 def test_the_report_leads_with_the_verdict(tmp_path):
     results(tmp_path)
-    paths = report.ReportPaths(*(tmp_path / p for p in ("reports/summary.md", "reports/summary.csv", "reports/quality.csv",
-                                                         "reports/figures", "reports/verdict.json",
-                                                         "reports/verdict_seeds.csv")))
+    paths = Outputs(tmp_path).report()
     random = json.loads((tmp_path / "metrics/search/random.json").read_text())
     write(tmp_path / "metrics/search/random.json", {**random, "platform": "another CPU; torch 2.0; cpu"})
     report.run(tmp_path, paths=paths, here="this CPU; torch 2.14; cpu")
@@ -177,8 +176,7 @@ def test_the_mlp_arena_has_its_own_verdict_from_its_seeds(tmp_path):
                                       "random": base[1:] if seed % 2 else base})
     seeds = verdict.arena_seeds(tmp_path)
     assert len(seeds) == 40 and set(seeds["total_work"]) == {100.0, 1000.0}
-    paths = report.ReportPaths(*(tmp_path / p for p in ("r/summary.md", "r/summary.csv", "r/quality.csv", "r/fig",
-                                                         "r/verdict.json", "r/verdict_seeds.csv")))
+    paths = Outputs(tmp_path).report()
     report.run(tmp_path, paths=paths, margin=0.005)
     summary = paths.summary_md.read_text()
     assert "**mlp arena, 10 seeds** — better than the baseline: drmad; equivalent within ±0.50 points: tpe; " \

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 from pipeline import io, machine, plots
+from pipeline.layout import AdaptiveOutputs
 from pipeline.adaptive import AdaptiveSettings, AdaptiveTrainer
 from pipeline.data import load_prepared
 from pipeline.models import build_densenet
@@ -33,22 +33,6 @@ from pipeline.training import (epoch_metrics, setup_device, final_errors, finite
                                train_epoch)
 
 LOG10_E = 1 / math.log(10)
-
-
-@dataclass(frozen=True)
-class AdaptivePaths:
-    hypers: Path
-    metrics: Path
-    epochs_csv: Path
-    layers_csv: Path
-    checkpoint: Path
-    model: Path | None = None  # the trained weights, when wanted (the finalists evaluate them per image)
-
-    @classmethod
-    def for_variant(cls, name: str, root: Path = Path(".")) -> "AdaptivePaths":
-        return cls(root / f"results/adaptive/{name}/hypers.pt", root / f"metrics/adaptive_{name}.json",
-                   root / f"plots/adaptive/{name}/epochs.csv", root / f"plots/adaptive/{name}/layers.csv",
-                   root / f"checkpoints/adaptive_{name}.pt")
 
 
 def variant(params: Params, name: str, meta: dict | None = None) -> AdaptiveVariant:
@@ -99,7 +83,7 @@ def eta_floor(cfg, momentum: float, total_steps: int | None = None):
     return floor
 
 
-def run(params: Params, prepared: Path, name: str, paths: AdaptivePaths, tracker: Tracker | None = None,
+def run(params: Params, prepared: Path, name: str, paths: AdaptiveOutputs, tracker: Tracker | None = None,
         progress: bool | None = None) -> dict:
     device = setup_device(params.device, params.threads)
     meta, splits = load_prepared(prepared, device, tracker)
@@ -196,7 +180,7 @@ def summarise(history: list[dict], last_n: int, outcome: str, seconds: float, tr
     }
 
 
-def _write_outputs(paths: AdaptivePaths, history: list[dict], layer_rows: list[dict], metrics: dict,
+def _write_outputs(paths: AdaptiveOutputs, history: list[dict], layer_rows: list[dict], metrics: dict,
                    l2: HyperSpace, lr: HyperSpace, tracker: Tracker | None) -> None:
     io.save_torch(paths.hypers, {"log10_l2": {k: v.cpu() for k, v in l2.values.items()},
                                  "log_lr": {k: v.cpu() for k, v in lr.values.items()}, "sharing": l2.sharing})

@@ -209,10 +209,6 @@ def run_seed(setting: Setting, seed: int, budget: float, progress=None) -> dict:
     return out
 
 
-def results_path(seed: int, root: Path = Path(".")) -> Path:
-    return root / f"results/arena/{seed}.json"
-
-
 def run(params: Params, seed: int, root: Path = Path("."), tracker: Tracker | None = None) -> dict:
     """Arena seed `seed`: every method tuned and retrained; writes results/arena/SEED.json."""
     cfg = params.arena
@@ -234,7 +230,7 @@ def run(params: Params, seed: int, root: Path = Path("."), tracker: Tracker | No
     out = {"seed": seed, "protocol": cfg.protocol, "steps": cfg.steps, "budget": cfg.budget,
            "hvp_cost": params.quality.hvp_cost, "test_size": len(splits["test"]["y"]),
            "data": f"{info['source']} {sizes['train']}/{sizes['val']}/{sizes['test']}", "methods": methods}
-    io.write_json(results_path(seed, root), out)
+    io.write_json(Outputs(root).arena(seed), out)
     if tracker:
-        tracker.log_artifact(results_path(seed, root))
+        tracker.log_artifact(Outputs(root).arena(seed))
     return out

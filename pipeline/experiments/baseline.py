@@ -7,12 +7,12 @@ identical numbers; a non-finite loss ends the run as the outcome `diverged`, not
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from pipeline import io, machine, plots
+from pipeline.layout import BaselineOutputs
 from pipeline.progress import Progress
 from pipeline.checkpoint import Checkpoint, fingerprint
 from pipeline.config import Params, TrainConfig
@@ -22,17 +22,6 @@ from pipeline.tracking import Tracker
 from pipeline.training import (Trainer, epoch_metrics, final_errors, finite_losses,
                                setup_device, train_epoch)
 from pipeline.work import Work
-
-
-@dataclass(frozen=True)
-class BaselinePaths:
-    model: Path = Path("models/baseline.pt")
-    metrics: Path = Path("metrics/baseline.json")
-    per_epoch: Path = Path("plots/baseline/errors.csv")
-    checkpoint: Path = Path("checkpoints/baseline.pt")
-
-    def under(self, root: Path) -> "BaselinePaths":
-        return BaselinePaths(*(root / p for p in (self.model, self.metrics, self.per_epoch, self.checkpoint)))
 
 
 def summarise(history: list[dict], cfg: TrainConfig, outcome: str, seconds: float, images: int,
@@ -55,7 +44,7 @@ def _training_work(steps: int) -> dict:
     return work.metrics(hvp_cost=1.0)  # no HVPs: the cost of one is irrelevant here
 
 
-def run(params: Params, prepared: Path, paths: BaselinePaths, tracker: Tracker | None = None,
+def run(params: Params, prepared: Path, paths: BaselineOutputs, tracker: Tracker | None = None,
         progress: bool | None = None) -> dict:
     device = setup_device(params.device, params.threads)
     meta, splits = load_prepared(prepared, device, tracker)
@@ -100,7 +89,7 @@ def train(params: Params, cfg: TrainConfig, seed: int, splits: dict, meta: dict,
                               trainer.state.step)
 
 
-def _write_outputs(paths: BaselinePaths, trainer: Trainer, history: list[dict], metrics: dict,
+def _write_outputs(paths: BaselineOutputs, trainer: Trainer, history: list[dict], metrics: dict,
                    meta: dict, tracker: Tracker | None) -> None:
     per_epoch = pd.DataFrame(history).drop(columns="seconds")
     io.save_torch(paths.model, {"model": trainer.model.state_dict(), "meta": meta})

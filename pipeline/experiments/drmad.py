@@ -10,46 +10,29 @@ ends with the same numbers.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 from pipeline import io, machine, plots
+from pipeline.layout import DrmadOutputs
 from pipeline.data import load_prepared
 from pipeline.models import build_densenet
 from pipeline.tracking import Tracker
-from pipeline.progress import Progress
 from pipeline.checkpoint import Checkpoint, fingerprint
 from pipeline.config import ConfigError, Params
 from pipeline.hyper import HyperSpace
-from pipeline.hypergrad import FloatPath, Problem
-from pipeline.hypergrad.drmad import Drmad2Path, LinePath, heuristic_steps, step_map
+from pipeline.hypergrad import Problem
+from pipeline.hypergrad.problem import flat
+from pipeline.hypergrad.drmad import LinePath, drmad2_path, heuristic_steps, step_map
 from pipeline.hypergrad.hvp import HVP_METHODS, recomputed_gradients
 from pipeline.hypergrad.reverse import reverse
-from pipeline.meta import epochs_at, layer_summary, sign_step, zero_momentum
+from pipeline.meta import MetaState, epochs_at, layer_summary, run_meta_iterations, sign_step
 from pipeline.training import setup_device
 from pipeline.training import Trainer, final_errors, finite_losses, train_epoch
 from pipeline.experiments.summaries import hyper_quantiles
 from pipeline.work import Work, step_costs
-
-
-@dataclass(frozen=True)
-class DrmadPaths:
-    hypers: Path
-    metrics: Path
-    meta_csv: Path
-    epochs_csv: Path
-    layers_csv: Path
-    checkpoint: Path
-
-    @classmethod
-    def for_init(cls, tag: str, root: Path = Path(".")) -> "DrmadPaths":
-        """Paths of the instance whose initial log10 L2 is written `tag` (as in params.yaml)."""
-        return cls(root / f"results/drmad/{tag}/hypers.pt", root / f"metrics/drmad/{tag}.json",
-                   root / f"plots/drmad/{tag}/meta.csv", root / f"plots/drmad/{tag}/epochs.csv",
-                   root / f"plots/drmad/{tag}/layers.csv", root / f"checkpoints/drmad_{tag}.pt")
 
 
 def parse_init(text: str, cfg) -> float:
@@ -62,10 +45,6 @@ def parse_init(text: str, cfg) -> float:
     if not low <= value <= high:
         raise ConfigError(f"--init: must lie within drmad.bounds [{low}, {high}] (got {value})")
     return value
-
-
-def flat(tensors) -> torch.Tensor:
-    return torch.cat([t.detach().reshape(-1) for t in tensors])
 
 
 def problem_for(trainer: Trainer, splits: dict, seed: int, w0: torch.Tensor) -> Problem:
@@ -90,11 +69,7 @@ def reverse_path(params: Params, problem: Problem, trainer: Trainer, distances: 
     if cfg.method == "drmad":
         s = line_steps(distances)
         return LinePath(problem.w0, w_T, s, step_map(cfg.step_map, s, problem.steps, distances))
-    k = min(cfg.last, problem.steps)
-    head = problem.steps - k
-    float_path = FloatPath(problem, w_T, v_T)
-    float_path.distances = distances
-    return Drmad2Path(problem, float_path, k, line_steps(distances[:head]) if head else 0, cfg.step_map)
+    return drmad2_path(problem, w_T, v_T, distances, cfg.last, line_steps, cfg.step_map)
 
 
 def chosen_instead(chosen: dict | None, epochs: int, val_error: float) -> bool:
@@ -109,33 +84,16 @@ def finite(*tensors: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
-class Run:
-    """State of one initialisation's meta-iterations (what a checkpoint holds)."""
+class Run(MetaState):
+    """One initialisation's meta-iterations. `chosen`, what the finalists retrain (`tune` and
+    `final` stages): the hyperparameters of the meta-iteration with the best validation error
+    among those trained longest (epochs grow to a cap: a longer training's lower error says nothing
+    about its hyperparameters), the earliest among equals; {meta_iteration, epochs, val_error,
+    l2_coefficients}."""
 
     def __init__(self, hypers: HyperSpace, start_epochs: int):
-        self.hypers, self.momentum, self.start_epochs = hypers, zero_momentum(hypers), start_epochs
-        self.iteration, self.outcome = 0, "finished"
-        # What the finalists retrain (`final` stage): the hyperparameters of the meta-iteration with
-        # the best validation error among those trained longest (epochs grow to a cap: a longer
-        # training's lower error says nothing about its hyperparameters), the earliest among equals.
-        # {meta_iteration, epochs, val_error, l2_coefficients}.
-        self.chosen: dict | None = None
-        self.meta_rows: list[dict] = []
-        self.epoch_rows: list[dict] = []
-        self.layer_rows: list[dict] = []
-
-    def state(self) -> dict:
-        return {"values": self.hypers.values, "momentum": self.momentum, "iteration": self.iteration,
-                "outcome": self.outcome, "meta": self.meta_rows, "epochs": self.epoch_rows,
-                "layers": self.layer_rows, "chosen": self.chosen}
-
-    def restore(self, state: dict) -> None:
-        for key, value in state["values"].items():
-            self.hypers.values[key].copy_(value)
-            self.momentum[key].copy_(state["momentum"][key])
-        self.iteration, self.outcome = state["iteration"], state["outcome"]
-        self.meta_rows, self.epoch_rows, self.layer_rows = state["meta"], state["epochs"], state["layers"]
-        self.chosen = state["chosen"]
+        super().__init__(hypers, ("meta", "epochs", "layers"))
+        self.start_epochs = start_epochs
 
 
 def meta_iteration(params: Params, run: Run, splits: dict, meta: dict, device: torch.device,
@@ -149,11 +107,11 @@ def meta_iteration(params: Params, run: Run, splits: dict, meta: dict, device: t
     trainer = Trainer(model, *splits["train"], cfg.train_config(epochs_at(i, run.start_epochs, cfg.epochs_growth,
                       cfg.epochs_cap)), params.seed, coefs, track_distance=True)
     # The hyperparameters this meta-iteration trains with, per layer (thesis fig. 3.10).
-    run.layer_rows += [{"meta_iteration": i, "layer": n, **s} for n, s in layer_summary(run.hypers).items()]
+    run.rows["layers"] += [{"meta_iteration": i, "layer": n, **s} for n, s in layer_summary(run.hypers).items()]
     row = {}
     for epoch in range(trainer.cfg.epochs):
         row = train_epoch(trainer, splits, epoch + 1, params.evaluation.batchnorm)
-        run.epoch_rows.append({"meta_iteration": i, **row})  # each training's epochs: epochs.csv, not a metric
+        run.rows["epochs"].append({"meta_iteration": i, **row})  # each training's epochs: epochs.csv, not a metric
         if not finite_losses(row):
             return False
     forward_seconds = time.perf_counter() - start
@@ -174,7 +132,7 @@ def meta_iteration(params: Params, run: Run, splits: dict, meta: dict, device: t
     seconds = time.perf_counter() - start
     # this machine's HVP over gradient on this model, beside the declared `work.hvp_cost` (a few steps, once)
     grad_s, hvp_s = step_costs(problem, HVP_METHODS[params.hvp], sample=3) if i == 0 else (None, None)
-    run.meta_rows.append({"meta_iteration": i, "epochs": trainer.cfg.epochs, "steps": trainer.total_steps,
+    run.rows["meta"].append({"meta_iteration": i, "epochs": trainer.cfg.epochs, "steps": trainer.total_steps,
                           "reverse_steps": path.reverse_steps, "train_error": row["train_error"],
                           "val_error": row["val_error"], "test_error": row["test_error"],
                           "val_loss": grads["val_loss"], "hypergrad_norm": norm, "seconds": seconds,
@@ -190,7 +148,7 @@ def meta_iteration(params: Params, run: Run, splits: dict, meta: dict, device: t
 
 
 def _log_meta_iteration(tracker: Tracker, run: Run, i: int, trained_with: dict[str, float]) -> None:
-    last = run.meta_rows[-1]
+    last = run.rows["meta"][-1]
     metrics = {f"meta/error/{s}": last[f"{s}_error"] for s in ("train", "val", "test")}
     metrics.update({"meta/hypergrad_norm": last["hypergrad_norm"], "meta/reverse_steps": last["reverse_steps"],
                     "meta/val_loss": last["val_loss"], "meta/seconds": last["seconds"]})
@@ -200,7 +158,7 @@ def _log_meta_iteration(tracker: Tracker, run: Run, i: int, trained_with: dict[s
                        f"histograms/log10_l2_meta{i:02d}.png")
 
 
-def run(params: Params, prepared: Path, init: float, paths: DrmadPaths, tracker: Tracker | None = None,
+def run(params: Params, prepared: Path, init: float, paths: DrmadOutputs, tracker: Tracker | None = None,
         progress: bool | None = None) -> dict:
     device = setup_device(params.device, params.threads)
     meta, splits = load_prepared(prepared, device, tracker)
@@ -210,21 +168,15 @@ def run(params: Params, prepared: Path, init: float, paths: DrmadPaths, tracker:
                 cfg.start_epochs(init))
 
     checkpoint = Checkpoint(paths.checkpoint, fingerprint(init, params.seed, params.model.model_dump(),
-                                                          cfg.model_dump(), meta["digest"]))
+                                                          cfg.model_dump(), meta["digest"], Run.FORMAT))
     if (saved := checkpoint.load(device)) is not None:
         state.restore(saved)
-    bar = Progress(state.iteration, cfg.meta_iterations, f"drmad {init:g}", "meta-iteration", progress)
-    for _ in bar:
-        if state.outcome == "diverged":
-            break
-        if not meta_iteration(params, state, splits, meta, device, tracker):
-            state.outcome = "diverged"  # the hyperparameters keep their last finite values
-        else:
-            state.iteration += 1
-            bar.report(val=f"{state.meta_rows[-1]['val_error']:.3f}", test=f"{state.meta_rows[-1]['test_error']:.3f}")
-        checkpoint.save(state.state())
-        if tracker and state.outcome == "diverged":
-            tracker.set_tag("outcome", "diverged")
+
+    def last() -> dict:
+        row = state.rows["meta"][-1]
+        return {"val": f"{row['val_error']:.3f}", "test": f"{row['test_error']:.3f}"}
+    run_meta_iterations(state, cfg.meta_iterations, lambda: meta_iteration(params, state, splits, meta, device, tracker),
+                        checkpoint.save, f"drmad {init:g}", last, progress, tracker)
 
     metrics = summarise(state, init, params.report.last_n, params.work.hvp_cost, params.hvp)
     metrics["platform"] = machine.describe(device)  # bit-identity holds within one platform
@@ -235,7 +187,7 @@ def run(params: Params, prepared: Path, init: float, paths: DrmadPaths, tracker:
 
 def summarise(run: Run, init: float, last_n: int, hvp_cost: float, hvp: str = "double_backward") -> dict:
     """Rows are the completed meta-iterations (a diverging one records none)."""
-    rows = run.meta_rows
+    rows = run.rows["meta"]
     work = Work()
     for r in rows:
         work.train(r["training_gradients"])
@@ -253,11 +205,11 @@ def summarise(run: Run, init: float, last_n: int, hvp_cost: float, hvp: str = "d
     }
 
 
-def _write_outputs(paths: DrmadPaths, run: Run, metrics: dict, tracker: Tracker | None) -> None:
+def _write_outputs(paths: DrmadOutputs, run: Run, metrics: dict, tracker: Tracker | None) -> None:
     io.save_torch(paths.hypers, {"values": {k: v.cpu() for k, v in run.hypers.values.items()},
                                  "sharing": run.hypers.sharing, "kind": run.hypers.kind, "chosen": run.chosen})
-    for path, rows in ((paths.meta_csv, run.meta_rows), (paths.epochs_csv, run.epoch_rows),
-                       (paths.layers_csv, run.layer_rows)):
+    for path, rows in ((paths.meta_csv, run.rows["meta"]), (paths.epochs_csv, run.rows["epochs"]),
+                       (paths.layers_csv, run.rows["layers"])):
         with io.atomic_path(path) as tmp:
             pd.DataFrame(rows).to_csv(tmp, index=False)
     io.write_json(paths.metrics, metrics)
@@ -265,6 +217,6 @@ def _write_outputs(paths: DrmadPaths, run: Run, metrics: dict, tracker: Tracker 
         tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None})
         for path in (paths.hypers, paths.metrics, paths.meta_csv, paths.epochs_csv, paths.layers_csv):
             tracker.log_artifact(path)
-        if run.meta_rows:
-            tracker.log_figure(plots.meta_curves(pd.DataFrame(run.meta_rows), "DrMAD meta-iterations"),
+        if run.rows["meta"]:
+            tracker.log_figure(plots.meta_curves(pd.DataFrame(run.rows["meta"]), "DrMAD meta-iterations"),
                                "drmad_errors.png")

@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 
 from pipeline import inputs, io, machine
+from pipeline.layout import AdaptiveOutputs, FinalOutputs, Outputs
 from pipeline.checkpoint import Checkpoint, code_digest, fingerprint
 from pipeline.config import FINAL_KINDS as KINDS, ConfigError, Params
 from pipeline.data import load_prepared
@@ -37,18 +38,6 @@ from pipeline.tracking import Tracker
 from pipeline.models import build_densenet
 from pipeline.training import setup_device, wrong_examples
 
-
-
-@dataclass(frozen=True)
-class FinalPaths:
-    metrics: Path
-    epochs_csv: Path
-    work_dir: Path  # finished runs and the checkpoint of the one in progress
-
-    @classmethod
-    def for_kind(cls, kind: str, root: Path = Path(".")) -> "FinalPaths":
-        return cls(root / f"metrics/final/{kind}.json", root / f"plots/final/{kind}.csv",
-                   root / f"checkpoints/final/{kind}")
 
 
 @dataclass(frozen=True)
@@ -75,7 +64,7 @@ def finalists(params: Params, kind: str, root: Path = Path(".")) -> list[Finalis
                 for name in params.adaptive.variants for scheduled in (False, True)]
     if kind not in tune.TUNED_KINDS:
         raise ConfigError(f"--kind: one of {', '.join(KINDS)} (got {kind!r})")
-    path = tune.TunePaths.for_kind(kind, root).choices
+    path = Outputs(root).tune(kind).choices
     choices = inputs.read_torch(path)
     needs = ("outcome", "tuning_work", "tuning_wall_s") + (("log10_l2", "alpha") if kind == "search" else ("l2_coefficients",))
     out = []
@@ -102,7 +91,7 @@ def adaptive_params(params: Params, seed: int, scheduled: bool) -> Params:
         "init_log10_l2": b.log10_l2, "eval_batch_size": b.eval_batch_size})})
 
 
-def run(params: Params, prepared: Path, kind: str, paths: FinalPaths, tracker: Tracker | None = None,
+def run(params: Params, prepared: Path, kind: str, paths: FinalOutputs, tracker: Tracker | None = None,
         progress: bool | None = None, root: Path = Path(".")) -> dict:
     device = setup_device(params.device, params.threads)
     meta, splits = load_prepared(prepared, device, tracker)
@@ -121,7 +110,7 @@ def run(params: Params, prepared: Path, kind: str, paths: FinalPaths, tracker: T
 
 
 def _finished_or_run(params: Params, finalist: Finalist, seed: int, prepared: Path, splits: dict, meta: dict,
-                     paths: FinalPaths, progress: bool | None) -> dict:
+                     paths: FinalOutputs, progress: bool | None) -> dict:
     key = fingerprint(code_digest(), finalist.method, seed, params.model.model_dump(), params.evaluation.model_dump(),
                       finalist.cfg.model_dump() if finalist.cfg else adaptive_params(params, seed, finalist.scheduled).adaptive.model_dump(),
                       _digest(finalist.l2_coefficients), finalist.tuning_work, finalist.diverged, meta["digest"])
@@ -145,7 +134,7 @@ def _finished_or_run(params: Params, finalist: Finalist, seed: int, prepared: Pa
         checkpoint.clear()
     else:
         where = paths.work_dir / stem
-        m = adaptive.run(adaptive_params(params, seed, finalist.scheduled), prepared, finalist.variant, adaptive.AdaptivePaths(
+        m = adaptive.run(adaptive_params(params, seed, finalist.scheduled), prepared, finalist.variant, AdaptiveOutputs(
             where / "hypers.pt", where / "metrics.json", where / "epochs.csv", where / "layers.csv", where / "checkpoint.pt",
             where / "model.pt"), progress=progress)
         model = build_densenet(params.model, meta, seed).to(splits["test"][0].device)
@@ -200,7 +189,7 @@ def summarise(results: list[dict], seeds: list[int], test_size: int) -> dict:
     return out
 
 
-def _write_outputs(paths: FinalPaths, results: list[dict], metrics: dict, tracker: Tracker | None) -> None:
+def _write_outputs(paths: FinalOutputs, results: list[dict], metrics: dict, tracker: Tracker | None) -> None:
     rows = [{"method": r["method"], "seed": r["seed"], **e} for r in results for e in r["epochs"]]
     with io.atomic_path(paths.epochs_csv) as tmp:
         pd.DataFrame(rows, columns=["method", "seed", "epoch", "train_error", "val_error", "test_error"]).to_csv(

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -22,19 +21,20 @@ import torch
 from torch.func import functional_call
 
 from pipeline import data, io, machine, plots
+from pipeline.layout import QualityOutputs
 from pipeline.experiments.summaries import hyper_quantiles
-from pipeline.progress import Progress
 from pipeline.tracking import Tracker
 from pipeline.checkpoint import Checkpoint, fingerprint
 from pipeline.config import Params, QualityConfig, QualityProtocol
 from pipeline.hyper import HyperSpace
 from pipeline.hypergrad import ExactPath, FixedPointOverflow, FloatPath, Problem, TruncatedPath, greedy, ift
-from pipeline.hypergrad.drmad import Drmad2Path, LinePath, heuristic_steps, step_map
+from pipeline.hypergrad.drmad import LinePath, drmad2_path, heuristic_steps, step_map
 from pipeline.hypergrad.hvp import HVP, HVP_METHODS
+from pipeline.hypergrad.problem import flat
 from pipeline.hypergrad import exact_process
 from pipeline.hypergrad.exact_process import ExactProcess
 from pipeline.hypergrad.reverse import Walk, compare_walks, cosine, reverse
-from pipeline.meta import layer_summary, sign_step, zero_momentum
+from pipeline.meta import MetaState, layer_summary, run_meta_iterations, sign_step
 from pipeline.models import MLP
 from pipeline.seeds import INIT_STREAM, derive_seed
 from pipeline.training import setup_device
@@ -48,22 +48,6 @@ TRACE = ("theta_norm", "dw_norm", "w", "v", "d_theta", "dw", "cos_d_theta")
 
 class Diverged(ArithmeticError):
     """A meta-iteration's float run left the float range: no float method has a value."""
-
-
-@dataclass(frozen=True)
-class QualityPaths:
-    metrics: Path
-    hypergrads_csv: Path
-    errors_csv: Path
-    reverse_csv: Path
-    figures: Path
-    checkpoint: Path
-
-    @classmethod
-    def for_run(cls, name: str, root: Path = Path(".")) -> "QualityPaths":
-        return cls(root / f"metrics/quality_{name}.json", root / f"plots/quality/{name}/hypergrads.csv",
-                   root / f"plots/quality/{name}/errors.csv", root / f"plots/quality/{name}/reverse.csv",
-                   root / f"figures/quality/{name}", root / f"checkpoints/quality_{name}.pt")
 
 
 def build_mlp(protocol: QualityProtocol, seed: int, in_features: int, num_classes: int) -> MLP:
@@ -106,10 +90,6 @@ def penalty(problem: Problem, protocol: QualityProtocol, device: torch.device) -
     return HyperSpace.l2(problem.model, protocol.log10_l2, "global", device=device)
 
 
-def flat(named: dict[str, torch.Tensor]) -> torch.Tensor:
-    return torch.cat([t.reshape(-1) for t in named.values()])
-
-
 def error_rate(problem: Problem, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
     with torch.no_grad():
         logits = functional_call(problem.model, problem.named(w), (x.flatten(1).to(problem.dtype),))
@@ -143,12 +123,11 @@ def hypergradients(problem: Problem, l2: HyperSpace, cfg: QualityConfig, protoco
     def heuristic(d: torch.Tensor, weighting: str = protocol.heuristic) -> int:
         return min(heuristic_steps(d, protocol.multiplier, weighting), cfg.max_reverse_steps)
 
-    steps, k = heuristic(distances), min(cfg.last, problem.steps)
-    tail = FloatPath(problem, w_T, v_T)  # DrMAD2's copy: float reversal walks `floats` back to w_0
-    tail.distances, head = distances, problem.steps - k
-    drmad2_path = Drmad2Path(problem, tail, k, heuristic(distances[:head]) if head else 0, cfg.step_map)
+    steps = heuristic(distances)
+    # DrMAD2 walks a copy of the float run's end: float reversal walks `floats` back to w_0
+    drmad2 = drmad2_path(problem, w_T, v_T, distances, cfg.last, heuristic, cfg.step_map)
     lines = (reverse(problem, line(steps), l2, hvp), reverse(problem, line(cfg.drmad_steps), l2, hvp),
-             reverse(problem, drmad2_path, l2, hvp))
+             reverse(problem, drmad2, l2, hvp))
     others = peers(problem, l2, cfg, hvp, floats, steps)  # before float reversal walks `floats` back
     exact = child.walk() if child else Walk(problem, ExactPath.train(problem, coef), l2, hvp, keep)
     plain = Walk(problem, floats, l2, hvp, keep, stop_when_lost=True)
@@ -200,30 +179,18 @@ def spread(n: int, points: int) -> list[int]:
     return sorted({round(i * (n - 1) / (points - 1)) for i in range(points)}) if n > points else list(range(n))
 
 
-class Study:
-    """State of one forward length's meta-iterations (what a checkpoint holds)."""
+class Study(MetaState):
+    """One quality run's meta-iterations: the MLP's log scales, followed with DrMAD's hypergradient."""
 
     def __init__(self, scales: HyperSpace):
-        self.scales, self.momentum = scales, zero_momentum(scales)
-        self.iteration, self.outcome = 0, "finished"
-        self.rows: dict[str, list[dict]] = {"hypergrads": [], "errors": [], "reverse": [], "layers": [], "meta": []}
-
-    def state(self) -> dict:
-        return {"values": self.scales.values, "momentum": self.momentum, "iteration": self.iteration,
-                "outcome": self.outcome, "rows": self.rows}
-
-    def restore(self, state: dict) -> None:
-        for key, value in state["values"].items():
-            self.scales.values[key].copy_(value)
-            self.momentum[key].copy_(state["momentum"][key])
-        self.iteration, self.outcome, self.rows = state["iteration"], state["outcome"], state["rows"]
+        super().__init__(scales, ("hypergrads", "errors", "reverse", "layers", "meta"))
 
 
 def meta_iteration(study: Study, problem: Problem, l2: HyperSpace, cfg: QualityConfig, protocol: QualityProtocol,
                    splits: dict, hvp: HVP, tracker: Tracker | None, child: ExactProcess | None = None) -> bool:
     """Five hypergradients, their comparison, errors, a sign step. False when it diverged."""
     i, start = study.iteration, time.perf_counter()
-    study.rows["layers"] += [{"meta_iteration": i, "layer": n, **s} for n, s in layer_summary(study.scales).items()]
+    study.rows["layers"] += [{"meta_iteration": i, "layer": n, **s} for n, s in layer_summary(study.hypers).items()]
     try:
         got = hypergradients(problem, l2, cfg, protocol, hvp, child)
     except (FixedPointOverflow, Diverged):
@@ -235,7 +202,7 @@ def meta_iteration(study: Study, problem: Problem, l2: HyperSpace, cfg: QualityC
                 for row in compare(got["grads"])]
     errors = {s: error_rate(problem, got["w_T"], *(splits[s][k].to(problem.x.device) for k in ("x", "y")))
               for s in ("train", "val", "test")}
-    sign_step(study.scales, got["named"], study.momentum, cfg.hyper_step, cfg.hyper_momentum)
+    sign_step(study.hypers, got["named"], study.momentum, cfg.hyper_step, cfg.hyper_momentum)
 
     study.rows["hypergrads"] += [{"meta_iteration": i, **row} for row in compared]
     study.rows["errors"] += [{"meta_iteration": i, "split": s, "error": e} for s, e in errors.items()]
@@ -251,12 +218,12 @@ def meta_iteration(study: Study, problem: Problem, l2: HyperSpace, cfg: QualityC
             metrics.update({f"hypergrad/norm/{row['method']}": row["norm"],
                             f"hypergrad/cos_exact/{row['method']}": row["cos_exact"],
                             f"hypergrad/sign_cos_exact/{row['method']}": row["sign_cos_exact"]})
-        metrics.update(hyper_quantiles(study.scales, "log_scale"))  # per layer: layers.csv
+        metrics.update(hyper_quantiles(study.hypers, "log_scale"))  # per layer: layers.csv
         tracker.log_metrics({**metrics, "meta/drmad_reverse_steps": got["reverse_steps"]}, step=i)
     return True
 
 
-def run(params: Params, name: str, paths: QualityPaths, tracker: Tracker | None = None,
+def run(params: Params, name: str, paths: QualityOutputs, tracker: Tracker | None = None,
         progress: bool | None = None, child: ExactProcess | None | str = "auto") -> dict:
     """`quality.meta_iterations` meta-iterations of run `name` (a protocol at a forward length);
     writes every output. `child`: the process for the exact half (`exact_process`): "auto"
@@ -275,14 +242,19 @@ def run(params: Params, name: str, paths: QualityPaths, tracker: Tracker | None 
     study = Study(problem.scales)
     shared = cfg.model_dump(exclude={"protocols", "runs"})
     checkpoint = Checkpoint(paths.checkpoint, fingerprint(name, cfg.runs[name].model_dump(), params.seed, params.hvp, shared,
-                                                          protocol.model_dump(), meta["digest"]))
+                                                          protocol.model_dump(), meta["digest"], Study.FORMAT))
     if (saved := checkpoint.load(device)) is not None:
         study.restore(saved)
     hvp = HVP_METHODS[params.hvp]
     costs = [step_costs(problem, hvp)]  # the op floor's, timed before and after the run
     started, first, cpu_started = time.perf_counter(), study.iteration, time.process_time()
-    bar = Progress(study.iteration, cfg.meta_iterations_of(name), f"quality {name}", "meta-iteration", progress)
-    run_meta_iterations(study, bar, problem, l2, cfg, protocol, splits, hvp, tracker, checkpoint, child)
+
+    def followed() -> dict:
+        drmad = [r for r in study.rows["hypergrads"] if r["method"] == FOLLOWED][-1]
+        return {"cos_drmad_exact": f"{drmad['cos_exact']:.3f}", "norm_ratio": f"{drmad['norm_ratio']:.3g}"}
+    run_meta_iterations(study, cfg.meta_iterations_of(name),
+                        lambda: meta_iteration(study, problem, l2, cfg, protocol, splits, hvp, tracker, child),
+                        checkpoint.save, f"quality {name}", followed, progress, tracker)
     sizes = meta["sizes"]
     metrics = {"run": name, "protocol": cfg.runs[name].protocol, "meta_iterations": cfg.meta_iterations_of(name),
                "hvp_cost": cfg.hvp_cost,
@@ -298,24 +270,6 @@ def run(params: Params, name: str, paths: QualityPaths, tracker: Tracker | None 
     write_outputs(paths, study, metrics, f"{cfg.runs[name].protocol} protocol, T = {steps:,}", tracker)
     checkpoint.clear()
     return metrics
-
-
-def run_meta_iterations(study: Study, bar: Progress, problem: Problem, l2: HyperSpace, cfg: QualityConfig,
-                        protocol: QualityProtocol, splits: dict, hvp: HVP, tracker: Tracker | None, checkpoint: Checkpoint,
-                        child: ExactProcess | None) -> None:
-    """The meta-iterations left, a checkpoint after each; a divergence ends them."""
-    for _ in bar:
-        if study.outcome == "diverged":
-            break
-        if meta_iteration(study, problem, l2, cfg, protocol, splits, hvp, tracker, child):
-            study.iteration += 1
-            drmad = [r for r in study.rows["hypergrads"] if r["method"] == FOLLOWED][-1]
-            bar.report(cos_drmad_exact=f"{drmad['cos_exact']:.3f}", norm_ratio=f"{drmad['norm_ratio']:.3g}")
-        else:
-            study.outcome = "diverged"  # s keeps its last finite values
-            if tracker:
-                tracker.set_tag("outcome", "diverged")
-        checkpoint.save(study.state())
 
 
 def op_floor(steps: int, costs: list[tuple[float, float]], walked: list[dict], seconds: float,
@@ -371,7 +325,7 @@ def number(value: float) -> float | None:
     return float(f"{value:.6g}") if math.isfinite(value) else None
 
 
-def write_outputs(paths: QualityPaths, study: Study, metrics: dict, title: str, tracker: Tracker | None) -> None:
+def write_outputs(paths: QualityOutputs, study: Study, metrics: dict, title: str, tracker: Tracker | None) -> None:
     frames = {name: pd.DataFrame(study.rows[name]) for name in ("hypergrads", "errors", "reverse")}
     for path, name in ((paths.hypergrads_csv, "hypergrads"), (paths.errors_csv, "errors"),
                        (paths.reverse_csv, "reverse")):

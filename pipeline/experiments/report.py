@@ -6,12 +6,12 @@ comparison figures.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from pipeline import inputs, io, plots
+from pipeline.layout import Outputs, ReportOutputs
 from pipeline.experiments import verdict
 from pipeline.tracking import Tracker
 
@@ -27,29 +27,15 @@ def _work(m: dict) -> dict:
 FIGURES = {"densenet": "test_error_vs_compute.png", "mlp": "test_error_vs_compute_mlp.png"}  # per arena
 
 
-@dataclass(frozen=True)
-class ReportPaths:
-    summary_md: Path = Path("reports/summary.md")
-    summary_csv: Path = Path("reports/summary.csv")
-    quality_csv: Path = Path("reports/quality.csv")
-    figures: Path = Path("reports/figures")
-    verdict_json: Path = Path("reports/verdict.json")  # `dvc metrics diff` reads it
-    verdict_seeds: Path = Path("reports/verdict_seeds.csv")
-
-
 def _json(path: Path) -> dict:
     return inputs.read_json(path)
 
 
-def _tag(path: Path, prefix: str) -> str:
-    return path.stem.removeprefix(prefix)
-
-
 def baseline_row(root: Path) -> dict | None:
-    path = root / "metrics/baseline.json"
-    if not path.exists():
+    out = Outputs(root).baseline()
+    if not out.metrics.exists():
         return None
-    m, epochs = _json(path), inputs.read_csv(root / "plots/baseline/errors.csv")
+    m, epochs = _json(out.metrics), inputs.read_csv(out.per_epoch)
     return {"run": "baseline", "final_test_error": m["final_test_error"], "mean_last_n_test_error":
             m["mean_last_n_test_error"], "last_n": m["last_n"], "best_val_error": m["best_val_error"],
             "val_test_gap": (None if m["outcome"] == "diverged"  # a diverged model's errors are no result
@@ -59,9 +45,10 @@ def baseline_row(root: Path) -> dict | None:
 
 def drmad_rows(root: Path, last_n: int) -> list[dict]:
     rows = []
-    for path in sorted((root / "metrics/drmad").glob("*.json"), key=lambda p: -float(p.stem)):
-        tag, m = path.stem, _json(path)
-        meta = inputs.read_csv(root / f"plots/drmad/{tag}/meta.csv") if m["meta_iterations_completed"] else None
+    for tag in sorted(Outputs(root).instances("drmad"), key=lambda t: -float(t)):
+        out = Outputs(root).drmad(tag)
+        m = _json(out.metrics)
+        meta = inputs.read_csv(out.meta_csv) if m["meta_iterations_completed"] else None
         result = meta if m["outcome"] != "diverged" else None  # a diverged run's errors are no result
         rows.append({
             "run": f"drmad {tag}", "final_test_error": m["final_test_error"],
@@ -76,9 +63,9 @@ def drmad_rows(root: Path, last_n: int) -> list[dict]:
 
 def adaptive_rows(root: Path) -> list[dict]:
     rows = []
-    for path in sorted((root / "metrics").glob("adaptive_*.json")):
-        m = _json(path)
-        rows.append({"run": f"adaptive {_tag(path, 'adaptive_')}", **{k: m.get(k) for k in COLUMNS[1:]},
+    for name in Outputs(root).instances("adaptive"):
+        m = _json(Outputs(root).adaptive(name).metrics)
+        rows.append({"run": f"adaptive {name}", **{k: m.get(k) for k in COLUMNS[1:]},
                      "val_test_gap": m["final_val_test_gap"],
                      **_work(m)})
     return rows
@@ -89,7 +76,7 @@ def quality_rows(root: Path) -> list[dict]:
     meta-iteration (exact's own row: its norm), and the method's counted work. Protocols of one
     length stand side by side."""
     rows = []
-    runs = sorted((_json(p) for p in (root / "metrics").glob("quality_*.json")),
+    runs = sorted((_json(Outputs(root).quality(n).metrics) for n in Outputs(root).instances("quality")),
                   key=lambda m: (m["forward_steps"], m.get("protocol") != "thesis", m.get("protocol", "")))
     for m in runs:
         common = {"forward_steps": m["forward_steps"], "protocol": m.get("protocol")}
@@ -118,9 +105,9 @@ def _cost(m: dict, method: str) -> dict:
 def quality_frontier(root: Path) -> dict[str, tuple[pd.DataFrame, int]]:
     """Per quality run (title: protocol, T), its hypergradient rows and T: the frontier's input."""
     out = {}
-    for path in sorted((root / "metrics").glob("quality_*.json"), key=lambda p: _json(p)["forward_steps"]):
-        m, name = _json(path), _tag(path, "quality_")
-        table = root / f"plots/quality/{name}/hypergrads.csv"
+    runs = {n: _json(Outputs(root).quality(n).metrics) for n in Outputs(root).instances("quality")}
+    for name, m in sorted(runs.items(), key=lambda r: r[1]["forward_steps"]):
+        table = Outputs(root).quality(name).hypergrads_csv
         if table.exists():
             out[f"{m.get('protocol')}, T = {m['forward_steps']:,}"] = (inputs.read_csv(table), m["forward_steps"])
     return out
@@ -130,9 +117,9 @@ def quality_runs(root: Path) -> list[dict]:
     """Per quality run: what produced its numbers (protocol, T, meta-iterations, data) and the
     reverse steps S of DrMAD's heuristic under both readings of gamma (text, scripts)."""
     rows = []
-    for path in sorted((root / "metrics").glob("quality_*.json")):
-        m = _json(path)
-        rows.append({"run": m.get("run", _tag(path, "quality_")), "protocol": m.get("protocol"),
+    for name in Outputs(root).instances("quality"):
+        m = _json(Outputs(root).quality(name).metrics)
+        rows.append({"run": m.get("run", name), "protocol": m.get("protocol"),
                      "forward_steps": m["forward_steps"],
                      "meta_iterations": f"{m['meta_iterations_completed']} of {m.get('meta_iterations', '?')}",
                      "data": m.get("data", ""),
@@ -163,30 +150,38 @@ def markdown(table: pd.DataFrame, percent: tuple[str, ...] = ()) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _csv_if_any(path: Path) -> pd.DataFrame | None:
+    """A figure's optional input: its table, or None where the run wrote none."""
+    return inputs.read_csv(path) if path.exists() else None
+
+
 def test_error_curves(root: Path) -> dict[str, pd.DataFrame]:
     """Per run, test error per epoch (DrMAD: the epochs of its last meta-iteration)."""
     curves = {}
-    if (path := root / "plots/baseline/errors.csv").exists():
+    out = Outputs(root)
+    if (path := out.baseline().per_epoch).exists():
         curves["baseline"] = inputs.read_csv(path)[["epoch", "test_error"]]
-    for path in sorted((root / "plots/drmad").glob("*/epochs.csv")):
-        epochs = inputs.read_csv(path)
-        if len(epochs):
-            curves[f"drmad {float(path.parent.name):g}"] = epochs[epochs["meta_iteration"] == epochs["meta_iteration"].max()]
-    for path in sorted((root / "plots/adaptive").glob("*/epochs.csv")):
-        curves[f"adaptive {path.parent.name}"] = inputs.read_csv(path)
+    for tag in out.instances("drmad"):
+        epochs = _csv_if_any(out.drmad(tag).epochs_csv)
+        if epochs is not None and len(epochs):
+            curves[f"drmad {float(tag):g}"] = epochs[epochs["meta_iteration"] == epochs["meta_iteration"].max()]
+    for name in out.instances("adaptive"):
+        if (epochs := _csv_if_any(out.adaptive(name).epochs_csv)) is not None:
+            curves[f"adaptive {name}"] = epochs
     return curves
 
 
 def layer_trajectories(root: Path) -> dict[str, pd.DataFrame]:
     """Per run and hyperparameter kind: (step, layer, mean), step = meta-iteration or epoch."""
-    out = {}
-    for path in sorted((root / "plots/drmad").glob("*/layers.csv")):
-        frame = inputs.read_csv(path).rename(columns={"meta_iteration": "step"})
-        out[f"drmad {path.parent.name}: log10 L2 per meta-iteration"] = frame
-    for path in sorted((root / "plots/adaptive").glob("*/layers.csv")):
-        frame = inputs.read_csv(path).rename(columns={"epoch": "step"})
-        for kind, rows in frame.groupby("kind"):
-            out[f"adaptive {path.parent.name}: {kind} per epoch"] = rows
+    out, where = {}, Outputs(root)
+    for tag in where.instances("drmad"):
+        if (frame := _csv_if_any(where.drmad(tag).layers_csv)) is not None:
+            out[f"drmad {tag}: log10 L2 per meta-iteration"] = frame.rename(columns={"meta_iteration": "step"})
+    for name in where.instances("adaptive"):
+        if (frame := _csv_if_any(where.adaptive(name).layers_csv)) is None:
+            continue
+        for kind, rows in frame.rename(columns={"epoch": "step"}).groupby("kind"):
+            out[f"adaptive {name}: {kind} per epoch"] = rows
     return out
 
 
@@ -197,8 +192,8 @@ BATCHNORM = {"precise": "with BatchNorm population statistics recomputed over th
 
 def search_rows(root: Path) -> list[dict]:
     rows = []
-    for path in sorted((root / "metrics/search").glob("*.json")):
-        m = _json(path)
+    for name in Outputs(root).instances("search"):
+        m = _json(Outputs(root).search(name).metrics)
         rows.append({"sampler": m["sampler"], "trials": m["trials"], "diverged_trials": m["diverged_trials"],
                      "spent_gradient_evals": m["work_gradient_equivalents"],
                      "budget_gradient_evals": m["budget_gradient_equivalents"], "best_val_error": m["best_val_error"],
@@ -256,7 +251,7 @@ def verdict_section(root: Path, level: float, batchnorm: str, margin: float = 0.
                  verdict.markdown(tables["densenet"], level), "\nTest error per seed (%):\n", _per_seed(frame, tables["densenet"])]
     if "mlp" in frames:
         frame = frames["mlp"]
-        first = inputs.read_json(next(iter(sorted((root / "results/arena").glob("*.json")))))
+        first = inputs.read_json(Outputs(root).arena_results()[0])
         text += ["\n## MLP arena\n",
                  f"The thesis' CPU experiment as a benchmark: the MNIST MLP of the quality study (protocol "
                  f"`{first['protocol']}`, {first['data']}, T = {first['steps']:,} steps per training). On each of "
@@ -297,9 +292,10 @@ def provenance(root: Path, here: str | None) -> list[str]:
     return lines
 
 
-def run(root: Path = Path("."), last_n: int = 3, paths: ReportPaths = ReportPaths(),
+def run(root: Path = Path("."), last_n: int = 3, paths: ReportOutputs | None = None,
         tracker: Tracker | None = None, batchnorm: str = "precise", level: float = 0.95,
         here: str | None = None, margin: float = 0.005) -> pd.DataFrame:
+    paths = paths or Outputs(root).report()
     rows = [r for r in (baseline_row(root),) if r] + drmad_rows(root, last_n) + adaptive_rows(root)
     summary = pd.DataFrame(rows, columns=list(COLUMNS))
     quality = pd.DataFrame(quality_rows(root))

@@ -22,7 +22,6 @@ import zlib
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -32,6 +31,7 @@ from optuna.trial import TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline import inputs, io, machine
+from pipeline.layout import Outputs, SearchOutputs
 from pipeline.checkpoint import code_digest, fingerprint
 from pipeline.config import ConfigError, Params, TrainConfig
 from pipeline.data import load_prepared
@@ -43,19 +43,6 @@ from pipeline.training import setup_device
 SEARCH_STREAM = 4  # seeds of the samplers (pipeline/seeds.py holds streams 1-3)
 STEP = "-step"  # a search of the step size as well
 DIVERGED_ERROR = 1.0  # the objective of a trial whose loss became non-finite: worse than any result
-
-
-@dataclass(frozen=True)
-class SearchPaths:
-    best: Path
-    metrics: Path
-    trials_csv: Path
-    storage_dir: Path
-
-    @classmethod
-    def for_sampler(cls, name: str, root: Path = Path(".")) -> "SearchPaths":
-        return cls(root / f"results/search/{name}/best.json", root / f"metrics/search/{name}.json",
-                   root / f"plots/search/{name}/trials.csv", root / "checkpoints/search")
 
 
 def sampler(name: str, params: Params, finished: int, worker: int = 0) -> optuna.samplers.BaseSampler:
@@ -95,7 +82,7 @@ def budget(params: Params, root: Path = Path(".")) -> float:
     """The gradient evaluations to spend: a number, or the mean counted work of the drmad@INIT runs."""
     if params.search.budget != "drmad":
         return float(params.search.budget)
-    found = {float(p.stem): p for p in (root / "metrics/drmad").glob("*.json")}  # named as written: -4 or -4.0
+    found = {float(t): Outputs(root).drmad(t).metrics for t in Outputs(root).instances("drmad")}  # named as written: -4 or -4.0
     if missing := [i for i in params.drmad.inits if i not in found]:
         raise ConfigError(f"search.budget: drmad, but metrics/drmad has no result for init(s) {missing}; run "
                           "`dvc repro drmad` first or give a number of gradient evaluations")
@@ -104,7 +91,7 @@ def budget(params: Params, root: Path = Path(".")) -> float:
     return sum(spent) / len(spent)
 
 
-def open_study(name: str, params: Params, meta: dict, paths: SearchPaths, total: float) -> optuna.Study:
+def open_study(name: str, params: Params, meta: dict, paths: SearchOutputs, total: float) -> optuna.Study:
     """The study of these settings (a changed setting starts a new one), trials a dead attempt
     left running marked failed. Keyed by the budget's value `total`, not its name (`drmad` is
     whatever the drmad runs spent): a changed budget is a new study."""
@@ -180,7 +167,7 @@ def live(study: optuna.Study) -> list[int]:
     return sorted(t.number for t in study.get_trials(states=(TrialState.COMPLETE, TrialState.RUNNING)))
 
 
-def run(params: Params, prepared: Path, name: str, paths: SearchPaths, tracker: Tracker | None = None,
+def run(params: Params, prepared: Path, name: str, paths: SearchOutputs, tracker: Tracker | None = None,
         progress: bool | None = None, root: Path = Path("."), worker_only: bool = False) -> dict | None:
     """Run trials until the study holds floor(budget / trial cost) of them, then (unless
     `worker_only`: a helper process on a shared study) wait for other workers' trials and
@@ -286,7 +273,7 @@ def chosen(metrics: dict) -> dict[str, float]:
     return {"log10_l2": metrics["best_log10_l2"], "alpha": 10.0 ** metrics["best_log10_alpha"]}
 
 
-def _write_outputs(paths: SearchPaths, trials: pd.DataFrame, metrics: dict, tracker: Tracker | None) -> None:
+def _write_outputs(paths: SearchOutputs, trials: pd.DataFrame, metrics: dict, tracker: Tracker | None) -> None:
     with io.atomic_path(paths.trials_csv) as tmp:
         trials.to_csv(tmp, index=False)
     io.write_json(paths.best, {**chosen(metrics), "trial": metrics["best_trial"], "val_error": metrics["best_val_error"]})

@@ -16,28 +16,17 @@ from __future__ import annotations
 
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pipeline import inputs, io
+from pipeline.layout import Outputs, TuneOutputs
 from pipeline.checkpoint import code_digest, fingerprint
 from pipeline.config import TUNED_KINDS, ConfigError, Params
 from pipeline.data import load_meta
 from pipeline.experiments import drmad, search
 from pipeline.tracking import Tracker
-
-
-@dataclass(frozen=True)
-class TunePaths:
-    choices: Path  # per method and seed: what the finalist retrains (torch: DrMAD's are tensors)
-    metrics: Path
-    work_dir: Path
-
-    @classmethod
-    def for_kind(cls, kind: str, root: Path = Path(".")) -> "TunePaths":
-        return cls(root / f"results/tune/{kind}.pt", root / f"metrics/tune/{kind}.json", root / f"checkpoints/tune/{kind}")
 
 
 def methods(params: Params, kind: str) -> list[str]:
@@ -61,12 +50,12 @@ def seeded(params: Params, kind: str, seed: int, root: Path) -> Params:
 def tune_one(params: Params, prepared: Path, kind: str, method: str, where: Path, progress: bool | None = None) -> dict:
     """One method's tuning at `params.seed`: its choice, counted work and wall seconds."""
     if kind == "search":
-        m = search.run(params, prepared, method, search.SearchPaths.for_sampler(method, where), progress=progress)
+        m = search.run(params, prepared, method, Outputs(where).search(method), progress=progress)
         return {"outcome": "finished", "log10_l2": m["best_log10_l2"], "alpha": 10.0 ** m["best_log10_alpha"],
                 "trials": m["trials"], "best_trial": m["best_trial"], "l2_coefficients": None,
                 "tuning_work": m["work_gradient_equivalents"], "tuning_wall_s": m["wall_time_s"]}
     init = float(method.removeprefix("drmad "))
-    paths = drmad.DrmadPaths.for_init(f"{init:g}", where)
+    paths = Outputs(where).drmad(f"{init:g}")
     m = drmad.run(params, prepared, init, paths, progress=progress)
     chosen = torch.load(paths.hypers, weights_only=True)["chosen"]
     wall = (m["seconds_per_meta_iteration"] or 0.0) * m["meta_iterations_completed"]
@@ -79,7 +68,7 @@ def tune_one(params: Params, prepared: Path, kind: str, method: str, where: Path
     return out
 
 
-def run(params: Params, prepared: Path, kind: str, paths: TunePaths, tracker: Tracker | None = None,
+def run(params: Params, prepared: Path, kind: str, paths: TuneOutputs, tracker: Tracker | None = None,
         progress: bool | None = None, root: Path = Path(".")) -> dict:
     digest = load_meta(prepared)["digest"]
     choices: dict = {}

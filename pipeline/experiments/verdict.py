@@ -20,6 +20,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from pipeline import inputs, plots
+from pipeline.layout import Outputs
 
 from pipeline.stats import DECISIONS, Interval, decide, probability_of_improvement, seeds_and_items_ci
 
@@ -38,7 +39,7 @@ def per_seed(root: Path) -> pd.DataFrame:
     and wall seconds, and the tuning work charged to it."""
     rows = []
     for kind in KIND_ORDER:
-        path = root / f"metrics/final/{kind}.json"
+        path = Outputs(root).final(kind).metrics
         if not path.is_file():
             continue
         final = inputs.read_json(path, ("methods", "test_size"))
@@ -60,7 +61,7 @@ def arena_seeds(root: Path) -> pd.DataFrame:
     """The MLP arena's rows, one per (method, seed), with the columns of `with_total_compute`:
     each seed's own tuning work and time, then its retraining's."""
     rows = []
-    for path in sorted((root / "results/arena").glob("*.json"), key=lambda p: int(p.stem) if p.stem.isdigit() else -1):
+    for path in Outputs(root).arena_results():
         result = inputs.read_json(path, ("seed", "methods", "test_size"))
         for method, e in result["methods"].items():
             rows.append({"kind": "arena", "method": method, "seed": int(result["seed"]), "test_error": e["test_error"],

@@ -24,9 +24,9 @@ import torch
 
 from pipeline.hyper import HyperSpace
 from pipeline.hypergrad import greedy, ift, unrolled
-from pipeline.hypergrad.drmad import Drmad2Path, drmad_path, heuristic_steps
+from pipeline.hypergrad.drmad import drmad2_path, drmad_path, heuristic_steps
 from pipeline.hypergrad.hvp import DEFAULT_HVP, HVP_METHODS
-from pipeline.hypergrad.paths import ExactPath, FixedPointOverflow, FloatPath, ReversalError, StoredPath
+from pipeline.hypergrad.trajectories import ExactPath, FixedPointOverflow, FloatPath, ReversalError, StoredPath
 from pipeline.hypergrad.problem import Problem
 from pipeline.hypergrad.reverse import reverse
 from pipeline.hypergrad.truncated import TruncatedPath
@@ -69,10 +69,8 @@ def hypergradient(problem: Problem, l2: HyperSpace | None = None, method: str = 
     elif method == "drmad":
         path = drmad_path(problem, path, reverse_steps, multiplier, step_map)
     elif method == "drmad2":
-        k = min(last, problem.steps)
-        head = problem.steps - k
-        line = 0 if head == 0 else reverse_steps or heuristic_steps(path.distances[:head], multiplier)
-        path = Drmad2Path(problem, path, k, line, step_map)
+        path = drmad2_path(problem, w_T, path.v(), path.distances, last,
+                           lambda d: reverse_steps or heuristic_steps(d, multiplier), step_map)
     return {**reverse(problem, path, l2, HVP_METHODS[hvp], record=record), "w_T": w_T}
 
 

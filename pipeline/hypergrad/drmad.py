@@ -12,11 +12,11 @@ share of |w_T - w_0|, is closest to s / S).
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
-from pipeline.hypergrad.paths import FloatPath
+from pipeline.hypergrad.trajectories import FloatPath
 from pipeline.hypergrad.problem import Problem
 
 StepMap = Literal["same", "stride", "nearest"]
@@ -87,6 +87,16 @@ class LinePath:
 
     def undo_velocity(self, s: int, g: torch.Tensor) -> None:
         pass
+
+
+def drmad2_path(problem: Problem, w_T: torch.Tensor, v_T: torch.Tensor, distances: torch.Tensor, last: int,
+                line_steps: Callable[[torch.Tensor], int], kind: StepMap) -> "Drmad2Path":
+    """DrMAD2 from a float run's end (w_T, v_T) and distances: float reversal of its last `last`
+    steps (capped at T), then the line to w_0 in `line_steps(distances of the head)` steps."""
+    k = min(last, problem.steps)
+    head = problem.steps - k
+    tail = FloatPath(problem, w_T, v_T, distances)
+    return Drmad2Path(problem, tail, k, line_steps(distances[:head]) if head else 0, kind)
 
 
 class Drmad2Path:

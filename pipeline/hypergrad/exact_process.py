@@ -27,7 +27,7 @@ import torch
 
 from pipeline.hyper import HyperSpace
 from pipeline.hypergrad.hvp import HVP_METHODS
-from pipeline.hypergrad.paths import ExactPath
+from pipeline.hypergrad.trajectories import ExactPath
 from pipeline.hypergrad.problem import Problem
 from pipeline.hypergrad.reverse import Snapshot, Walk
 

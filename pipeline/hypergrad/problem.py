@@ -34,6 +34,12 @@ from pipeline.training import MASK_STREAM, BatchSchedule, generator
 LN10 = math.log(10.0)
 
 
+
+def flat(tensors) -> torch.Tensor:
+    """Tensors (or a name -> tensor mapping's values) as one detached flat vector."""
+    values = tensors.values() if isinstance(tensors, dict) else tensors
+    return torch.cat([t.detach().reshape(-1) for t in values])
+
 @dataclass
 class Problem:
     model: nn.Module

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.hypergrad.paths import FloatPath
+from pipeline.hypergrad.trajectories import FloatPath
 
 
 class TruncatedPath:

@@ -45,8 +45,9 @@ class _ForwardStepsOneToOne:
 
 
 class FloatPath(_ForwardStepsOneToOne):
-    def __init__(self, problem: Problem, w: torch.Tensor, v: torch.Tensor):
-        self.problem, self._w, self._v = problem, w.clone(), v.clone()
+    def __init__(self, problem: Problem, w: torch.Tensor, v: torch.Tensor, distances: torch.Tensor | None = None):
+        """At (w_T, v_T) of a float run; `distances`: that run's |w_t - w_0| (DrMAD's heuristic)."""
+        self.problem, self._w, self._v, self.distances = problem, w.clone(), v.clone(), distances
 
     @classmethod
     def train(cls, problem: Problem, l2_coef: torch.Tensor, keep_every: int | None = None) -> "FloatPath":

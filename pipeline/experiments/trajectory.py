@@ -1,4 +1,4 @@
-"""The `paths` stage: what a training trajectory looks like (thesis figs 2.1-2.2).
+"""The `trajectory` stage: what a training trajectory looks like (thesis figs 2.1-2.2).
 
 DrMAD replaces the path from w_0 to w_T by a straight line; these figures show how far from a
 line the quality study's MLP actually travels: the stored iterates on two random coordinates,
@@ -8,13 +8,12 @@ single coordinates against the iteration, and the top-2 principal components. `s
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 import torch
 
 from pipeline import io, machine, plots
+from pipeline.layout import TrajectoryOutputs
 from pipeline.tracking import Tracker
 from pipeline.config import Params
 from pipeline.hypergrad import FloatPath
@@ -22,17 +21,6 @@ from pipeline.experiments.quality import build_problem, load_data, penalty
 from pipeline.training import setup_device
 
 PICK_STREAM = 7  # seed stream of the random coordinates
-
-
-@dataclass(frozen=True)
-class PathsPaths:
-    metrics: Path = Path("metrics/paths.json")
-    path_csv: Path = Path("plots/paths/path.csv")
-    coordinates_csv: Path = Path("plots/paths/coordinates.csv")
-    figures: Path = Path("figures/paths")
-
-    def under(self, root: Path) -> "PathsPaths":
-        return PathsPaths(*(root / p for p in (self.metrics, self.path_csv, self.coordinates_csv, self.figures)))
 
 
 def projections(iterates: torch.Tensor, iterations: list[int], picks: torch.Tensor) -> tuple[pd.DataFrame, list[float]]:
@@ -49,8 +37,8 @@ def projections(iterates: torch.Tensor, iterations: list[int], picks: torch.Tens
     return pd.DataFrame(rows), explained
 
 
-def run(params: Params, paths: PathsPaths = PathsPaths(), tracker: Tracker | None = None) -> dict:
-    cfg, q = params.paths, params.quality
+def run(params: Params, paths: TrajectoryOutputs, tracker: Tracker | None = None) -> dict:
+    cfg, q = params.trajectory, params.quality
     start = time.perf_counter()
     protocol = q.protocols[cfg.protocol]
     splits, meta = load_data(q, protocol)
