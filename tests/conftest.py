@@ -18,3 +18,15 @@ def torch_settings_restored():
     yield
     torch.use_deterministic_algorithms(deterministic)
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory):
+    """TINY's data prepared once: the test files that use it keep TINY's data section. Tests
+    read it and never write to it (copy it first)."""
+    from helpers import tiny_params
+    from pipeline import data
+
+    out = tmp_path_factory.mktemp("prepared")
+    data.prepare(tiny_params().data, out)
+    return out

@@ -10,6 +10,7 @@ from pipeline.hyper import HyperSpace
 from pipeline.hypergrad import hypergradient, log_lr_hypergradient
 from pipeline.models import DenseNet
 from pipeline.training import Trainer
+from helpers import rel
 
 F64 = torch.float64
 
@@ -26,10 +27,6 @@ def setup(seed=0, sharing="unit"):
     cfg = TrainConfig(epochs=3, batch_size=16, alpha=1.0, momentum=0.9, nesterov=False,
                       schedule={"milestones": [], "factor": 0.1})
     return model, x, y, vx, vy, cfg, l2, lr
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def flat(d):

@@ -7,51 +7,16 @@ import pytest
 import torch
 
 from pipeline.layout import Outputs
-from pipeline import data
 from pipeline.experiments import adaptive as adaptive_run
 from pipeline.config import ConfigError, parse_params
+from helpers import Interrupt, RecordingTracker, tiny_params, tiny_settings
 
-TINY = {"device": "cpu", "data": {"val_size": 60, "test_size": 60, "train_size": 96},
-        "model": {"depth": 7, "growth_rate": 4, "init_maps": 4},
-        # 3 steps an epoch. a: hyper-updates at steps 3 and 7, the second through steps 5-7, across the
-        # checkpoint after epoch 2 (a resume that lost the stored window would skip it)
-        "adaptive": {"variants": {"a": {"every": 4, "window": 3, "l2_step": 0.5, "lr_step": 0.5},
-                                  "b": {"every": 3, "window": 2, "val_size": 50}},
-                     "epochs": 3, "batch_size": 32, "val_batch_size": 20, "last_n": 2}}
-
-
-class Interrupt(Exception):
-    pass
-
-
-class StopAt:
-    """Records the epochs logged; with `epoch`, kills the run when that epoch is logged (before its
-    checkpoint)."""
-
-    def __init__(self, epoch=None):
-        self.epoch, self.epochs = epoch, []
-
-    def log_metrics(self, metrics, step=None):
-        if "error/test" in metrics:
-            self.epochs.append(step)
-        if self.epoch is not None and step == self.epoch:
-            raise Interrupt
-
-    def log_artifact(self, path):
-        pass
-
-    def set_tag(self, key, value):
-        pass
-
-    def log_figure(self, figure, name):
-        pass
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    out = tmp_path_factory.mktemp("prepared")
-    data.prepare(parse_params(TINY).data, out)
-    return out
+TINY = tiny_settings(
+    # 3 steps an epoch. a: hyper-updates at steps 3 and 7, the second through steps 5-7, across the
+    # checkpoint after epoch 2 (a resume that lost the stored window would skip it)
+    adaptive={"variants": {"a": {"every": 4, "window": 3, "l2_step": 0.5, "lr_step": 0.5},
+                           "b": {"every": 3, "window": 2, "val_size": 50}},
+              "epochs": 3, "batch_size": 32, "val_batch_size": 20, "last_n": 2})
 
 
 @pytest.mark.parametrize("name", ["a", "b"])
@@ -61,9 +26,9 @@ def test_interrupted_run_resumes_to_identical_numbers(prepared, tmp_path, name):
     resumed = Outputs(tmp_path / "resumed").adaptive(name)
     expected = adaptive_run.run(params, prepared, name, straight)
     with pytest.raises(Interrupt):
-        adaptive_run.run(params, prepared, name, resumed, tracker=StopAt(epoch=3))
+        adaptive_run.run(params, prepared, name, resumed, tracker=RecordingTracker(stop_at_step=3))
     assert resumed.checkpoint.exists() and not resumed.metrics.exists()
-    after = StopAt()
+    after = RecordingTracker()
     got = adaptive_run.run(params, prepared, name, resumed, tracker=after)
     assert after.epochs == [3]  # resumed: only the epoch the checkpoint lacked ran again
     untimed = lambda m: {k: v for k, v in m.items() if k not in ("wall_time_s", "hypergradient_time_share")}
@@ -78,7 +43,7 @@ def test_interrupted_run_resumes_to_identical_numbers(prepared, tmp_path, name):
 
 
 def test_divergence_is_an_outcome(prepared, tmp_path):
-    params = parse_params({**TINY, "adaptive": {**TINY["adaptive"], "alpha": 1e30, "lr_max": 1e31}})
+    params = tiny_params(TINY, adaptive={"alpha": 1e30, "lr_max": 1e31})
     paths = Outputs(tmp_path).adaptive("a")
     metrics = adaptive_run.run(params, prepared, "a", paths)
     assert metrics["outcome"] == "diverged"

@@ -6,47 +6,11 @@ import pytest
 import torch
 
 from pipeline.layout import Outputs
-from pipeline import data
 from pipeline.experiments import baseline
 from pipeline.config import parse_params
+from helpers import Interrupt, RecordingTracker, tiny_params, tiny_settings
 
-TINY = {"device": "cpu", "data": {"val_size": 60, "test_size": 60, "train_size": 96},
-        "model": {"depth": 7, "growth_rate": 4, "init_maps": 4},
-        "baseline": {"epochs": 3, "batch_size": 32, "last_n": 2}}
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    out = tmp_path_factory.mktemp("prepared")
-    data.prepare(parse_params(TINY).data, out)
-    return out
-
-
-class Interrupt(Exception):
-    pass
-
-
-class StopAfter:
-    """A tracker that records the epochs logged and, with `epoch`, kills the run when that epoch
-    is logged (before its checkpoint)."""
-
-    def __init__(self, epoch=None):
-        self.epoch, self.epochs = epoch, []
-
-    def log_metrics(self, metrics, step=None):
-        if "error/test" in metrics:
-            self.epochs.append(step)
-        if self.epoch is not None and step == self.epoch:
-            raise Interrupt
-
-    def log_artifact(self, path):
-        pass
-
-    def set_tag(self, key, value):
-        pass
-
-    def log_figure(self, figure, name):
-        pass
+TINY = tiny_settings(baseline={"epochs": 3, "batch_size": 32, "last_n": 2})
 
 
 def weights(path):
@@ -60,9 +24,9 @@ def test_interrupted_run_resumes_to_identical_result(prepared, tmp_path):
     expected = baseline.run(params, prepared, straight)
 
     with pytest.raises(Interrupt):
-        baseline.run(params, prepared, resumed, tracker=StopAfter(epoch=3))
+        baseline.run(params, prepared, resumed, tracker=RecordingTracker(stop_at_step=3))
     assert resumed.checkpoint.exists() and not resumed.metrics.exists()
-    after = StopAfter()
+    after = RecordingTracker()
     got = baseline.run(params, prepared, resumed, tracker=after)
     assert after.epochs == [3]  # resumed, not restarted: epochs 1-2 came from the checkpoint
 
@@ -77,9 +41,9 @@ def test_interrupted_run_resumes_to_identical_result(prepared, tmp_path):
 def test_checkpoint_of_other_settings_is_ignored(prepared, tmp_path):
     paths = Outputs(tmp_path).baseline()
     with pytest.raises(Interrupt):
-        baseline.run(parse_params(TINY), prepared, paths, tracker=StopAfter(epoch=2))
-    other = parse_params({**TINY, "baseline": {**TINY["baseline"], "log10_l2": -3.0}})
-    after = StopAfter()
+        baseline.run(parse_params(TINY), prepared, paths, tracker=RecordingTracker(stop_at_step=2))
+    other = tiny_params(TINY, baseline={"log10_l2": -3.0})
+    after = RecordingTracker()
     baseline.run(other, prepared, paths, tracker=after)
     assert after.epochs == [1, 2, 3]  # started over
     fresh = Outputs(tmp_path / "fresh").baseline()
@@ -89,7 +53,7 @@ def test_checkpoint_of_other_settings_is_ignored(prepared, tmp_path):
 
 
 def test_divergence_is_an_outcome_not_a_crash(prepared, tmp_path):
-    params = parse_params({**TINY, "baseline": {**TINY["baseline"], "alpha": 1e30}})
+    params = tiny_params(TINY, baseline={"alpha": 1e30})
     paths = Outputs(tmp_path).baseline()
     metrics = baseline.run(params, prepared, paths)
     assert metrics["outcome"] == "diverged"

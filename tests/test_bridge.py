@@ -15,6 +15,7 @@ from pipeline.hyper import HyperSpace
 from pipeline.hypergrad import FloatPath, unrolled
 from pipeline.models import DenseNet
 from pipeline.training import Trainer
+from helpers import rel
 
 F64 = torch.float64
 
@@ -29,10 +30,6 @@ def densenet_data(seed=0):
 
 def flat(tensors):
     return torch.cat([t.detach().reshape(-1) for t in tensors])
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def test_the_drmad_trainer_and_its_problem_follow_one_trajectory():

@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 
 from pipeline import data
 from pipeline.config import parse_params
+from helpers import rel, tiny_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("data_parallel_worker.py")
@@ -26,10 +27,6 @@ def torchrun(*args: str, processes: int) -> list[str]:
 
 def env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
-
-
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +44,10 @@ def runs(tmp_path_factory):
 def test_two_ranks_train_and_reverse_like_one_process(runs):
     one, two = runs["alone"], runs["two"]
     assert two["world_size"] == 2 and one["world_size"] == 1
-    assert relative(two["weights"], one["weights"]) < 1e-10
+    assert rel(two["weights"], one["weights"]) < 1e-10
     for hvp, reference in one["hypergradients"].items():
         assert reference.norm() > 0
-        assert relative(two["hypergradients"][hvp], reference) < 1e-10, hvp
+        assert rel(two["hypergradients"][hvp], reference) < 1e-10, hvp
 
 
 def test_every_per_epoch_count_on_two_ranks_is_the_one_process_count(runs):
@@ -69,10 +66,8 @@ def test_one_rank_under_torchrun_is_the_plain_process_bit_for_bit(runs):
         assert torch.equal(one["hypergradients"][hvp], alone["hypergradients"][hvp])
 
 
-TINY = {"device": "cpu", "processes": 2, "data": {"val_size": 60, "test_size": 60, "train_size": 96},
-        "model": {"depth": 7, "growth_rate": 4, "init_maps": 4},
-        "baseline": {"epochs": 3, "batch_size": 32, "last_n": 2},
-        "adaptive": {"variants": {"k100": {"every": 2, "window": 2}}}}
+TINY = tiny_settings(processes=2, baseline={"epochs": 3, "batch_size": 32, "last_n": 2},
+                     adaptive={"variants": {"k100": {"every": 2, "window": 2}}})
 
 
 def write_params(workspace: Path, change: dict) -> None:
@@ -118,7 +113,7 @@ def test_a_densenet_stage_asked_for_two_processes_logs_and_writes_once(workspace
 
 
 def test_a_failed_rank_fails_the_stage_and_the_rerun_resumes(workspace):
-    write_params(workspace, {**TINY, "baseline": {**TINY["baseline"], "epochs": 20}})
+    write_params(workspace, tiny_settings(TINY, baseline={"epochs": 20}))
     stage = baseline_stage(workspace)
     checkpoint = workspace / "checkpoints/baseline.pt"
     deadline = time.monotonic() + 300

@@ -7,12 +7,9 @@ from pipeline.hyper import HyperSpace
 from pipeline.hypergrad import FloatPath, Problem, hypergradient
 from pipeline.hypergrad.drmad import gamma_estimate, heuristic_steps, step_map
 from pipeline.models import MLP
+from helpers import rel
 
 F64 = torch.float64
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 class ConstantGradient(Problem):

@@ -14,19 +14,17 @@ import pytest
 import torch
 
 from pipeline.layout import Outputs
-from pipeline import data
 from pipeline.experiments import drmad as drmad_tuning
 from pipeline.config import load_params, parse_params
 from pipeline.hyper import HyperSpace
 from pipeline.meta import epochs_at, sign_step, zero_momentum
 from pipeline.models import DenseNet
+from helpers import tiny_params, tiny_settings
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"device": "cpu", "data": {"val_size": 60, "test_size": 60, "train_size": 96},
-        "model": {"depth": 7, "growth_rate": 4, "init_maps": 4},
-        "drmad": {"inits": [-4.0], "meta_iterations": 3, "epochs_start": 1, "epochs_cap": 2,
-                  "batch_size": 32, "reverse_steps": 3},
-        "adaptive": {"variants": {"k131": {"val_size": None}}}}  # the shipped 400 would not fit these splits
+TINY = tiny_settings(drmad={"inits": [-4.0], "meta_iterations": 3, "epochs_start": 1, "epochs_cap": 2,
+                            "batch_size": 32, "reverse_steps": 3},
+                     adaptive={"variants": {"k131": {"val_size": None}}})  # the shipped 400 would not fit these splits
 
 
 def test_sign_step_moves_each_hyperparameter_by_exactly_the_step():
@@ -73,15 +71,8 @@ def test_epochs_grow_to_the_cap():
     assert [epochs_at(i, 100, 1.4, 300) for i in range(5)] == [100, 140, 196, 274, 300]
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    out = tmp_path_factory.mktemp("prepared")
-    data.prepare(parse_params(TINY).data, out)
-    return out
-
-
 def test_nan_is_an_outcome_and_the_last_finite_hyperparameters_are_kept(prepared, tmp_path):
-    params = parse_params({**TINY, "drmad": {**TINY["drmad"], "alpha": 1e30}})
+    params = tiny_params(TINY, drmad={"alpha": 1e30})
     paths = Outputs(tmp_path).drmad("-4.0")
     metrics = drmad_tuning.run(params, prepared, -4.0, paths)
     assert metrics["outcome"] == "diverged" and metrics["meta_iterations_completed"] == 0
@@ -169,7 +160,7 @@ def test_the_finalist_is_the_best_validation_meta_iteration_at_the_longest_train
         row = real_epoch(trainer, *args, **kwargs)
         return {**row, "val_error": forced[trainers.index(trainer)]}
     monkeypatch.setattr(drmad_tuning, "train_epoch", epoch_with_forced_val)
-    params = parse_params({**TINY, "drmad": {**TINY["drmad"], "meta_iterations": 4}})
+    params = tiny_params(TINY, drmad={"meta_iterations": 4})
     assert [epochs_at(i, 1, 1.4, 2) for i in range(4)] == [1, 1, 2, 2]
     choice = tune.tune_one(params, prepared, "drmad", "drmad -4", tmp_path)  # what final@drmad retrains
     saved = torch.load(tmp_path / "results/drmad/-4/hypers.pt", weights_only=True)

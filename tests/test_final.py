@@ -12,20 +12,12 @@ from pipeline.experiments import final
 from pipeline.experiments.baseline import train
 from pipeline.models import build_densenet
 from pipeline.training import is_regularised
+from helpers import Interrupt, tiny_params, tiny_settings
 
-TINY = {"device": "cpu", "data": {"val_size": 60, "test_size": 60, "train_size": 96},
-        "model": {"depth": 7, "growth_rate": 4, "init_maps": 4},
-        "baseline": {"epochs": 2, "batch_size": 32, "last_n": 1},
-        "drmad": {"inits": [-4.0]}, "search": {"samplers": ["random"]},
-        "adaptive": {"variants": {"a": {"every": 2, "window": 2}}, "val_batch_size": 20},
-        "final": {"seeds": [1, 2]}}
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    out = tmp_path_factory.mktemp("prepared")
-    data.prepare(parse_params(TINY).data, out)
-    return out
+TINY = tiny_settings(baseline={"epochs": 2, "batch_size": 32, "last_n": 1},
+                     drmad={"inits": [-4.0]}, search={"samplers": ["random"]},
+                     adaptive={"variants": {"a": {"every": 2, "window": 2}}, "val_batch_size": 20},
+                     final={"seeds": [1, 2]})
 
 
 def chosen_results(root, meta, l2=-1.0, search_l2=-3.0):
@@ -42,10 +34,6 @@ def chosen_results(root, meta, l2=-1.0, search_l2=-3.0):
                                 "tuning_wall_s": 2.0}
     io.save_torch(root / "results/tune/search.pt", {"random": search})
     io.save_torch(root / "results/tune/drmad.pt", {"drmad -4": drmad})
-
-
-class Interrupt(Exception):
-    pass
 
 
 def test_every_kind_retrains_its_methods_once_per_seed(prepared, tmp_path):
@@ -81,7 +69,7 @@ def test_every_kind_retrains_its_methods_once_per_seed(prepared, tmp_path):
 def test_adaptive_finalists_run_as_the_thesis_did_and_with_the_baseline_schedule():
     """`adaptive NAME` has no schedule under its learned rates (the thesis'); `adaptive NAME baseline-schedule`
     runs the baseline's: both at the baseline's epochs, step size and seed."""
-    params = parse_params({**TINY, "baseline": {**TINY["baseline"], "schedule": {"milestones": [0.5], "factor": 0.1}}})
+    params = tiny_params(TINY, baseline={"schedule": {"milestones": [0.5], "factor": 0.1}})
     plain, scheduled = final.finalists(params, "adaptive")
     assert (plain.method, scheduled.method) == ("adaptive a", "adaptive a baseline-schedule")
     thesis, variant = (final.adaptive_params(params, 7, f.scheduled) for f in (plain, scheduled))

@@ -15,6 +15,7 @@ from pipeline.hypergrad import (ExactPath, FixedPointOverflow, FloatPath, Proble
 from pipeline.hypergrad.hvp import HVP_METHODS, double_backward, forward_over_reverse
 from pipeline.hypergrad.reverse import reversal_drift, reverse
 from pipeline.models import MLP, DenseNet, MaskedDropout
+from helpers import rel
 
 F64 = torch.float64
 
@@ -31,10 +32,6 @@ def make_problem(kind="mlp", steps=50, beta=0.9, alpha=0.3, seed=0, n=64, batch=
     betas = beta if isinstance(beta, torch.Tensor) else torch.full((steps,), beta)
     alphas = alpha if isinstance(alpha, torch.Tensor) else torch.full((steps,), alpha)
     return Problem(model, x, y, vx, vy, alpha=alphas, beta=betas, batch_size=batch, seed=seed)
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def flat(d):

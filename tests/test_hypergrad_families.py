@@ -17,13 +17,10 @@ from torch.nn import functional as F
 from pipeline.hyper import HyperSpace
 from pipeline.hypergrad import FloatPath, Problem, hypergradient, unrolled
 from pipeline.models import MLP
+from helpers import rel
 
 F64 = torch.float64
 STEPS = 24
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def flat(d):

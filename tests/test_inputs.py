@@ -9,10 +9,9 @@ from pipeline.layout import Outputs
 from pipeline import inputs, io
 from pipeline.config import ConfigError, parse_params
 from pipeline.experiments import final, search, verdict
+from helpers import tiny_params, tiny_settings
 
-TINY = {"device": "cpu", "data": {"val_size": 60, "test_size": 60, "train_size": 96},
-        "model": {"depth": 7, "growth_rate": 4, "init_maps": 4}, "drmad": {"inits": [-4.0]},
-        "search": {"samplers": ["random"], "trial_epochs": 1, "budget": 10}}
+TINY = tiny_settings(drmad={"inits": [-4.0]}, search={"samplers": ["random"], "trial_epochs": 1, "budget": 10})
 
 
 def one_line(err: pytest.ExceptionInfo, *words: str) -> None:
@@ -67,7 +66,7 @@ def test_an_empty_final_metrics_file_stops_the_verdict_in_one_line(tmp_path):
 
 
 def test_a_drmad_metrics_file_without_its_work_stops_the_search_budget(tmp_path):
-    params = parse_params({**TINY, "search": {**TINY["search"], "budget": "drmad"}})
+    params = tiny_params(TINY, search={"budget": "drmad"})
     io.write_json(tmp_path / "metrics/drmad/-4.0.json", {"outcome": "finished"})
     with pytest.raises(inputs.InputError) as err:
         search.budget(params, tmp_path)

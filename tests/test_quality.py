@@ -13,6 +13,7 @@ from pipeline.experiments import quality, trajectory
 from pipeline.layout import Outputs
 from pipeline.config import parse_params
 from pipeline.hypergrad.hvp import double_backward
+from helpers import rel
 
 PROTOCOL = {"hidden": [10, 10], "activation": "relu", "biases": "plain", "batch_size": 20, "alpha": 0.3, "momentum": 0.9, "log_l2": -4.0, "l2_base": "10",
             "init_scale": 0.0, "z0_log_scale": None, "pixels": "standardised", "multiplier": 1.0}
@@ -46,10 +47,6 @@ def five(params, steps, splits):
 def compare_direct(params, steps, splits):
     """compare() of the first meta-iteration's hypergradients, computed here without the stage."""
     return {row["method"]: row for row in quality.compare(five(params, steps, splits)["grads"])}
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def test_float_reversal_is_exact_to_rounding_for_short_runs_and_drifts_with_t(splits):

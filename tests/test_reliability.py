@@ -19,18 +19,10 @@ from pipeline.checkpoint import Checkpoint, code_digest
 from pipeline.config import Params, TrackingConfig, parse_params
 from pipeline.runlock import StageBusy, exclusive
 from pipeline.tracking import TrackingError, stage_run
+from helpers import RecordingTracker, tiny_params, tiny_settings
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"device": "cpu", "data": {"val_size": 60, "test_size": 60, "train_size": 96},
-        "model": {"depth": 7, "growth_rate": 4, "init_maps": 4},
-        "baseline": {"epochs": 2, "batch_size": 32, "last_n": 2}}
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    out = tmp_path_factory.mktemp("prepared")
-    data.prepare(parse_params(TINY).data, out)
-    return out
+TINY = tiny_settings(baseline={"epochs": 2, "batch_size": 32, "last_n": 2})
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
@@ -100,7 +92,7 @@ def test_a_checkpoint_is_never_executed(tmp_path, monkeypatch, capsys):
 
 def test_a_killed_baseline_resumed_by_other_code_starts_over(prepared, tmp_path, monkeypatch, capsys):
     paths = Outputs(tmp_path).baseline()
-    params = parse_params({**TINY, "baseline": {**TINY["baseline"], "epochs": 2}})
+    params = tiny_params(TINY, baseline={"epochs": 2})
     ckpt = Checkpoint(paths.checkpoint, "x")
     ckpt.load()
     ckpt.save({"anything": 1})  # a checkpoint another program left
@@ -167,7 +159,7 @@ def test_a_full_disk_is_one_line_naming_the_output(tmp_path, monkeypatch):
 # -- diverged runs and provenance --------------------------------------------------------------
 
 def test_a_diverged_baseline_reports_no_errors(prepared, tmp_path):
-    params = parse_params({**TINY, "baseline": {**TINY["baseline"], "alpha": 1e6}})
+    params = tiny_params(TINY, baseline={"alpha": 1e6})
     paths = Outputs(tmp_path).baseline()
     metrics = baseline.run(params, prepared, paths)
     assert metrics["outcome"] == "diverged"
@@ -190,14 +182,10 @@ def test_the_dataset_tag_hashes_what_was_loaded(prepared, tmp_path, capsys):
     split = torch.load(copy / "train.pt", weights_only=True)
     split["y"] = split["y"].flip(0)  # replaced by hand: meta.json no longer describes it
     torch.save(split, copy / "train.pt")
-    tags = {}
-
-    class Tags:
-        def set_tag(self, key, value):
-            tags[key] = value
-    meta, _ = data.load_prepared(copy, torch.device("cpu"), Tags())
+    tracker = RecordingTracker()
+    meta, _ = data.load_prepared(copy, torch.device("cpu"), tracker)
     on_disk = json.loads((copy / "meta.json").read_text())["digest"]
-    assert tags["dataset.digest"] == meta["digest"] != on_disk
+    assert tracker.tags["dataset.digest"] == meta["digest"] != on_disk
     assert "do not match meta.json's digest" in capsys.readouterr().err
 
 

@@ -13,49 +13,15 @@ from pipeline.layout import Outputs
 from pipeline import data, io
 from pipeline.config import ConfigError, parse_params
 from pipeline.experiments import search
+from helpers import Interrupt, RecordingTracker, tiny_params, tiny_settings
 
-TINY = {"device": "cpu", "data": {"val_size": 60, "test_size": 60, "train_size": 96},
-        "model": {"depth": 7, "growth_rate": 4, "init_maps": 4},
-        "baseline": {"epochs": 3, "batch_size": 32, "last_n": 2},
-        "search": {"trial_epochs": 1, "budget": 10, "tpe_startup_trials": 2}}
+TINY = tiny_settings(baseline={"epochs": 3, "batch_size": 32, "last_n": 2},
+                     search={"trial_epochs": 1, "budget": 10, "tpe_startup_trials": 2})
 TRIAL = 3  # gradient evaluations of a TINY trial: 1 epoch of 96 // 32 steps
 
 
 def settings(**search_changes):
-    return parse_params({**TINY, "search": {**TINY["search"], **search_changes}})
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    out = tmp_path_factory.mktemp("prepared")
-    data.prepare(parse_params(TINY).data, out)
-    return out
-
-
-class Interrupt(Exception):
-    pass
-
-
-class KillDuringTrial:
-    """A tracker that kills the search while trial `number` trains (a nested run is opened for it)."""
-
-    def __init__(self, number):
-        self.number = number
-
-    def set_tag(self, key, value):
-        pass
-
-    def log_metrics(self, metrics, step=None):
-        pass
-
-    def log_artifact(self, path):
-        pass
-
-    def child(self, name, params):
-        if params["trial"] == self.number:
-            raise Interrupt
-        from contextlib import nullcontext
-        return nullcontext(self)
+    return tiny_params(TINY, search=search_changes)
 
 
 @pytest.mark.parametrize("budget", [10, 9, 3.5])
@@ -92,7 +58,7 @@ def test_a_search_killed_mid_study_resumes_with_its_finished_trials(prepared, tm
     expected = search.run(params, prepared, name, straight)
     resumed = Outputs(tmp_path / "resumed").search(name)
     with pytest.raises(Interrupt):
-        search.run(params, prepared, name, resumed, tracker=KillDuringTrial(2))
+        search.run(params, prepared, name, resumed, tracker=RecordingTracker(stop_at_trial=2))
     storage = f"sqlite:///{resumed.storage_dir / f'{name}.db'}"
     (summary,) = optuna.get_all_study_summaries(storage)
     study = optuna.load_study(study_name=summary.study_name, storage=storage)
@@ -113,7 +79,7 @@ def test_a_changed_budget_opens_a_new_study(prepared, tmp_path):
     """`budget: drmad` names a value that the drmad runs decide: the study is keyed by that value,
     so a smaller DrMAD spend after a finished search gives what a fresh search at it gives, and
     never more work than the budget."""
-    params = parse_params({**TINY, "search": {**TINY["search"], "budget": "drmad"}, "drmad": {"inits": [-4.0]}})
+    params = tiny_params(TINY, search={"budget": "drmad"}, drmad={"inits": [-4.0]})
 
     def spend(root, work):
         io.write_json(root / "metrics/drmad/-4.0.json", {"work_gradient_equivalents": work})
@@ -159,9 +125,9 @@ def test_a_trial_whose_worker_stops_beating_is_failed_and_redone(prepared, tmp_p
 
     root = Path(__file__).resolve().parents[1]
     raw = yaml.safe_load((root / "params.yaml").read_text())
-    for key, value in {**TINY, "search": {**TINY["search"], "budget": 3 * 3 * 40, "trial_epochs": 40, "heartbeat_s": 1,
-                                          "samplers": ["random"], "storage": f"sqlite:///{tmp_path / 'study.db'}"},
-                       "adaptive": {"variants": {"k100": {"every": 2, "window": 2}}}}.items():
+    for key, value in tiny_settings(TINY, search={"budget": 3 * 3 * 40, "trial_epochs": 40, "heartbeat_s": 1,
+                                                  "samplers": ["random"], "storage": f"sqlite:///{tmp_path / 'study.db'}"},
+                                    adaptive={"variants": {"k100": {"every": 2, "window": 2}}}).items():
         raw[key] = {**raw[key], **value} if isinstance(value, dict) else value
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     shutil.copytree(prepared, tmp_path / "data/prepared")
@@ -216,7 +182,7 @@ def test_a_trial_past_the_plan_is_never_reported(prepared, tmp_path):
 def test_the_trial_cost_on_a_split_that_batches_do_not_divide(tmp_path):
     """100 training images in batches of 32: an epoch is 3 steps (the partial batch is dropped), so
     a budget of 7 buys 2 one-epoch trials, each reporting the 3 gradient evaluations it cost."""
-    uneven = {**TINY, "data": {**TINY["data"], "train_size": 100}, "search": {**TINY["search"], "budget": 7}}
+    uneven = tiny_settings(TINY, data={"train_size": 100}, search={"budget": 7})
     params = parse_params(uneven)
     data.prepare(params.data, tmp_path / "prepared")
     assert search.trial_cost(params, data.load_meta(tmp_path / "prepared")) == 3

@@ -4,29 +4,17 @@ import pytest
 import torch
 
 from pipeline.layout import Outputs
-from pipeline import data, io
+from pipeline import io
 from pipeline.config import parse_params
 from pipeline.experiments import drmad, search, tune
+from helpers import Interrupt, tiny_params, tiny_settings
 
-TINY = {"device": "cpu", "data": {"val_size": 60, "test_size": 60, "train_size": 96},
-        "model": {"depth": 7, "growth_rate": 4, "init_maps": 4},
-        "baseline": {"epochs": 2, "batch_size": 32, "last_n": 1},
-        "search": {"samplers": ["random"], "trial_epochs": 1, "budget": 10, "tpe_startup_trials": 2},
-        "drmad": {"inits": [-4.0], "meta_iterations": 3, "epochs_start": 1, "epochs_cap": 2,
-                  "batch_size": 32, "reverse_steps": 3},
-        "adaptive": {"variants": {"a": {"every": 2, "window": 2}}, "val_batch_size": 20},
-        "final": {"seeds": [1, 2]}}
-
-
-class Interrupt(Exception):
-    pass
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    out = tmp_path_factory.mktemp("prepared")
-    data.prepare(parse_params(TINY).data, out)
-    return out
+TINY = tiny_settings(baseline={"epochs": 2, "batch_size": 32, "last_n": 1},
+                     search={"samplers": ["random"], "trial_epochs": 1, "budget": 10, "tpe_startup_trials": 2},
+                     drmad={"inits": [-4.0], "meta_iterations": 3, "epochs_start": 1, "epochs_cap": 2,
+                            "batch_size": 32, "reverse_steps": 3},
+                     adaptive={"variants": {"a": {"every": 2, "window": 2}}, "val_batch_size": 20},
+                     final={"seeds": [1, 2]})
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +56,7 @@ def test_each_seed_is_its_own_tuning_equal_to_the_stage_at_that_seed(prepared, t
 
 def test_the_searches_spend_the_search_stages_budget_at_every_seed(prepared, tmp_path):
     """budget: drmad is read once, from the drmad stages' metrics, and every seed's search gets it."""
-    params = parse_params({**TINY, "search": {**TINY["search"], "budget": "drmad"}})
+    params = tiny_params(TINY, search={"budget": "drmad"})
     io.write_json(tmp_path / "metrics/drmad/-4.0.json", {"work_gradient_equivalents": 7.5})
     for seed in (1, 2):
         p = tune.seeded(params, "search", seed, tmp_path)
