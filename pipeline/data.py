@@ -251,6 +251,6 @@ def load_prepared(prepared: Path, device: torch.device, tracker: "Tracker | None
     if loaded != meta["digest"]:
         print(f"{prepared}: the split files do not match meta.json's digest (replaced by hand?); "
               f"training on what they hold, digest {loaded[:12]}", file=sys.stderr, flush=True)
-    if tracker:
+    if tracker is not None:  # data.py stays free of MLflow's import: the tracker is optional here
         tracker.set_tag("dataset.digest", loaded)
     return {**meta, "digest": loaded}, {s: (x.to(device), y.to(device)) for s, (x, y) in splits.items()}

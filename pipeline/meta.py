@@ -17,6 +17,7 @@ import torch
 
 from pipeline.hyper import HyperSpace
 from pipeline.progress import Progress
+from pipeline.tracking import SILENT, Tracker
 
 
 def epochs_at(iteration: int, start: int, growth: float, cap: int) -> int:
@@ -70,7 +71,7 @@ class MetaState:
 
 def run_meta_iterations(state: MetaState, total: int, step: Callable[[], bool], save: Callable[[dict], None],
                         bar_name: str, report: Callable[[], dict], progress: bool | None = None,
-                        tracker=None) -> None:
+                        tracker: Tracker = SILENT) -> None:
     """The meta-iterations left (from `state.iteration` to `total`), `save`d after each. `step` runs
     one and says whether it stayed finite: a divergence ends the loop as outcome `diverged`, the
     hyperparameters at their last finite values; `report` gives the progress bar's figures."""
@@ -83,6 +84,5 @@ def run_meta_iterations(state: MetaState, total: int, step: Callable[[], bool], 
             bar.report(**report())
         else:
             state.outcome = "diverged"
-            if tracker:
-                tracker.set_tag("outcome", "diverged")
+            tracker.set_tag("outcome", "diverged")
         save(state.state())

@@ -14,7 +14,7 @@ import os
 import socket
 import subprocess
 import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Protocol
@@ -75,10 +75,16 @@ MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQ
 
 
 class Tracker(Protocol):
+    """What the library logs to: a stage's MLflow run (`StageRun`), or `SILENT`, the null tracker
+    (library calls without MLflow, data-parallel ranks other than 0). Every method is safe to call."""
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
-    def log_artifact(self, path: str | Path) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def log_figure(self, figure, name: str) -> None: ...
+    def log_table(self, table, name: str) -> None: ...
     def set_tag(self, key: str, value: str) -> None: ...
+    def log_parent_metrics(self, metrics: dict[str, float]) -> None: ...
+    def log_parent_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def child(self, name: str, params: dict[str, object]) -> AbstractContextManager["Tracker"]: ...
 
 
 def tracking_uri(root: Path | None = None) -> str:
@@ -180,7 +186,7 @@ class StageRun:
 
 
 class SilentRun:
-    """What data-parallel ranks other than 0 log to: nothing (rank 0 logs the run once)."""
+    """The null tracker: logs nothing (data-parallel ranks other than 0: rank 0 logs the run once)."""
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
     def set_tag(self, key: str, value: str) -> None: ...
@@ -197,6 +203,9 @@ class SilentRun:
     @contextmanager
     def child(self, name: str, params: dict[str, object]) -> Iterator["SilentRun"]:
         yield self
+
+
+SILENT = SilentRun()
 
 
 @contextmanager

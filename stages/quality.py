@@ -20,11 +20,11 @@ def main(params_file: str, name: str) -> None:
     if name not in params.quality.runs:
         raise ConfigError(f"--run: one of {', '.join(params.quality.runs)} (got {name!r})")
     from pipeline.hypergrad import exact_process
-    with exact_process.for_params(params.device, params.threads, params.hvp) as child:  # starts before the imports
+    with exact_process.for_params(params.device, params.threads, params.hvp) as exact_worker:  # starts before the imports
         from pipeline.experiments import quality
         from pipeline.tracking import stage_run
         with stage_run("quality", params, variant=name) as run:
-            metrics = quality.run(params, name, Outputs().quality(name), tracker=run, child=child)
+            metrics = quality.run(params, name, Outputs().quality(name), tracker=run, exact_worker=exact_worker)
     click.echo(f"quality {name} {metrics['outcome']}: cos(DrMAD, exact) {metrics['drmad/cos_exact']}, "
                f"norm ratio {metrics['drmad/norm_ratio']}")
 

@@ -19,7 +19,7 @@ from pipeline.layout import AdaptiveOutputs
 from pipeline.adaptive import AdaptiveSettings, AdaptiveTrainer
 from pipeline.data import load_prepared
 from pipeline.models import build_densenet
-from pipeline.tracking import Tracker
+from pipeline.tracking import SILENT, Tracker
 from pipeline.progress import Progress
 from pipeline.checkpoint import Checkpoint, fingerprint
 from pipeline.config import AdaptiveVariant, ConfigError, Params
@@ -83,7 +83,7 @@ def eta_floor(cfg, momentum: float, total_steps: int | None = None):
     return floor
 
 
-def run(params: Params, prepared: Path, name: str, paths: AdaptiveOutputs, tracker: Tracker | None = None,
+def run(params: Params, prepared: Path, name: str, paths: AdaptiveOutputs, tracker: Tracker = SILENT,
         progress: bool | None = None) -> dict:
     device = setup_device(params.device, params.threads)
     meta, splits = load_prepared(prepared, device, tracker)
@@ -118,8 +118,7 @@ def run(params: Params, prepared: Path, name: str, paths: AdaptiveOutputs, track
         history.append(row)
         layer_rows += _layer_rows(epoch + 1, l2, lr)
         bar.report(val=f"{row['val_error']:.3f}", test=f"{row['test_error']:.3f}")
-        if tracker:
-            _log_epoch(tracker, row, layer_rows, l2, lr)
+        _log_epoch(tracker, row, layer_rows, l2, lr)
         if not finite_losses(row) or not trainer.finite:
             outcome = "diverged"
             break
@@ -181,7 +180,7 @@ def summarise(history: list[dict], last_n: int, outcome: str, seconds: float, tr
 
 
 def _write_outputs(paths: AdaptiveOutputs, history: list[dict], layer_rows: list[dict], metrics: dict,
-                   l2: HyperSpace, lr: HyperSpace, tracker: Tracker | None) -> None:
+                   l2: HyperSpace, lr: HyperSpace, tracker: Tracker) -> None:
     io.save_torch(paths.hypers, {"log10_l2": {k: v.cpu() for k, v in l2.values.items()},
                                  "log_lr": {k: v.cpu() for k, v in lr.values.items()}, "sharing": l2.sharing})
     per_epoch = pd.DataFrame(history).drop(columns="seconds")
@@ -189,9 +188,8 @@ def _write_outputs(paths: AdaptiveOutputs, history: list[dict], layer_rows: list
         with io.atomic_path(path) as tmp:
             frame.to_csv(tmp, index=False)
     io.write_json(paths.metrics, metrics)
-    if tracker:
-        tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None})
-        for path in (paths.hypers, paths.metrics, paths.epochs_csv, paths.layers_csv):
-            tracker.log_artifact(path)
-        if history:
-            tracker.log_figure(plots.error_curves(per_epoch, "adaptive DenseNet"), "adaptive_errors.png")
+    tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None})
+    for path in (paths.hypers, paths.metrics, paths.epochs_csv, paths.layers_csv):
+        tracker.log_artifact(path)
+    if history:
+        tracker.log_figure(plots.error_curves(per_epoch, "adaptive DenseNet"), "adaptive_errors.png")

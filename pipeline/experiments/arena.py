@@ -39,7 +39,7 @@ from pipeline.experiments import quality
 from pipeline.hypergrad import FloatPath, Problem, hypergradient
 from pipeline.meta import sign_step, zero_momentum
 from pipeline.seeds import derive_seed
-from pipeline.tracking import Tracker
+from pipeline.tracking import SILENT, Tracker
 from pipeline.training import setup_device
 
 TUNE_STREAM, FINAL_STREAM, SAMPLER_STREAM = 11, 12, 13
@@ -209,7 +209,7 @@ def run_seed(setting: Setting, seed: int, budget: float, progress=None) -> dict:
     return out
 
 
-def run(params: Params, seed: int, root: Path = Path("."), tracker: Tracker | None = None) -> dict:
+def run(params: Params, seed: int, root: Path = Path("."), tracker: Tracker = SILENT) -> dict:
     """Arena seed `seed`: every method tuned and retrained; writes results/arena/SEED.json."""
     cfg = params.arena
     device = setup_device(params.device, params.threads)
@@ -221,9 +221,8 @@ def run(params: Params, seed: int, root: Path = Path("."), tracker: Tracker | No
         error = "diverged" if entry["test_error"] is None else f"{entry['test_error']:.4f}"
         print(f"arena seed {seed} {method}: {entry['evaluations']} evaluations, work {entry['tuning_work']:.0f}, "
               f"test error {error}", flush=True)
-        if tracker:
-            tracker.log_metrics({f"{method}/test_error": entry["test_error"] if entry["test_error"] is not None
-                                 else math.nan, f"{method}/tuning_work": entry["tuning_work"]})
+        tracker.log_metrics({f"{method}/test_error": entry["test_error"] if entry["test_error"] is not None
+                             else math.nan, f"{method}/tuning_work": entry["tuning_work"]})
 
     methods = run_seed(setting, seed, cfg.budget, progress)
     sizes = info["sizes"]
@@ -231,6 +230,5 @@ def run(params: Params, seed: int, root: Path = Path("."), tracker: Tracker | No
            "hvp_cost": params.quality.hvp_cost, "test_size": len(splits["test"]["y"]),
            "data": f"{info['source']} {sizes['train']}/{sizes['val']}/{sizes['test']}", "methods": methods}
     io.write_json(Outputs(root).arena(seed), out)
-    if tracker:
-        tracker.log_artifact(Outputs(root).arena(seed))
+    tracker.log_artifact(Outputs(root).arena(seed))
     return out

@@ -18,7 +18,7 @@ from pipeline.checkpoint import Checkpoint, fingerprint
 from pipeline.config import Params, TrainConfig
 from pipeline.data import load_prepared
 from pipeline.models import build_densenet
-from pipeline.tracking import Tracker
+from pipeline.tracking import SILENT, Tracker
 from pipeline.training import (Trainer, epoch_metrics, final_errors, finite_losses,
                                setup_device, train_epoch)
 from pipeline.work import Work
@@ -44,7 +44,7 @@ def _training_work(steps: int) -> dict:
     return work.metrics(hvp_cost=1.0)  # no HVPs: the cost of one is irrelevant here
 
 
-def run(params: Params, prepared: Path, paths: BaselineOutputs, tracker: Tracker | None = None,
+def run(params: Params, prepared: Path, paths: BaselineOutputs, tracker: Tracker = SILENT,
         progress: bool | None = None) -> dict:
     device = setup_device(params.device, params.threads)
     meta, splits = load_prepared(prepared, device, tracker)
@@ -60,7 +60,7 @@ def run(params: Params, prepared: Path, paths: BaselineOutputs, tracker: Tracker
 
 
 def train(params: Params, cfg: TrainConfig, seed: int, splits: dict, meta: dict, checkpoint: Checkpoint | None = None,
-          l2_coefficients: dict | None = None, tracker: Tracker | None = None, progress: bool | None = None,
+          l2_coefficients: dict | None = None, tracker: Tracker = SILENT, progress: bool | None = None,
           desc: str = "baseline") -> tuple[Trainer, dict]:
     """Train a fresh DenseNet of `params.model` (weights from `seed`) with `cfg`, evaluating
     after every epoch; resumes from `checkpoint` and saves it after each epoch. Returns the
@@ -77,8 +77,7 @@ def train(params: Params, cfg: TrainConfig, seed: int, splits: dict, meta: dict,
         row = train_epoch(trainer, splits, epoch + 1, params.evaluation.batchnorm)
         history.append(row)
         epochs.report(val=f"{row['val_error']:.3f}", test=f"{row['test_error']:.3f}")
-        if tracker:
-            tracker.log_metrics(epoch_metrics(row), step=row["epoch"])
+        tracker.log_metrics(epoch_metrics(row), step=row["epoch"])
         if not finite_losses(row):
             outcome = "diverged"
             break
@@ -90,14 +89,13 @@ def train(params: Params, cfg: TrainConfig, seed: int, splits: dict, meta: dict,
 
 
 def _write_outputs(paths: BaselineOutputs, trainer: Trainer, history: list[dict], metrics: dict,
-                   meta: dict, tracker: Tracker | None) -> None:
+                   meta: dict, tracker: Tracker) -> None:
     per_epoch = pd.DataFrame(history).drop(columns="seconds")
     io.save_torch(paths.model, {"model": trainer.model.state_dict(), "meta": meta})
     with io.atomic_path(paths.per_epoch) as tmp:
         per_epoch.to_csv(tmp, index=False)
     io.write_json(paths.metrics, metrics)
-    if tracker:
-        tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None})
-        tracker.log_figure(plots.error_curves(per_epoch, "baseline DenseNet"), "baseline_errors.png")
-        tracker.log_artifact(paths.per_epoch)
-        tracker.log_artifact(paths.metrics)
+    tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None})
+    tracker.log_figure(plots.error_curves(per_epoch, "baseline DenseNet"), "baseline_errors.png")
+    tracker.log_artifact(paths.per_epoch)
+    tracker.log_artifact(paths.metrics)

@@ -19,7 +19,7 @@ from pipeline import io, machine, plots
 from pipeline.layout import DrmadOutputs
 from pipeline.data import load_prepared
 from pipeline.models import build_densenet
-from pipeline.tracking import Tracker
+from pipeline.tracking import SILENT, Tracker
 from pipeline.checkpoint import Checkpoint, fingerprint
 from pipeline.config import ConfigError, Params
 from pipeline.hyper import HyperSpace
@@ -97,7 +97,7 @@ class Run(MetaState):
 
 
 def meta_iteration(params: Params, run: Run, splits: dict, meta: dict, device: torch.device,
-                   tracker: Tracker | None) -> bool:
+                   tracker: Tracker) -> bool:
     """Train, take the DrMAD hypergradient, step the hyperparameters. False when it diverged."""
     cfg, i = params.drmad, run.iteration
     start = time.perf_counter()
@@ -142,8 +142,7 @@ def meta_iteration(params: Params, run: Run, splits: dict, meta: dict, device: t
     if chosen_instead(run.chosen, trainer.cfg.epochs, row["val_error"]):
         run.chosen = {"meta_iteration": i, "epochs": trainer.cfg.epochs, "val_error": row["val_error"],
                       "l2_coefficients": {n: c.detach().cpu().clone() for n, c in coefs.items()}}
-    if tracker:
-        _log_meta_iteration(tracker, run, i, trained_with)
+    _log_meta_iteration(tracker, run, i, trained_with)
     return True
 
 
@@ -158,7 +157,7 @@ def _log_meta_iteration(tracker: Tracker, run: Run, i: int, trained_with: dict[s
                        f"histograms/log10_l2_meta{i:02d}.png")
 
 
-def run(params: Params, prepared: Path, init: float, paths: DrmadOutputs, tracker: Tracker | None = None,
+def run(params: Params, prepared: Path, init: float, paths: DrmadOutputs, tracker: Tracker = SILENT,
         progress: bool | None = None) -> dict:
     device = setup_device(params.device, params.threads)
     meta, splits = load_prepared(prepared, device, tracker)
@@ -205,7 +204,7 @@ def summarise(run: Run, init: float, last_n: int, hvp_cost: float, hvp: str = "d
     }
 
 
-def _write_outputs(paths: DrmadOutputs, run: Run, metrics: dict, tracker: Tracker | None) -> None:
+def _write_outputs(paths: DrmadOutputs, run: Run, metrics: dict, tracker: Tracker) -> None:
     io.save_torch(paths.hypers, {"values": {k: v.cpu() for k, v in run.hypers.values.items()},
                                  "sharing": run.hypers.sharing, "kind": run.hypers.kind, "chosen": run.chosen})
     for path, rows in ((paths.meta_csv, run.rows["meta"]), (paths.epochs_csv, run.rows["epochs"]),
@@ -213,10 +212,9 @@ def _write_outputs(paths: DrmadOutputs, run: Run, metrics: dict, tracker: Tracke
         with io.atomic_path(path) as tmp:
             pd.DataFrame(rows).to_csv(tmp, index=False)
     io.write_json(paths.metrics, metrics)
-    if tracker:
-        tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None})
-        for path in (paths.hypers, paths.metrics, paths.meta_csv, paths.epochs_csv, paths.layers_csv):
-            tracker.log_artifact(path)
-        if run.rows["meta"]:
-            tracker.log_figure(plots.meta_curves(pd.DataFrame(run.rows["meta"]), "DrMAD meta-iterations"),
-                               "drmad_errors.png")
+    tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None})
+    for path in (paths.hypers, paths.metrics, paths.meta_csv, paths.epochs_csv, paths.layers_csv):
+        tracker.log_artifact(path)
+    if run.rows["meta"]:
+        tracker.log_figure(plots.meta_curves(pd.DataFrame(run.rows["meta"]), "DrMAD meta-iterations"),
+                           "drmad_errors.png")

@@ -34,7 +34,7 @@ from pipeline.checkpoint import Checkpoint, code_digest, fingerprint
 from pipeline.config import FINAL_KINDS as KINDS, ConfigError, Params
 from pipeline.data import load_prepared
 from pipeline.experiments import adaptive, baseline, tune
-from pipeline.tracking import Tracker
+from pipeline.tracking import SILENT, Tracker
 from pipeline.models import build_densenet
 from pipeline.training import setup_device, wrong_examples
 
@@ -91,7 +91,7 @@ def adaptive_params(params: Params, seed: int, scheduled: bool) -> Params:
         "init_log10_l2": b.log10_l2, "eval_batch_size": b.eval_batch_size})})
 
 
-def run(params: Params, prepared: Path, kind: str, paths: FinalOutputs, tracker: Tracker | None = None,
+def run(params: Params, prepared: Path, kind: str, paths: FinalOutputs, tracker: Tracker = SILENT,
         progress: bool | None = None, root: Path = Path(".")) -> dict:
     device = setup_device(params.device, params.threads)
     meta, splits = load_prepared(prepared, device, tracker)
@@ -100,8 +100,7 @@ def run(params: Params, prepared: Path, kind: str, paths: FinalOutputs, tracker:
         for seed in params.final.seeds if finalist.seed is None else [finalist.seed]:
             result = _finished_or_run(params, finalist, seed, prepared, splits, meta, paths, progress)
             results.append(result)
-            if tracker:
-                tracker.log_metrics({f"{finalist.method}/test_error/seed{seed}": result["test_error"]})
+            tracker.log_metrics({f"{finalist.method}/test_error/seed{seed}": result["test_error"]})
     metrics = summarise(results, params.final.seeds, len(splits["test"][1]))
     metrics["platform"] = machine.describe(device)  # bit-identity holds within one platform
     _write_outputs(paths, results, metrics, tracker)
@@ -189,12 +188,11 @@ def summarise(results: list[dict], seeds: list[int], test_size: int) -> dict:
     return out
 
 
-def _write_outputs(paths: FinalOutputs, results: list[dict], metrics: dict, tracker: Tracker | None) -> None:
+def _write_outputs(paths: FinalOutputs, results: list[dict], metrics: dict, tracker: Tracker) -> None:
     rows = [{"method": r["method"], "seed": r["seed"], **e} for r in results for e in r["epochs"]]
     with io.atomic_path(paths.epochs_csv) as tmp:
         pd.DataFrame(rows, columns=["method", "seed", "epoch", "train_error", "val_error", "test_error"]).to_csv(
             tmp, index=False)
     io.write_json(paths.metrics, metrics)
-    if tracker:
-        tracker.log_artifact(paths.metrics)
-        tracker.log_artifact(paths.epochs_csv)
+    tracker.log_artifact(paths.metrics)
+    tracker.log_artifact(paths.epochs_csv)

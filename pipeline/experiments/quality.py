@@ -23,7 +23,7 @@ from torch.func import functional_call
 from pipeline import data, io, machine, plots
 from pipeline.layout import QualityOutputs
 from pipeline.experiments.summaries import hyper_quantiles
-from pipeline.tracking import Tracker
+from pipeline.tracking import SILENT, Tracker
 from pipeline.checkpoint import Checkpoint, fingerprint
 from pipeline.config import Params, QualityConfig, QualityProtocol
 from pipeline.hyper import HyperSpace
@@ -97,23 +97,23 @@ def error_rate(problem: Problem, w: torch.Tensor, x: torch.Tensor, y: torch.Tens
 
 
 def hypergradients(problem: Problem, l2: HyperSpace, cfg: QualityConfig, protocol: QualityProtocol, hvp: HVP,
-                   child: ExactProcess | None = None) -> dict:
+                   exact_worker: ExactProcess | None = None) -> dict:
     """The five hypergradients of s (flat, by method) of one seeded training, the reverse-pass
     trace of exact vs float reversal, w_T and the reverse steps DrMAD took. With
-    `child`, the exact half (training in fixed point, reversal) runs there meanwhile.
+    `exact_worker`, the exact half (training in fixed point, reversal) runs there meanwhile.
 
     Exact reversal undoes the fixed-point run; the float methods use the float run of the same
     seed (the two differ by rounding only). Float reversal must undo its own run: undoing the
     fixed-point one in floats would miss the bits the buffer restores (up to 2^-32 in v per
     step) and so overstate its error."""
     coef, keep = problem.l2_coefficients(l2), set(spread(problem.steps, cfg.trace_points))
-    if child:
-        child.start(problem.scales.values)
+    if exact_worker:
+        exact_worker.start(problem.scales.values)
     floats = FloatPath.train(problem, coef)
     w_T, v_T, distances = floats.w(), floats.v(), floats.distances  # what the float methods see
     if not bool(torch.isfinite(distances).all()):
-        if child:  # its verdict first: the fixed-point run overflows before floats do
-            for _ in child.walk():
+        if exact_worker:  # its verdict first: the fixed-point run overflows before floats do
+            for _ in exact_worker.walk():
                 pass
         raise Diverged("the float run left the float range")
 
@@ -129,7 +129,7 @@ def hypergradients(problem: Problem, l2: HyperSpace, cfg: QualityConfig, protoco
     lines = (reverse(problem, line(steps), l2, hvp), reverse(problem, line(cfg.drmad_steps), l2, hvp),
              reverse(problem, drmad2, l2, hvp))
     others = peers(problem, l2, cfg, hvp, floats, steps)  # before float reversal walks `floats` back
-    exact = child.walk() if child else Walk(problem, ExactPath.train(problem, coef), l2, hvp, keep)
+    exact = exact_worker.walk() if exact_worker else Walk(problem, ExactPath.train(problem, coef), l2, hvp, keep)
     plain = Walk(problem, floats, l2, hvp, keep, stop_when_lost=True)
     trace = compare_walks(exact, plain)
     results = {**dict(zip(BASE_METHODS, (exact.result, plain.result, *lines))), **others}
@@ -187,12 +187,12 @@ class Study(MetaState):
 
 
 def meta_iteration(study: Study, problem: Problem, l2: HyperSpace, cfg: QualityConfig, protocol: QualityProtocol,
-                   splits: dict, hvp: HVP, tracker: Tracker | None, child: ExactProcess | None = None) -> bool:
+                   splits: dict, hvp: HVP, tracker: Tracker, exact_worker: ExactProcess | None = None) -> bool:
     """Five hypergradients, their comparison, errors, a sign step. False when it diverged."""
     i, start = study.iteration, time.perf_counter()
     study.rows["layers"] += [{"meta_iteration": i, "layer": n, **s} for n, s in layer_summary(study.hypers).items()]
     try:
-        got = hypergradients(problem, l2, cfg, protocol, hvp, child)
+        got = hypergradients(problem, l2, cfg, protocol, hvp, exact_worker)
     except (FixedPointOverflow, Diverged):
         return False
     if not all(bool(torch.isfinite(got["grads"][m]).all()) for m in ("exact", FOLLOWED)):
@@ -212,23 +212,22 @@ def meta_iteration(study: Study, problem: Problem, l2: HyperSpace, cfg: QualityC
     study.rows["meta"].append({"meta_iteration": i, "reverse_steps": got["reverse_steps"], "val_loss": got["val_loss"],
                                **{f"reverse_steps_{w}": n for w, n in got["heuristic_steps"].items()},
                                "seconds": time.perf_counter() - start, **{f"{s}_error": e for s, e in errors.items()}})
-    if tracker:
-        metrics = {f"meta/error/{s}": e for s, e in errors.items()}
-        for row in compared:
-            metrics.update({f"hypergrad/norm/{row['method']}": row["norm"],
-                            f"hypergrad/cos_exact/{row['method']}": row["cos_exact"],
-                            f"hypergrad/sign_cos_exact/{row['method']}": row["sign_cos_exact"]})
-        metrics.update(hyper_quantiles(study.hypers, "log_scale"))  # per layer: layers.csv
-        tracker.log_metrics({**metrics, "meta/drmad_reverse_steps": got["reverse_steps"]}, step=i)
+    metrics = {f"meta/error/{s}": e for s, e in errors.items()}
+    for row in compared:
+        metrics.update({f"hypergrad/norm/{row['method']}": row["norm"],
+                        f"hypergrad/cos_exact/{row['method']}": row["cos_exact"],
+                        f"hypergrad/sign_cos_exact/{row['method']}": row["sign_cos_exact"]})
+    metrics.update(hyper_quantiles(study.hypers, "log_scale"))  # per layer: layers.csv
+    tracker.log_metrics({**metrics, "meta/drmad_reverse_steps": got["reverse_steps"]}, step=i)
     return True
 
 
-def run(params: Params, name: str, paths: QualityOutputs, tracker: Tracker | None = None,
-        progress: bool | None = None, child: ExactProcess | None | str = "auto") -> dict:
+def run(params: Params, name: str, paths: QualityOutputs, tracker: Tracker = SILENT,
+        progress: bool | None = None, exact_worker: ExactProcess | None | str = "auto") -> dict:
     """`quality.meta_iterations` meta-iterations of run `name` (a protocol at a forward length);
-    writes every output. `child`: the process for the exact half (`exact_process`): "auto"
+    writes every output. `exact_worker`: the process for the exact half (`exact_process`): "auto"
     starts one when wanted; the stage starts it before its imports and passes it (or None)."""
-    if child == "auto":
+    if exact_worker == "auto":
         with exact_process.for_params(params.device, params.threads, params.hvp) as started:
             return run(params, name, paths, tracker, progress, started)
     cfg = params.quality
@@ -237,8 +236,8 @@ def run(params: Params, name: str, paths: QualityOutputs, tracker: Tracker | Non
     splits, meta = load_data(cfg, protocol)
     problem = build_problem(cfg, protocol, params.seed, steps, splits, meta, device)
     l2 = penalty(problem, protocol, device)
-    if child:
-        child.load(problem, l2, set(spread(steps, cfg.trace_points)))
+    if exact_worker:
+        exact_worker.load(problem, l2, set(spread(steps, cfg.trace_points)))
     study = Study(problem.scales)
     shared = cfg.model_dump(exclude={"protocols", "runs"})
     checkpoint = Checkpoint(paths.checkpoint, fingerprint(name, cfg.runs[name].model_dump(), params.seed, params.hvp, shared,
@@ -253,16 +252,16 @@ def run(params: Params, name: str, paths: QualityOutputs, tracker: Tracker | Non
         drmad = [r for r in study.rows["hypergrads"] if r["method"] == FOLLOWED][-1]
         return {"cos_drmad_exact": f"{drmad['cos_exact']:.3f}", "norm_ratio": f"{drmad['norm_ratio']:.3g}"}
     run_meta_iterations(study, cfg.meta_iterations_of(name),
-                        lambda: meta_iteration(study, problem, l2, cfg, protocol, splits, hvp, tracker, child),
+                        lambda: meta_iteration(study, problem, l2, cfg, protocol, splits, hvp, tracker, exact_worker),
                         checkpoint.save, f"quality {name}", followed, progress, tracker)
     sizes = meta["sizes"]
     metrics = {"run": name, "protocol": cfg.runs[name].protocol, "meta_iterations": cfg.meta_iterations_of(name),
                "hvp_cost": cfg.hvp_cost,
                "data": f"{meta['source']} {sizes['train']}/{sizes['val']}/{sizes['test']}",
-               **summarise(study, steps, time.perf_counter() - started), "processes": 2 if child else 1,
-               "cpu_time_s": round(time.process_time() - cpu_started + (child.cpu_s if child else 0.0), 1)}
-    if child:
-        child.close()  # before the floor is timed again: on an otherwise idle core
+               **summarise(study, steps, time.perf_counter() - started), "processes": 2 if exact_worker else 1,
+               "cpu_time_s": round(time.process_time() - cpu_started + (exact_worker.cpu_s if exact_worker else 0.0), 1)}
+    if exact_worker:
+        exact_worker.close()  # before the floor is timed again: on an otherwise idle core
     costs.append(step_costs(problem, hvp))
     metrics.update(op_floor(problem.steps, costs, [r for r in study.rows["hypergrads"] if r["meta_iteration"] >= first],
                             metrics["wall_time_s"], metrics["cpu_time_s"]))
@@ -325,7 +324,7 @@ def number(value: float) -> float | None:
     return float(f"{value:.6g}") if math.isfinite(value) else None
 
 
-def write_outputs(paths: QualityOutputs, study: Study, metrics: dict, title: str, tracker: Tracker | None) -> None:
+def write_outputs(paths: QualityOutputs, study: Study, metrics: dict, title: str, tracker: Tracker) -> None:
     frames = {name: pd.DataFrame(study.rows[name]) for name in ("hypergrads", "errors", "reverse")}
     for path, name in ((paths.hypergrads_csv, "hypergrads"), (paths.errors_csv, "errors"),
                        (paths.reverse_csv, "reverse")):
@@ -336,9 +335,8 @@ def write_outputs(paths: QualityOutputs, study: Study, metrics: dict, title: str
         for name, figure in figures.items():
             plots.save(figure, tmp / name)
     io.write_json(paths.metrics, metrics)
-    if tracker:
-        tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None})
-        for path in (paths.metrics, paths.hypergrads_csv, paths.errors_csv, paths.reverse_csv):
-            tracker.log_artifact(path)
-        for png in sorted(paths.figures.glob("*.png")):
-            tracker.log_artifact(png, "figures")
+    tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None})
+    for path in (paths.metrics, paths.hypergrads_csv, paths.errors_csv, paths.reverse_csv):
+        tracker.log_artifact(path)
+    for png in sorted(paths.figures.glob("*.png")):
+        tracker.log_artifact(png, "figures")

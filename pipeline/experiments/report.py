@@ -13,7 +13,7 @@ import pandas as pd
 from pipeline import inputs, io, plots
 from pipeline.layout import Outputs, ReportOutputs
 from pipeline.experiments import verdict
-from pipeline.tracking import Tracker
+from pipeline.tracking import SILENT, Tracker
 
 COLUMNS = ("run", "final_test_error", "mean_last_n_test_error", "last_n", "best_val_error", "val_test_gap",
            "work_gradient_equivalents", "hypergradient_work_share", "wall_time_s", "outcome")
@@ -293,7 +293,7 @@ def provenance(root: Path, here: str | None) -> list[str]:
 
 
 def run(root: Path = Path("."), last_n: int = 3, paths: ReportOutputs | None = None,
-        tracker: Tracker | None = None, batchnorm: str = "precise", level: float = 0.95,
+        tracker: Tracker = SILENT, batchnorm: str = "precise", level: float = 0.95,
         here: str | None = None, margin: float = 0.005) -> pd.DataFrame:
     paths = paths or Outputs(root).report()
     rows = [r for r in (baseline_row(root),) if r] + drmad_rows(root, last_n) + adaptive_rows(root)
@@ -354,13 +354,12 @@ def run(root: Path = Path("."), last_n: int = 3, paths: ReportOutputs | None = N
         trajectories = layer_trajectories(root)
         if trajectories:
             plots.save(plots.layer_trajectories(trajectories), tmp / "hyperparameters_per_layer.png")
-    if tracker:
-        if tables:
-            _log_verdict(tracker, tables)
-        extra = (paths.verdict_json, paths.verdict_seeds) if tables else ()
-        for target in (paths.summary_md, paths.summary_csv, paths.quality_csv, *extra, *sorted(paths.figures.glob("*.png"))):
-            tracker.log_artifact(target)
-            tracker.log_parent_artifact(target, "report")
+    if tables:
+        _log_verdict(tracker, tables)
+    extra = (paths.verdict_json, paths.verdict_seeds) if tables else ()
+    for target in (paths.summary_md, paths.summary_csv, paths.quality_csv, *extra, *sorted(paths.figures.glob("*.png"))):
+        tracker.log_artifact(target)
+        tracker.log_parent_artifact(target, "report")
     return summary
 
 
@@ -369,5 +368,4 @@ def _log_verdict(tracker: Tracker, tables: dict[str, pd.DataFrame]) -> None:
     flat = {f"verdict/{arena}/{method}/{key}": value for arena, table in tables.items()
             for method, entry in verdict.metrics(table).items() for key, value in entry.items() if value is not None}
     tracker.log_metrics(flat)
-    if hasattr(tracker, "log_parent_metrics"):
-        tracker.log_parent_metrics(flat)
+    tracker.log_parent_metrics(flat)

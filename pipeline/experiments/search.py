@@ -37,7 +37,7 @@ from pipeline.config import ConfigError, Params, TrainConfig
 from pipeline.data import load_prepared
 from pipeline.experiments.baseline import train
 from pipeline.seeds import derive_seed
-from pipeline.tracking import Tracker
+from pipeline.tracking import SILENT, Tracker
 from pipeline.training import setup_device
 
 SEARCH_STREAM = 4  # seeds of the samplers (pipeline/seeds.py holds streams 1-3)
@@ -167,7 +167,7 @@ def live(study: optuna.Study) -> list[int]:
     return sorted(t.number for t in study.get_trials(states=(TrialState.COMPLETE, TrialState.RUNNING)))
 
 
-def run(params: Params, prepared: Path, name: str, paths: SearchOutputs, tracker: Tracker | None = None,
+def run(params: Params, prepared: Path, name: str, paths: SearchOutputs, tracker: Tracker = SILENT,
         progress: bool | None = None, root: Path = Path("."), worker_only: bool = False) -> dict | None:
     """Run trials until the study holds floor(budget / trial cost) of them, then (unless
     `worker_only`: a helper process on a shared study) wait for other workers' trials and
@@ -217,29 +217,23 @@ def run(params: Params, prepared: Path, name: str, paths: SearchOutputs, tracker
     return metrics
 
 
-def _trial(params: Params, splits: dict, meta: dict, values: dict, number: int, tracker: Tracker | None,
+def _trial(params: Params, splits: dict, meta: dict, values: dict, number: int, tracker: Tracker,
            progress: bool | None) -> tuple[float, dict]:
     """Train one trial (a nested MLflow run when tracked); (objective, user attributes)."""
     cfg = trial_config(params, values)
 
-    def train_trial(child: Tracker | None) -> tuple[float, dict]:
+    with tracker.child(f"trial {number}", {"trial": number, **values, "alpha": cfg.alpha}) as child:
         trainer, m = train(params, cfg, params.seed, splits, meta, tracker=child, progress=progress,
                            desc=f"trial {number}")
         diverged = m["outcome"] == "diverged"
         value = DIVERGED_ERROR if diverged else m["final_val_error"]
         attrs = {"work": m["work_gradient_equivalents"], "outcome": m["outcome"], "seconds": m["wall_time_s"],
                  "test_error": m["final_test_error"]}
-        if child:
-            child.log_metrics({"objective/val_error": value, "work_gradient_equivalents": attrs["work"],
-                               "wall_time_s": attrs["seconds"]})
+        child.log_metrics({"objective/val_error": value, "work_gradient_equivalents": attrs["work"],
+                           "wall_time_s": attrs["seconds"]})
         print(f"trial {number}: log10 L2 {values['log10_l2']:.3f}, alpha {cfg.alpha:.4g} -> val error "
               f"{value:.4f} ({m['outcome']})", file=sys.stderr, flush=True)
         return value, attrs
-
-    if tracker is None or not hasattr(tracker, "child"):
-        return train_trial(None)
-    with tracker.child(f"trial {number}", {"trial": number, **values, "alpha": cfg.alpha}) as child:
-        return train_trial(child)
 
 
 def trials_table(study: optuna.Study, planned: int, fixed_log10_alpha: float) -> pd.DataFrame:
@@ -273,12 +267,11 @@ def chosen(metrics: dict) -> dict[str, float]:
     return {"log10_l2": metrics["best_log10_l2"], "alpha": 10.0 ** metrics["best_log10_alpha"]}
 
 
-def _write_outputs(paths: SearchOutputs, trials: pd.DataFrame, metrics: dict, tracker: Tracker | None) -> None:
+def _write_outputs(paths: SearchOutputs, trials: pd.DataFrame, metrics: dict, tracker: Tracker) -> None:
     with io.atomic_path(paths.trials_csv) as tmp:
         trials.to_csv(tmp, index=False)
     io.write_json(paths.best, {**chosen(metrics), "trial": metrics["best_trial"], "val_error": metrics["best_val_error"]})
     io.write_json(paths.metrics, metrics)
-    if tracker:
-        tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not math.isnan(v)})
-        for path in (paths.best, paths.metrics, paths.trials_csv):
-            tracker.log_artifact(path)
+    tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not math.isnan(v)})
+    for path in (paths.best, paths.metrics, paths.trials_csv):
+        tracker.log_artifact(path)

@@ -14,7 +14,7 @@ import torch
 
 from pipeline import io, machine, plots
 from pipeline.layout import TrajectoryOutputs
-from pipeline.tracking import Tracker
+from pipeline.tracking import SILENT, Tracker
 from pipeline.config import Params
 from pipeline.hypergrad import FloatPath
 from pipeline.experiments.quality import build_problem, load_data, penalty
@@ -37,7 +37,7 @@ def projections(iterates: torch.Tensor, iterations: list[int], picks: torch.Tens
     return pd.DataFrame(rows), explained
 
 
-def run(params: Params, paths: TrajectoryOutputs, tracker: Tracker | None = None) -> dict:
+def run(params: Params, paths: TrajectoryOutputs, tracker: Tracker = SILENT) -> dict:
     cfg, q = params.trajectory, params.quality
     start = time.perf_counter()
     protocol = q.protocols[cfg.protocol]
@@ -65,10 +65,9 @@ def run(params: Params, paths: TrajectoryOutputs, tracker: Tracker | None = None
             plots.save(figure, tmp / name)
     metrics["platform"] = machine.describe(problem.x.device)  # bit-identity holds within one platform
     io.write_json(paths.metrics, metrics)
-    if tracker:
-        tracker.log_metrics({"paths/straightness": metrics["straightness"]})
-        for target in (paths.metrics, paths.path_csv, paths.coordinates_csv):
-            tracker.log_artifact(target)
-        for png in sorted(paths.figures.glob("*.png")):
-            tracker.log_artifact(png, "figures")
+    tracker.log_metrics({"paths/straightness": metrics["straightness"]})
+    for target in (paths.metrics, paths.path_csv, paths.coordinates_csv):
+        tracker.log_artifact(target)
+    for png in sorted(paths.figures.glob("*.png")):
+        tracker.log_artifact(png, "figures")
     return metrics

@@ -26,7 +26,7 @@ from pipeline.checkpoint import code_digest, fingerprint
 from pipeline.config import TUNED_KINDS, ConfigError, Params
 from pipeline.data import load_meta
 from pipeline.experiments import drmad, search
-from pipeline.tracking import Tracker
+from pipeline.tracking import SILENT, Tracker
 
 
 def methods(params: Params, kind: str) -> list[str]:
@@ -68,7 +68,7 @@ def tune_one(params: Params, prepared: Path, kind: str, method: str, where: Path
     return out
 
 
-def run(params: Params, prepared: Path, kind: str, paths: TuneOutputs, tracker: Tracker | None = None,
+def run(params: Params, prepared: Path, kind: str, paths: TuneOutputs, tracker: Tracker = SILENT,
         progress: bool | None = None, root: Path = Path(".")) -> dict:
     digest = load_meta(prepared)["digest"]
     choices: dict = {}
@@ -86,13 +86,11 @@ def run(params: Params, prepared: Path, kind: str, paths: TuneOutputs, tracker: 
                 shutil.rmtree(where, ignore_errors=True)
                 saved = _record(record)
             choices.setdefault(method, {})[f"seed{seed}"] = saved["choice"]
-            if tracker:
-                tracker.log_metrics({f"{method}/tuning_work/seed{seed}": saved["choice"]["tuning_work"]})
+            tracker.log_metrics({f"{method}/tuning_work/seed{seed}": saved["choice"]["tuning_work"]})
     metrics = summarise(choices, params.final.seeds)
     io.save_torch(paths.choices, choices)
     io.write_json(paths.metrics, metrics)
-    if tracker:
-        tracker.log_artifact(paths.metrics)
+    tracker.log_artifact(paths.metrics)
     shutil.rmtree(paths.work_dir, ignore_errors=True)
     return metrics
 
