@@ -234,3 +234,10 @@ def test_an_oversized_params_file_is_refused_unread(tmp_path, monkeypatch):
     monkeypatch.setattr("pipeline.config.read_yaml", lambda *a: pytest.fail("read an oversized file"))
     with pytest.raises(ConfigError, match=r"params.yaml: 1,0\d\d,\d{3} bytes; at most 1,048,576"):
         load_params(tmp_path / "params.yaml")
+
+
+def test_the_defaults_are_the_shipped_params():
+    """One source of truth: a test or library call that leaves a key out runs what params.yaml
+    ships, never a setting nobody runs (the paper's values live in scales/paper.yaml)."""
+    shipped = load_params(ROOT / "params.yaml").model_dump()
+    assert Params().model_dump() == shipped
