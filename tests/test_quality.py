@@ -9,6 +9,7 @@ import torch
 from torch.nn import functional as F
 
 from pipeline import data
+from pipeline import quality_mlp
 from pipeline.experiments import quality, trajectory
 from pipeline.layout import Outputs
 from pipeline.config import parse_params
@@ -39,8 +40,8 @@ def splits():
 def five(params, steps, splits):
     built, meta = splits
     protocol = params.quality.protocols["p"]
-    problem = quality.build_problem(params.quality, protocol, params.seed, steps, built, meta, torch.device("cpu"))
-    l2 = quality.penalty(problem, protocol, torch.device("cpu"))
+    problem = quality_mlp.build_problem(params.quality, protocol, params.seed, steps, built, meta, torch.device("cpu"))
+    l2 = quality_mlp.penalty(problem, protocol, torch.device("cpu"))
     return quality.hypergradients(problem, l2, params.quality, protocol, double_backward)
 
 
@@ -89,7 +90,7 @@ def test_stage_writes_long_tables_figures_and_metrics(tmp_path):
     assert metrics["outcome"] == "finished" and metrics["meta_iterations_completed"] == 2
     # the stage's wiring (protocol, seed, penalty, multiplier) against a direct call at the same settings
     params = tiny()
-    built, meta = quality.load_data(params.quality, params.quality.protocols["p"])
+    built, meta = quality_mlp.load_data(params.quality, params.quality.protocols["p"])
     first = compare_direct(params, 20, (built, meta))
     assert metrics["drmad/cos_exact"][0] == pytest.approx(first["drmad"]["cos_exact"], rel=1e-5)
     assert metrics["drmad/norm_ratio"][0] == pytest.approx(first["drmad"]["norm_ratio"], rel=1e-5)
@@ -157,9 +158,9 @@ def test_paths_stage_projections_and_figures(tmp_path):
     # straightness = |w_T - w_0| / path length, by hand from a float run of the same protocol
     params = tiny()
     q = params.quality
-    built, meta = quality.load_data(q, q.protocols["p"])
-    problem = quality.build_problem(q, q.protocols["p"], params.seed, 40, built, meta, torch.device("cpu"))
-    coef = problem.l2_coefficients(quality.penalty(problem, q.protocols["p"], torch.device("cpu")))
+    built, meta = quality_mlp.load_data(q, q.protocols["p"])
+    problem = quality_mlp.build_problem(q, q.protocols["p"], params.seed, 40, built, meta, torch.device("cpu"))
+    coef = problem.l2_coefficients(quality_mlp.penalty(problem, q.protocols["p"], torch.device("cpu")))
     w, v, kept = problem.w0.clone(), torch.zeros_like(problem.w0), [problem.w0.clone()]
     for t in range(40):
         beta = problem.beta[t].item()
@@ -200,19 +201,19 @@ def test_thesis_protocol_is_the_thesis_to_the_letter():
     assert (thesis.init_scale, thesis.z0_log_scale, thesis.multiplier) == (0.2, -3.0, 10.0)
     assert (params.quality.hyper_step, params.quality.hyper_momentum) == (0.07, 0.0)
     assert all(params.quality.meta_iterations_of(r) >= 10 for r in ("thesis-200", "thesis-2000"))
-    mlp = quality.build_mlp(thesis, 0, 784, 10)
+    mlp = quality_mlp.build_mlp(thesis, 0, 784, 10)
     z = torch.cat([t.reshape(-1) for layer in mlp.layers for t in (layer.z, layer.bias_z)])
     assert z.std().item() == pytest.approx(math.exp(-3), rel=0.02) and abs(z.mean().item()) < 1e-3
     biases = torch.cat([layer.bias_z for layer in mlp.layers])
     assert biases.std().item() == pytest.approx(math.exp(-3), rel=0.15)  # drawn, not zero
     assert all(torch.equal(layer.bias_s, torch.full_like(layer.bias_s, 0.2)) for layer in mlp.layers)
-    built, meta = quality.load_data(tiny().quality, thesis)
+    built, meta = quality_mlp.load_data(tiny().quality, thesis)
     x = built["train"]["x"]
     assert x.mean(0).abs().max().item() < 1e-6  # centred per pixel on the training split
     assert x.min().item() < -0.5 and x.max().item() > 0.5 and (x.max(0).values - x.min(0).values).max() <= 1.0
-    problem = quality.build_problem(tiny().quality, thesis, 0, 3, built, meta, torch.device("cpu"))
+    problem = quality_mlp.build_problem(tiny().quality, thesis, 0, 3, built, meta, torch.device("cpu"))
     assert problem.alpha.tolist() == [0.05] * 3 and problem.n[0] / 2 ** 16 == pytest.approx(0.95, abs=2 ** -16)
-    l2 = quality.penalty(problem, thesis, torch.device("cpu"))
+    l2 = quality_mlp.penalty(problem, thesis, torch.device("cpu"))
     assert set(l2.shapes) == set(problem.names)  # every z is penalised, the biases' too
     assert sorted(problem.scales.shapes) == [f"layers.{i}.s" for i in range(4)]  # no bias scale is a hyperparameter
 
@@ -227,12 +228,12 @@ def test_thesis_exact_hypergradient_equals_autograd_through_the_unrolled_trainin
                    "init_scale": 0.2, "z0_log_scale": -3.0, "log_l2": -4.0, "l2_base": "e", "alpha": 0.05,
                    "momentum": 0.95, "batch_size": 50, "multiplier": 10.0})
     protocol, steps = params.quality.protocols["p"], 8
-    built, meta = quality.load_data(params.quality, protocol)
-    problem = quality.build_problem(params.quality, protocol, params.seed, steps, built, meta, torch.device("cpu"))
-    l2 = quality.penalty(problem, protocol, torch.device("cpu"))
+    built, meta = quality_mlp.load_data(params.quality, protocol)
+    problem = quality_mlp.build_problem(params.quality, protocol, params.seed, steps, built, meta, torch.device("cpu"))
+    l2 = quality_mlp.penalty(problem, protocol, torch.device("cpu"))
     stage = quality.hypergradients(problem, l2, params.quality, protocol, double_backward)["grads"]["exact"]
 
-    mlp = quality.build_mlp(protocol, params.seed, 784, 10).double()
+    mlp = quality_mlp.build_mlp(protocol, params.seed, 784, 10).double()
     zs = [t.detach().clone().requires_grad_() for layer in mlp.layers for t in (layer.z, layer.bias_z)]
     s = [torch.full((layer.z.shape[0],), 0.2, dtype=torch.float64, requires_grad=True) for layer in mlp.layers]
     s_bias = [torch.full((layer.z.shape[0],), 0.2, dtype=torch.float64, requires_grad=True) for layer in mlp.layers]

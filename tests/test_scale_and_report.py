@@ -11,7 +11,7 @@ from pipeline import scale
 from pipeline.experiments import report
 from pipeline.models import build_densenet
 from pipeline.config import ConfigError, load_params
-from pipeline.experiments.quality import build_mlp
+from pipeline.quality_mlp import build_mlp
 from pipeline.training import step_sizes
 
 ROOT = Path(__file__).resolve().parents[1]

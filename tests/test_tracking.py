@@ -202,7 +202,7 @@ def test_real_server_round_trip(monkeypatch, mlflow_server, workspace):
     client = MlflowClient(mlflow_server)
     child = runs_of(client, "served")["baseline"]
     assert child.info.status == "FINISHED"
-    assert child.data.params["model.depth"] == "40"
+    assert child.data.params["model.depth"] == "10"  # the default: the shipped params.yaml's
     assert child.data.tags["dataset.digest"] == "abc"
     history = client.get_metric_history(child.info.run_id, "error/val")
     assert [(m.step, m.value) for m in history] == [(1, 0.1), (2, 0.2)]

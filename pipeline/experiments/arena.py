@@ -34,7 +34,9 @@ import torch
 from torch.func import functional_call
 
 from pipeline import io
+from pipeline.layout import Outputs
 from pipeline.config import Params, QualityProtocol
+from pipeline import quality_mlp
 from pipeline.experiments import quality
 from pipeline.hypergrad import FloatPath, Problem, hypergradient
 from pipeline.meta import sign_step, zero_momentum
@@ -62,11 +64,11 @@ class Setting:
         return self.params.arena.steps
 
     def problem(self, seed: int, protocol: QualityProtocol | None = None) -> Problem:
-        return quality.build_problem(self.params.quality, protocol or self.protocol, seed, self.steps, self.splits,
+        return quality_mlp.build_problem(self.params.quality, protocol or self.protocol, seed, self.steps, self.splits,
                                      self.info, self.device)
 
     def penalty(self, problem: Problem, protocol: QualityProtocol | None = None):
-        return quality.penalty(problem, protocol or self.protocol, self.device)
+        return quality_mlp.penalty(problem, protocol or self.protocol, self.device)
 
     def wrong(self, problem: Problem, w: torch.Tensor, split: str) -> list[int]:
         """Indices of the split's images the weights classify wrongly."""
@@ -214,7 +216,7 @@ def run(params: Params, seed: int, root: Path = Path("."), tracker: Tracker = SI
     cfg = params.arena
     device = setup_device(params.device, params.threads)
     protocol = params.quality.protocols[cfg.protocol]
-    splits, info = quality.load_data(params.quality, protocol)
+    splits, info = quality_mlp.load_data(params.quality, protocol)
     setting = Setting(params, protocol, splits, info, device)
 
     def progress(method: str, entry: dict) -> None:

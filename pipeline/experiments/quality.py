@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from torch.func import functional_call
 
-from pipeline import data, io, machine, plots
+from pipeline import io, machine, plots
 from pipeline.layout import QualityOutputs
 from pipeline.experiments.summaries import hyper_quantiles
 from pipeline.tracking import SILENT, Tracker
@@ -35,9 +34,9 @@ from pipeline.hypergrad import exact_process
 from pipeline.hypergrad.exact_process import ExactProcess
 from pipeline.hypergrad.reverse import Walk, compare_walks, cosine, reverse
 from pipeline.meta import MetaState, layer_summary, run_meta_iterations, sign_step
-from pipeline.models import MLP
-from pipeline.seeds import INIT_STREAM, derive_seed
 from pipeline.training import setup_device
+from pipeline.op_floor import op_floor
+from pipeline.quality_mlp import build_problem, error_rate, load_data, penalty
 from pipeline.work import step_costs
 
 BASE_METHODS = ("exact", "float", "drmad", "drmad_fixed", "drmad2")
@@ -48,52 +47,6 @@ TRACE = ("theta_norm", "dw_norm", "w", "v", "d_theta", "dw", "cos_d_theta")
 
 class Diverged(ArithmeticError):
     """A meta-iteration's float run left the float range: no float method has a value."""
-
-
-def build_mlp(protocol: QualityProtocol, seed: int, in_features: int, num_classes: int) -> MLP:
-    """The scaled MLP with z_0 drawn from `seed` alone (on the CPU, so every device starts equal):
-    e^z0_log_scale * N(0, 1) (thesis), or N(0, 1/fan-in) when z0_log_scale is null. Scaled biases
-    draw their z with the weights' (layer by layer, weights first) and keep s_b = init_scale."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, INIT_STREAM))
-        mlp = MLP((in_features, *protocol.hidden, num_classes), scaled=True, activation=protocol.activation,
-                  scaled_biases=protocol.biases == "scaled")
-        with torch.no_grad():
-            for layer in mlp.layers:
-                if protocol.z0_log_scale is not None:
-                    layer.z.normal_().mul_(math.exp(protocol.z0_log_scale))
-                if layer.scaled_biases:
-                    layer.bias_s.fill_(protocol.init_scale)
-                    if protocol.z0_log_scale is not None:
-                        layer.bias_z.normal_().mul_(math.exp(protocol.z0_log_scale))
-        return mlp
-
-
-def load_data(cfg: QualityConfig, protocol: QualityProtocol) -> tuple[dict, dict]:
-    return data.build(cfg.data, pixels=protocol.pixels)
-
-
-def build_problem(cfg: QualityConfig, protocol: QualityProtocol, seed: int, steps: int, splits: dict, meta: dict,
-                  device: torch.device) -> Problem:
-    dtype = getattr(torch, cfg.dtype)
-    x, y = (splits["train"][k].to(device) for k in ("x", "y"))
-    model = build_mlp(protocol, seed, x[0].numel(), meta["num_classes"]).to(device, dtype)
-    scales = HyperSpace.scales(model, protocol.init_scale, bounds=tuple(cfg.scale_bounds), device=device)
-    return Problem(model, x.flatten(1).to(dtype), y, splits["val"]["x"].flatten(1).to(device, dtype),
-                   splits["val"]["y"].to(device), alpha=torch.full((steps,), protocol.alpha, dtype=torch.float64),
-                   beta=torch.full((steps,), protocol.momentum, dtype=torch.float64), batch_size=protocol.batch_size, seed=seed,
-                   scales=scales)
-
-
-def penalty(problem: Problem, protocol: QualityProtocol, device: torch.device) -> HyperSpace:
-    """The fixed c ||z||^2 term, c = base^log_l2, as a global L2 hyperparameter (log10 inside)."""
-    return HyperSpace.l2(problem.model, protocol.log10_l2, "global", device=device)
-
-
-def error_rate(problem: Problem, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        logits = functional_call(problem.model, problem.named(w), (x.flatten(1).to(problem.dtype),))
-    return (logits.argmax(1) != y).double().mean().item()
 
 
 def hypergradients(problem: Problem, l2: HyperSpace, cfg: QualityConfig, protocol: QualityProtocol, hvp: HVP,
@@ -269,33 +222,6 @@ def run(params: Params, name: str, paths: QualityOutputs, tracker: Tracker = SIL
     write_outputs(paths, study, metrics, f"{cfg.runs[name].protocol} protocol, T = {steps:,}", tracker)
     checkpoint.clear()
     return metrics
-
-
-def op_floor(steps: int, costs: list[tuple[float, float]], walked: list[dict], seconds: float,
-             cpu_seconds: float) -> dict:
-    """The run's op-cost floor: every meta-iteration needs 2T training gradients (the exact and
-    the float run) and, per HVP any method took (T each for exact and float reversal, S for each
-    DrMAD line, K for truncated reversal, N + 1 for implicit differentiation, 1 for greedy), one
-    gradient-plus-HVP. `costs`: `step_costs` timed before and after the run; the floor takes each
-    op's faster reading, so a machine whose speed drifts during the run never flatters the ratio
-    (both readings' floors are recorded). `walked`: the hypergradient rows of the meta-iterations
-    this attempt ran. The floor is one process's: with the exact half in a second process the wall
-    time may fall below it, and `cpu_over_floor` (CPU seconds of both) is the work's ratio.
-    `hvp_cost_measured`: this machine's gradient-plus-HVP over a gradient, beside the declared
-    `quality.hvp_cost` that counted work uses (a stale constant shows here)."""
-    meta_iterations = len({r["meta_iteration"] for r in walked})
-    reverse_steps = sum(r["hvps"] for r in walked)
-
-    def floor(grad_s: float, hvp_s: float) -> float:
-        return meta_iterations * 2 * steps * grad_s + reverse_steps * hvp_s
-
-    grad_s, hvp_s = min(g for g, _ in costs), min(h for _, h in costs)
-    best = floor(grad_s, hvp_s)
-    return {"floor_time_grad_ms": round(1e3 * grad_s, 4), "floor_time_hvp_ms": round(1e3 * hvp_s, 4),
-            "hvp_cost_measured": round(hvp_s / grad_s, 3),
-            "floor_time_s": round(best, 1), "floor_time_readings_s": [round(floor(*c), 1) for c in costs],
-            "wall_over_floor": round(seconds / best, 3) if best else None,
-            "cpu_over_floor": round(cpu_seconds / best, 3) if best else None}
 
 
 def summarise(study: Study, steps: int, seconds: float) -> dict:

@@ -17,7 +17,7 @@ from pipeline.layout import TrajectoryOutputs
 from pipeline.tracking import SILENT, Tracker
 from pipeline.config import Params
 from pipeline.hypergrad import FloatPath
-from pipeline.experiments.quality import build_problem, load_data, penalty
+from pipeline.quality_mlp import build_problem, load_data, penalty
 from pipeline.training import setup_device
 
 PICK_STREAM = 7  # seed stream of the random coordinates
