@@ -12,7 +12,7 @@ from pathlib import Path
 from ruamel.yaml import YAML
 
 from pipeline import io
-from pipeline.config import ConfigError, parse_params, read_yaml
+from pipeline.config import ConfigError, Params, parse_params, read_yaml
 
 SCALES_DIR = Path("scales")
 
@@ -47,3 +47,20 @@ def apply(name: str, params_file: Path = Path("params.yaml"), root: Path = Path(
     parse_params(settings)  # a bad overlay fails here, before params.yaml is touched
     io.write_text(params_file, text)
     return settings
+
+
+TORCHVISION = ("cifar10", "mnist")  # sources torchvision reads from data/raw (or downloads)
+
+
+def needs(params: Params, has_gpu: bool) -> list[str]:
+    """What these settings need beyond the package, one line each: the downloads of torchvision's
+    datasets and, for a DenseNet-40 or larger, a GPU when this machine has none."""
+    out = []
+    for where, data in (("data", params.data), ("quality.data", params.quality.data)):
+        if data.source in TORCHVISION:
+            how = "downloads it once" if data.download else "reads it (data.download: false)"
+            out.append(f"{where}.source: {data.source}: torchvision {how} into {data.root}; offline, put it there yourself")
+    if params.model.depth >= 40 and not has_gpu:
+        out.append(f"model.depth: {params.model.depth}: DenseNet-40 trains at about 18 images/s on 2 CPU cores "
+                   "(bench/train_throughput.py); this machine has no GPU, so expect days: run it where one is")
+    return out

@@ -16,6 +16,7 @@ from stages.common import params_option, user_errors_exit_2
 
 @click.group(help="Gradient-based hyperparameter optimisation pipeline. Stages read params.yaml "
                   "and record each execution as an MLflow run; `run` executes the DVC pipeline.")
+@click.version_option(package_name="gbhpo", message="%(package)s %(version)s")
 def main() -> None:
     pass
 
@@ -40,13 +41,17 @@ def validate(params_file: str, stamp: str | None) -> None:
     params = load_params(params_file)
     from pipeline.io import write_text
     from pipeline.training import resolve_device
-    resolve_device(params.device)
+    from pipeline.scale import needs
+    device = resolve_device(params.device)
     if stamp:
         write_text(stamp, "params.yaml validated\n")  # constant: never a reason to rerun what depends on it
     click.echo(f"{params_file}: ok")
+    for line in needs(params, device.type == "cuda"):
+        click.echo(f"  needs: {line}")
 
 
-@main.command(help="Merge scales/NAME.yaml into params.yaml (e.g. `pipeline scale paper`: CIFAR-10, DenseNet-40, "
+@main.command(short_help="Merge scales/NAME.yaml (paper: the thesis' settings) into params.yaml.",
+              help="Merge scales/NAME.yaml into params.yaml (`pipeline scale paper`: CIFAR-10, DenseNet-40, "
                    "300 epochs, the thesis' DrMAD/adaptive/quality settings). Validated first; `git checkout "
                    "params.yaml` returns to the embedded default.")
 @click.argument("name")
@@ -56,9 +61,23 @@ def scale(name: str, params_file: str) -> None:
     from pipeline import scale as scale_module
     scale_module.apply(name, Path(params_file))
     click.echo(f"{params_file}: scale {name} applied; `dvc params diff` shows the changes")
+    import torch
+    for line in scale_module.needs(load_params(params_file), torch.cuda.is_available()):
+        click.echo(f"  needs: {line}")
 
 
-@main.command(help="Rerun STAGE (e.g. baseline, drmad@-4.0) in a scratch copy of its inputs and compare its "
+@main.command(help="The verdict's test errors (%, and minus the baseline in points) per arena and method, with "
+                   "the params that differ, for the workspace and each REVISION: a git revision or a DVC "
+                   "experiment's name (default: HEAD). One table, 120 columns wide.")
+@click.argument("revisions", nargs=-1)
+@user_errors_exit_2
+def compare(revisions: tuple[str, ...]) -> None:
+    from pipeline.compare import compare as side_by_side
+    click.echo(side_by_side(Path("."), list(revisions)))
+
+
+@main.command(short_help="Rerun a stage in a scratch copy; compare with the workspace's results.",
+              help="Rerun STAGE (baseline, drmad@-4.0, ...) in a scratch copy of its inputs and compare its "
                    "metrics with the workspace's (the committed results): identical, within seed noise (errors "
                    "within twice the baseline finalists' seed-to-seed standard deviation), or beyond it. Exit code "
                    "1 when beyond, 2 when the comparison could not be made. Bit-identity is promised on one machine "
