@@ -274,8 +274,14 @@ def _group_running(pgid: int) -> bool:
     return False
 
 
-def _stop_postgres(root: Path) -> None:
-    """pg_ctl waits (-w) until the server has exited; nothing to do when none runs there."""
-    if (root / "postgres" / "postmaster.pid").is_file():
-        subprocess.run(_as_postgres(["pg_ctl", "-D", str(root / "postgres"), "-m", "fast", "-w", "-t", "60", "stop"]),
-                       capture_output=True)
+def _stop_postgres(root: Path, timeout_s: float = 60.0) -> None:
+    """pg_ctl waits (-w) until the server has exited; nothing to do when none runs there. A server
+    still starting up can miss the request (pg_ctl then fails at once, the server goes on): ask
+    again until its pid file is gone or `timeout_s` has passed."""
+    pid_file, deadline = root / "postgres" / "postmaster.pid", time.monotonic() + timeout_s
+    while pid_file.is_file():
+        done = subprocess.run(_as_postgres(["pg_ctl", "-D", str(root / "postgres"), "-m", "fast", "-w", "-t",
+                                            str(round(timeout_s)), "stop"]), capture_output=True)
+        if (done.returncode == 0 and not pid_file.is_file()) or time.monotonic() > deadline:
+            return
+        time.sleep(0.5)
