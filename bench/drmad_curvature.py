@@ -13,7 +13,7 @@ measures:
     quality stage used (the protocol's heuristic), so growth per reverse step can be set
     against S.
 
-    python bench/drmad_curvature.py [--run thesis-200] [--points 5]
+    python bench/drmad_curvature.py [--variant thesis-200] [--points 5]
         -> bench/results/drmad_curvature_<run>.json
 """
 from __future__ import annotations
@@ -62,16 +62,16 @@ def growth(lam: float, alpha: float, beta: float) -> float:
 
 
 @click.command(help=__doc__)
-@click.option("--run", "name", default="thesis-200", show_default=True, help="A key of quality.runs.")
+@click.option("--variant", "name", default="thesis-200", show_default=True, help="A key of quality.variants.")
 @click.option("--points", default=5, show_default=True, help="Steps t at which eigenvalues are measured.")
 def main(name: str, points: int) -> None:
     params = load_params()
     cfg = params.quality
-    protocol, steps = cfg.protocol(name), cfg.runs[name].steps
+    protocol, steps = cfg.protocol(name), cfg.variants[name].steps
     torch.set_num_threads(1)  # a small model: one thread is the faster on shared cores
     device = setup_device("cpu")
-    splits, meta = load_data(cfg, protocol)
-    problem = build_problem(cfg, protocol, params.seed, steps, splits, meta, device)
+    splits, info = load_data(cfg, protocol)
+    problem = build_problem(cfg, protocol, params.seed, steps, splits, info, device)
     l2 = penalty(problem, protocol, device)
     coef = problem.l2_coefficients(l2)
     floats = FloatPath.train(problem, coef, keep_every=1)
@@ -96,7 +96,7 @@ def main(name: str, points: int) -> None:
     lines = {s: dw_norms(LinePath(problem.w0, w_T, s, step_map(cfg.step_map, s, steps, floats.distances)))
              for s in sorted({heuristic, steps})}
     every = max(1, steps // 20)
-    result = {"run": name, "protocol": cfg.runs[name].protocol, "forward_steps": steps, "alpha": alpha,
+    result = {"run": name, "protocol": cfg.variants[name].protocol, "forward_steps": steps, "alpha": alpha,
               "beta": beta, "edge": 2 * (1 + beta) / (alpha * (1 - beta)), "eigenvalues": rows,
               "heuristic_reverse_steps": heuristic, "exact_dw_norm": exact[::every] + exact[-1:],
               "line_dw_norm": {str(s): d[:: max(1, s // 20)] + d[-1:] for s, d in lines.items()},

@@ -47,7 +47,7 @@ PREPARED = Path(tempfile.gettempdir()) / "gbhpo-bench-mnist5k"
 
 
 def mnist_problem(steps: int, beta: float, device: torch.device, batch: int = 100) -> Problem:
-    if not (PREPARED / "meta.json").exists():  # prepared once, so memory probes see no loader peak
+    if not (PREPARED / "info.json").exists():  # prepared once, so memory probes see no loader peak
         data.prepare(DataConfig(source="mnist5k", val_size=1000, test_size=1000), PREPARED)
     (x, y), (vx, vy) = data.load_split(PREPARED, "train", device), data.load_split(PREPARED, "val", device)
     torch.manual_seed(0)

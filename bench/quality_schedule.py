@@ -7,8 +7,8 @@ stage (`python -m stages.quality`) in a scratch folder with its own MLflow datab
 second process starts as it does under `dvc repro`: before the stage's imports. Writes JSON.
 
 \b
-    python bench/quality_schedule.py --run thesis-200 --run thesis-2000 --repeats 2
-    python bench/quality_schedule.py --run thesis-2000 --process 1 --compile auto --compile 0 --cold-cache
+    python bench/quality_schedule.py --variant thesis-200 --variant thesis-2000 --repeats 2
+    python bench/quality_schedule.py --variant thesis-2000 --process 1 --compile auto --compile 0 --cold-cache
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def stage(name: str, settings: dict, params_file: Path, scratch: Path) -> dict:
     shutil.copy(params_file, work / "params.yaml")
     env = {**os.environ, **settings, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "stages.quality", "--run", name], cwd=work, env=env, check=True,
+    subprocess.run([sys.executable, "-m", "stages.quality", "--variant", name], cwd=work, env=env, check=True,
                    stdout=subprocess.DEVNULL)
     seconds = time.perf_counter() - started
     metrics = json.loads((work / f"metrics/quality_{name}.json").read_text())
@@ -44,8 +44,8 @@ def stage(name: str, settings: dict, params_file: Path, scratch: Path) -> dict:
 
 
 @click.command(help=__doc__)
-@click.option("--run", "runs", multiple=True, default=["thesis-200"], show_default=True,
-              help="Keys of quality.runs in the params file.")
+@click.option("--variant", "runs", multiple=True, default=["thesis-200"], show_default=True,
+              help="Keys of quality.variants in the params file.")
 @click.option("--repeats", default=1, show_default=True, help="Rounds over the settings per run.")
 @click.option("--process", "processes", multiple=True, default=["0", "1"], show_default=True,
               help="PIPELINE_EXACT_PROCESS values: 0 one process, 1 the exact half in a second one.")

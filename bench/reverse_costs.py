@@ -56,8 +56,8 @@ def main(steps: int, repeats: int, params_file: str, out: str) -> None:
     device = setup_device("cpu", 1)
     cfg = params.quality
     protocol = cfg.protocols["thesis"]
-    splits, meta = quality.load_data(cfg, protocol)
-    problem = quality.build_problem(cfg, protocol, params.seed, steps, splits, meta, device)
+    splits, info = quality.load_data(cfg, protocol)
+    problem = quality.build_problem(cfg, protocol, params.seed, steps, splits, info, device)
     l2 = quality.penalty(problem, protocol, device)
     coef, hvp = problem.l2_coefficients(l2), HVP_METHODS["double_backward"]
 

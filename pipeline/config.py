@@ -257,7 +257,7 @@ class QualityProtocol(Section):
         return self.log_l2 / math.log(10.0) if self.l2_base == "e" else self.log_l2
 
 
-class QualityRun(Section):
+class QualityVariant(Section):
     """One stage instance: a protocol at a forward length."""
     protocol: str = Field(min_length=1)
     steps: int = Field(ge=1)  # forward steps T
@@ -273,12 +273,12 @@ class QualityConfig(Section):
         "standardised": QualityProtocol(activation="relu", batch_size=100, alpha=0.3, momentum=0.9, l2_base="10",
                                         init_scale=0.0, z0_log_scale=None, biases="plain", pixels="standardised",
                                         multiplier=1.0)})
-    runs: dict[str, QualityRun] = Field(default_factory=lambda: {
-        "thesis-200": QualityRun(protocol="thesis", steps=200), "thesis-2000": QualityRun(protocol="thesis", steps=2000),
-        "thesis-20000": QualityRun(protocol="thesis", steps=20000, meta_iterations=2),
-        **{f"relu_uncentred-{t}": QualityRun(protocol="relu_uncentred", steps=t, meta_iterations=3) for t in (200, 2000)}})
+    variants: dict[str, QualityVariant] = Field(default_factory=lambda: {
+        "thesis-200": QualityVariant(protocol="thesis", steps=200), "thesis-2000": QualityVariant(protocol="thesis", steps=2000),
+        "thesis-20000": QualityVariant(protocol="thesis", steps=20000, meta_iterations=2),
+        **{f"relu_uncentred-{t}": QualityVariant(protocol="relu_uncentred", steps=t, meta_iterations=3) for t in (200, 2000)}})
     scale_bounds: list[float] = Field(default_factory=lambda: [-3.0, 3.0], min_length=2, max_length=2)
-    meta_iterations: int = Field(default=10, ge=1)  # per run unless the run names its own (thesis: 20)
+    meta_iterations: int = Field(default=10, ge=1)  # per variant unless it names its own (thesis: 20)
     hyper_step: float = Field(default=0.07, gt=0.0)  # sign step of s, following DrMAD (the scripts: 0.07)
     hyper_momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
     drmad_steps: int = Field(default=200, ge=1)  # DrMAD with a fixed S, next to the heuristic's
@@ -300,22 +300,22 @@ class QualityConfig(Section):
         for name, protocol in self.protocols.items():
             if not low <= protocol.init_scale <= high:
                 raise ValueError(f"protocols.{name}.init_scale: must lie within scale_bounds {self.scale_bounds}")
-        check_names(self.runs, "runs")
+        check_names(self.variants, "variants")
         check_names(self.protocols, "protocols")
         if any(k != "S" and k < 1 for k in self.truncate):
             raise ValueError(f"truncate: each K a step count >= 1 or S (got {self.truncate})")
         if any(n < 0 for n in self.neumann_terms):
             raise ValueError(f"neumann_terms: each a count >= 0 (got {self.neumann_terms})")
-        for name, run in self.runs.items():
-            if run.protocol not in self.protocols:
-                raise ValueError(f"runs.{name}.protocol: one of {', '.join(self.protocols)} (got {run.protocol!r})")
+        for name, variant in self.variants.items():
+            if variant.protocol not in self.protocols:
+                raise ValueError(f"variants.{name}.protocol: one of {', '.join(self.protocols)} (got {variant.protocol!r})")
         return self
 
-    def protocol(self, run: str) -> QualityProtocol:
-        return self.protocols[self.runs[run].protocol]
+    def protocol(self, name: str) -> QualityProtocol:
+        return self.protocols[self.variants[name].protocol]
 
-    def meta_iterations_of(self, run: str) -> int:
-        return self.runs[run].meta_iterations or self.meta_iterations
+    def meta_iterations_of(self, name: str) -> int:
+        return self.variants[name].meta_iterations or self.meta_iterations
 
 
 class TrajectoryConfig(Section):

@@ -1,7 +1,7 @@
 """Datasets for the DenseNet stages: load a source, split it with a seed, normalise with
-training-split statistics, write `train.pt`, `val.pt`, `test.pt` and `meta.json`.
+training-split statistics, write `train.pt`, `val.pt`, `test.pt` and `info.json`.
 
-The same DataConfig gives bit-identical tensors; meta.json's `digest` hashes them, so later
+The same DataConfig gives bit-identical tensors; info.json's `digest` hashes them, so later
 stages and MLflow runs can name the exact data they used.
 """
 from __future__ import annotations
@@ -200,7 +200,7 @@ def build(cfg: DataConfig, pixels: str = "standardised") -> tuple[dict[str, dict
         for split in splits.values():
             split["x"] -= centre
     _, channels, height, width = splits["train"]["x"].shape
-    meta = {
+    info = {
         "source": cfg.source,
         "sizes": {s: len(r) for s, r in raw.items()},
         "channels": channels, "height": height, "width": width,
@@ -208,17 +208,17 @@ def build(cfg: DataConfig, pixels: str = "standardised") -> tuple[dict[str, dict
         "mean": mean.tolist(), "std": std.tolist(),
         "digest": digest(splits),
     }
-    return splits, meta
+    return splits, info
 
 
 def prepare(cfg: DataConfig, out_dir: str | Path) -> dict:
-    """`build`, then write the splits and meta.json to out_dir atomically."""
-    splits, meta = build(cfg)
+    """`build`, then write the splits and info.json to out_dir atomically."""
+    splits, info = build(cfg)
     with atomic_dir(out_dir) as tmp:
         for s in SPLITS:
             torch.save(splits[s], tmp / f"{s}.pt")
-        write_json(tmp / "meta.json", meta)
-    return meta
+        write_json(tmp / "info.json", info)
+    return info
 
 
 def _prepared_file(prepared_dir: str | Path, name: str) -> Path:
@@ -228,8 +228,8 @@ def _prepared_file(prepared_dir: str | Path, name: str) -> Path:
     return path
 
 
-def load_meta(prepared_dir: str | Path) -> dict:
-    return json.loads(_prepared_file(prepared_dir, "meta.json").read_text())
+def load_info(prepared_dir: str | Path) -> dict:
+    return json.loads(_prepared_file(prepared_dir, "info.json").read_text())
 
 
 def load_split(prepared_dir: str | Path, split: str,
@@ -242,15 +242,15 @@ def load_split(prepared_dir: str | Path, split: str,
 
 
 def load_prepared(prepared: Path, device: torch.device, tracker: "Tracker | None" = None) -> tuple[dict, dict]:
-    """The dataset's meta and its splits on `device`. meta["digest"] (and the run's
-    `dataset.digest` tag) hash the tensors loaded, not what meta.json says: a replaced split file
+    """The dataset's info and its splits on `device`. info["digest"] (and the run's
+    `dataset.digest` tag) hash the tensors loaded, not what info.json says: a replaced split file
     is named for what it holds."""
-    meta = load_meta(prepared)
+    info = load_info(prepared)
     splits = {s: load_split(prepared, s) for s in SPLITS}
     loaded = digest({s: {"x": x, "y": y} for s, (x, y) in splits.items()})
-    if loaded != meta["digest"]:
-        print(f"{prepared}: the split files do not match meta.json's digest (replaced by hand?); "
+    if loaded != info["digest"]:
+        print(f"{prepared}: the split files do not match info.json's digest (replaced by hand?); "
               f"training on what they hold, digest {loaded[:12]}", file=sys.stderr, flush=True)
     if tracker is not None:  # data.py stays free of MLflow's import: the tracker is optional here
         tracker.set_tag("dataset.digest", loaded)
-    return {**meta, "digest": loaded}, {s: (x.to(device), y.to(device)) for s, (x, y) in splits.items()}
+    return {**info, "digest": loaded}, {s: (x.to(device), y.to(device)) for s, (x, y) in splits.items()}

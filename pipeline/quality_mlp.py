@@ -39,11 +39,11 @@ def load_data(cfg: QualityConfig, protocol: QualityProtocol) -> tuple[dict, dict
     return data.build(cfg.data, pixels=protocol.pixels)
 
 
-def build_problem(cfg: QualityConfig, protocol: QualityProtocol, seed: int, steps: int, splits: dict, meta: dict,
+def build_problem(cfg: QualityConfig, protocol: QualityProtocol, seed: int, steps: int, splits: dict, info: dict,
                   device: torch.device) -> Problem:
     dtype = getattr(torch, cfg.dtype)
     x, y = (splits["train"][k].to(device) for k in ("x", "y"))
-    model = build_mlp(protocol, seed, x[0].numel(), meta["num_classes"]).to(device, dtype)
+    model = build_mlp(protocol, seed, x[0].numel(), info["num_classes"]).to(device, dtype)
     scales = HyperSpace.scales(model, protocol.init_scale, bounds=tuple(cfg.scale_bounds), device=device)
     return Problem(model, x.flatten(1).to(dtype), y, splits["val"]["x"].flatten(1).to(device, dtype),
                    splits["val"]["y"].to(device), alpha=torch.full((steps,), protocol.alpha, dtype=torch.float64),

@@ -23,7 +23,7 @@ def main(params_file: str, variant: str, prepared: str) -> None:
     from pipeline import data
     from pipeline.experiments import adaptive as experiment
     from pipeline.tracking import stage_run
-    experiment.variant(params, variant, data.load_meta(Path(prepared)))  # a bad name or size fails before any run is recorded
+    experiment.variant(params, variant, data.load_info(Path(prepared)))  # a bad name or size fails before any run is recorded
     with stage_run("adaptive", params, variant=variant) as run:  # run() tags the dataset it loads
         metrics = experiment.run(params, Path(prepared), variant, Outputs().adaptive(variant),
                                    tracker=run)

@@ -17,11 +17,11 @@ def main(params_file: str, out: str) -> None:
     from pipeline import data
     from pipeline.tracking import stage_run
     with stage_run("prepare", params) as run:
-        meta = data.prepare(params.data, Path(out))
-        run.set_tag("dataset.digest", meta["digest"])
-        run.log_metrics({f"size/{s}": meta["sizes"][s] for s in ("train", "val", "test")})
-        run.log_artifact(Path(out) / "meta.json")
-    click.echo(f"prepared {meta['source']}: " + ", ".join(f"{k} {v}" for k, v in meta["sizes"].items()))
+        info = data.prepare(params.data, Path(out))
+        run.set_tag("dataset.digest", info["digest"])
+        run.log_metrics({f"size/{s}": info["sizes"][s] for s in ("train", "val", "test")})
+        run.log_artifact(Path(out) / "info.json")
+    click.echo(f"prepared {info['source']}: " + ", ".join(f"{k} {v}" for k, v in info["sizes"].items()))
 
 
 if __name__ == "__main__":

@@ -6,19 +6,19 @@ from pipeline.layout import Outputs
 from stages.common import params_option, user_errors_exit_2
 
 
-@click.command(help="Meta-iterations on the MNIST MLP (w = e^s * z, per-unit log scales s) for run NAME of "
-                    "`quality.runs` (a protocol of `quality.protocols` at a forward length T): from each "
+@click.command(help="Meta-iterations on the MNIST MLP (w = e^s * z, per-unit log scales s) for variant NAME of "
+                    "`quality.variants` (a protocol of `quality.protocols` at a forward length T): from each "
                     "trajectory the exact, float-reversal, DrMAD (heuristic and fixed S) and DrMAD2 "
                     "hypergradients, their norms and cosines with exact, errors, and the reverse-pass traces "
                     "(thesis figs 3.1-3.6). Writes metrics/quality/NAME.json, plots/quality/NAME/*.csv and "
                     "figures/quality/NAME/*.png; resumes after an interruption.")
 @params_option
-@click.option("--run", "name", required=True, help="A key of `quality.runs`, e.g. --run=thesis-2000.")
+@click.option("--variant", "name", required=True, help="A key of `quality.variants`, e.g. --variant=thesis-2000.")
 @user_errors_exit_2
 def main(params_file: str, name: str) -> None:
     params = load_params(params_file)
-    if name not in params.quality.runs:
-        raise ConfigError(f"--run: one of {', '.join(params.quality.runs)} (got {name!r})")
+    if name not in params.quality.variants:
+        raise ConfigError(f"--variant: one of {', '.join(params.quality.variants)} (got {name!r})")
     from pipeline.hypergrad import exact_process
     with exact_process.for_params(params.device, params.threads, params.hvp) as exact_worker:  # starts before the imports
         from pipeline.experiments import quality

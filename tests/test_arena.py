@@ -16,7 +16,7 @@ PROTOCOL = {"hidden": [10, 10], "activation": "tanh", "biases": "scaled", "pixel
 STEPS, BUDGET, HVP_COST = 20, 200.0, 2.0
 TINY = {"device": "cpu",
         "quality": {"data": {"source": "mnist5k", "train_size": 200, "val_size": 100, "test_size": 100},
-                    "protocols": {"p": PROTOCOL}, "runs": {"t": {"protocol": "p", "steps": STEPS}},
+                    "protocols": {"p": PROTOCOL}, "variants": {"t": {"protocol": "p", "steps": STEPS}},
                     "last": 5, "hvp_cost": HVP_COST, "hyper_step": 0.3},
         "trajectory": {"protocol": "p"},
         "arena": {"protocol": "p", "seeds": [0, 1], "steps": STEPS, "budget": BUDGET, "rungs": 4,

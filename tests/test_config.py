@@ -61,13 +61,13 @@ BAD = [  # (key path, bad value, words the message must contain)
     ("processes", 0, ["processes", ">= 1"]),
     ("processes", 3, ["baseline.batch_size", "split evenly over processes: 3"]),
     ("search.heartbeat_s", 0, ["search.heartbeat_s", ">= 1"]),
-    ("quality.runs.thesis-200.protocol", "thesys", ["quality.runs.thesis-200.protocol", "thesis", "standardised"]),
-    ("quality.runs.thesis-200.steps", 0, ["quality.runs.thesis-200.steps", ">= 1"]),
+    ("quality.variants.thesis-200.protocol", "thesys", ["quality.variants.thesis-200.protocol", "thesis", "standardised"]),
+    ("quality.variants.thesis-200.steps", 0, ["quality.variants.thesis-200.steps", ">= 1"]),
     ("quality.protocols.thesis.l2_base", "2", ["quality.protocols.thesis.l2_base", "'e'", "'10'"]),
     ("quality.protocols.thesis.momentum", 0.3, ["quality.protocols.thesis.momentum", ">= 0.5"]),
     ("quality.protocols.thesis.pixels", "raw", ["quality.protocols.thesis.pixels", "unit", "standardised"]),
     ("quality.protocols.thesis.init_scale", 9.0, ["quality.protocols.thesis.init_scale", "scale_bounds"]),
-    ("quality.lengths", [200], ["quality.lengths", "unknown key", "runs"]),
+    ("quality.lengths", [200], ["quality.lengths", "unknown key", "variants"]),
     ("trajectory.protocol", "other", ["trajectory.protocol", "thesis"]),
     ("drmad.epochs_start_by_init", {-2.0: 5}, ["drmad.epochs_cap", "epochs_start"]),
     # the verdict's search spaces, budgets and seed lists
@@ -120,7 +120,7 @@ def test_broken_yaml_is_one_line(tmp_path):
 
 STAGE_COMMANDS = {"prepare": ["stages.prepare"], "baseline": ["stages.baseline"],
                   "drmad": ["stages.drmad", "--init=-4.0"], "adaptive": ["stages.adaptive", "--variant=k100"],
-                  "quality": ["stages.quality", "--run=thesis-200"], "trajectory": ["stages.trajectory"],
+                  "quality": ["stages.quality", "--variant=thesis-200"], "trajectory": ["stages.trajectory"],
                   "report": ["stages.report"], "validate": ["stages.cli", "validate", "--stamp", "checks/params.ok"],
                   "search": ["stages.search", "--sampler=tpe"], "final": ["stages.final", "--kind=drmad"],
                   "tune": ["stages.tune", "--kind=drmad"]}

@@ -12,15 +12,15 @@ from pipeline import data
 from pipeline.config import DataConfig
 
 
-def denormalise(x, meta):
+def denormalise(x, info):
     """Back to the [0, 1] pixels prepare started from."""
-    mean, std = (torch.tensor(meta[k]).view(-1, 1, 1) for k in ("mean", "std"))
+    mean, std = (torch.tensor(info[k]).view(-1, 1, 1) for k in ("mean", "std"))
     return x * std + mean
 
 
-def assert_split_files(out, meta, shape, sizes):
-    assert meta["sizes"] == sizes
-    assert (meta["channels"], meta["height"], meta["width"]) == shape
+def assert_split_files(out, info, shape, sizes):
+    assert info["sizes"] == sizes
+    assert (info["channels"], info["height"], info["width"]) == shape
     for split, n in sizes.items():
         x, y = data.load_split(out, split)
         assert x.shape == (n, *shape) and x.dtype == torch.float32
@@ -29,13 +29,13 @@ def assert_split_files(out, meta, shape, sizes):
     per_channel = x.transpose(0, 1).reshape(shape[0], -1).double()
     assert per_channel.mean(1).tolist() == pytest.approx([0.0] * shape[0], abs=1e-5)
     assert per_channel.std(1, unbiased=False).tolist() == pytest.approx([1.0] * shape[0], abs=1e-4)
-    assert data.load_meta(out) == meta
+    assert data.load_info(out) == info
 
 
-def assert_rows_from(out, meta, split, pixels, labels, peak):
+def assert_rows_from(out, info, split, pixels, labels, peak):
     """Each image of `split` is exactly the source image its split index names."""
     x, y = data.load_split(out, split)
-    assert torch.equal(torch.round(denormalise(x, meta) * peak).to(torch.uint8), pixels)
+    assert torch.equal(torch.round(denormalise(x, info) * peak).to(torch.uint8), pixels)
     assert torch.equal(y, labels)
 
 
@@ -45,9 +45,9 @@ DIGITS = dict(source="digits", val_size=200, test_size=300, train_size=1000)
 
 
 def test_digits_sizes_shapes_and_train_normalisation(tmp_path):
-    meta = data.prepare(DataConfig(**DIGITS), tmp_path / "p")
-    assert meta["source"] == "digits" and meta["num_classes"] == 10
-    assert_split_files(tmp_path / "p", meta, (1, 8, 8), {"train": 1000, "val": 200, "test": 300})
+    info = data.prepare(DataConfig(**DIGITS), tmp_path / "p")
+    assert info["source"] == "digits" and info["num_classes"] == 10
+    assert_split_files(tmp_path / "p", info, (1, 8, 8), {"train": 1000, "val": 200, "test": 300})
 
 
 def test_digits_splits_are_disjoint_and_hold_the_indexed_images(tmp_path):
@@ -58,12 +58,12 @@ def test_digits_splits_are_disjoint_and_hold_the_indexed_images(tmp_path):
     everything = torch.cat(list(idx.values()))
     assert len(set(everything.tolist())) == len(everything) == 1797  # disjoint, and "rest" is all
 
-    meta = data.prepare(cfg, tmp_path / "p")
+    info = data.prepare(cfg, tmp_path / "p")
     digits = load_digits()
     pixels = torch.from_numpy(digits.images).to(torch.uint8).unsqueeze(1)
     labels = torch.from_numpy(digits.target).long()
     for split, i in idx.items():
-        assert_rows_from(tmp_path / "p", meta, split, pixels[i], labels[i], peak=16)
+        assert_rows_from(tmp_path / "p", info, split, pixels[i], labels[i], peak=16)
 
 
 def test_digits_same_params_same_digest_other_seed_other_digest(tmp_path):
@@ -71,14 +71,14 @@ def test_digits_same_params_same_digest_other_seed_other_digest(tmp_path):
     b = data.prepare(DataConfig(**DIGITS), tmp_path / "b")
     c = data.prepare(DataConfig(**DIGITS, seed=1), tmp_path / "c")
     assert a["digest"] == b["digest"] != c["digest"]
-    for name in ("train.pt", "val.pt", "test.pt", "meta.json"):
+    for name in ("train.pt", "val.pt", "test.pt", "info.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
 def test_mnist5k_shapes_and_sizes(tmp_path):
     cfg = DataConfig(source="mnist5k", val_size=500, test_size=1000)
-    meta = data.prepare(cfg, tmp_path / "p")
-    assert_split_files(tmp_path / "p", meta, (1, 28, 28), {"train": 3500, "val": 500, "test": 1000})
+    info = data.prepare(cfg, tmp_path / "p")
+    assert_split_files(tmp_path / "p", info, (1, 28, 28), {"train": 3500, "val": 500, "test": 1000})
 
 
 # -- torchvision sources, faked in their on-disk formats --------------------------------------
@@ -127,20 +127,20 @@ def test_cifar10_real_loader_on_a_fake_folder(tmp_path, fake_cifar):
     root, (train_x, train_y), (test_x, test_y) = fake_cifar
     cfg = DataConfig(source="cifar10", root=str(root), val_size=10, train_size=25, test_size=8, seed=3)
     out = tmp_path / "p"
-    meta = data.prepare(cfg, out)
-    assert_split_files(out, meta, (3, 32, 32), {"train": 25, "val": 10, "test": 8})
+    info = data.prepare(cfg, out)
+    assert_split_files(out, info, (3, 32, 32), {"train": 25, "val": 10, "test": 8})
 
     idx = data.split_indices(cfg, 40, 12)
     assert not set(idx["train"].tolist()) & set(idx["val"].tolist())
     # The stats are those of the 25 training images alone (not val, not the bright test split)...
     pixels = train_x[idx["train"]].double() / 255
     expected = pixels.transpose(0, 1).reshape(3, -1)
-    assert meta["mean"] == pytest.approx(expected.mean(1).tolist(), rel=1e-6)
-    assert meta["std"] == pytest.approx(expected.std(1, unbiased=False).tolist(), rel=1e-6)
+    assert info["mean"] == pytest.approx(expected.mean(1).tolist(), rel=1e-6)
+    assert info["std"] == pytest.approx(expected.std(1, unbiased=False).tolist(), rel=1e-6)
     # ...and every split, test included, holds its indexed images normalised with them.
-    assert_rows_from(out, meta, "train", train_x[idx["train"]], train_y[idx["train"]], peak=255)
-    assert_rows_from(out, meta, "val", train_x[idx["val"]], train_y[idx["val"]], peak=255)
-    assert_rows_from(out, meta, "test", test_x[idx["test"]], test_y[idx["test"]], peak=255)
+    assert_rows_from(out, info, "train", train_x[idx["train"]], train_y[idx["train"]], peak=255)
+    assert_rows_from(out, info, "val", train_x[idx["val"]], train_y[idx["val"]], peak=255)
+    assert_rows_from(out, info, "test", test_x[idx["test"]], test_y[idx["test"]], peak=255)
 
 
 def test_cifar10_sizes_checked_against_the_folder(tmp_path, fake_cifar):
@@ -188,11 +188,11 @@ def test_mnist_real_loader_on_a_fake_folder(tmp_path):
 
     cfg = DataConfig(source="mnist", root=str(tmp_path / "raw"), val_size=5, test_size=None)
     out = tmp_path / "p"
-    meta = data.prepare(cfg, out)
-    assert_split_files(out, meta, (1, 28, 28), {"train": 25, "val": 5, "test": 10})
+    info = data.prepare(cfg, out)
+    assert_split_files(out, info, (1, 28, 28), {"train": 25, "val": 5, "test": 10})
     idx = data.split_indices(cfg, 30, 10)
     pixels, labels = torch.from_numpy(test_x).unsqueeze(1), torch.from_numpy(test_y).long()
-    assert_rows_from(out, meta, "test", pixels[idx["test"]], labels[idx["test"]], peak=255)
+    assert_rows_from(out, info, "test", pixels[idx["test"]], labels[idx["test"]], peak=255)
 
 
 # -- atomic output -----------------------------------------------------------------------------
@@ -220,6 +220,6 @@ def test_failed_write_leaves_previous_output_untouched(tmp_path, monkeypatch):
 
 def test_loading_before_prepare_is_a_data_error(tmp_path):
     with pytest.raises(data.DataError, match="prepare"):
-        data.load_meta(tmp_path)
+        data.load_info(tmp_path)
     with pytest.raises(data.DataError, match="prepare"):
         data.load_split(tmp_path, "train")

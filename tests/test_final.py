@@ -20,10 +20,10 @@ TINY = tiny_settings(baseline={"epochs": 2, "batch_size": 32, "last_n": 1},
                      final={"seeds": [1, 2]})
 
 
-def chosen_results(root, meta, l2=-1.0, search_l2=-3.0):
+def chosen_results(root, info, l2=-1.0, search_l2=-3.0):
     """What tune@search and tune@drmad would have left: per seed, a best trial and a chosen
     meta-iteration (seed 2's differ from seed 1's)."""
-    model = build_densenet(parse_params(TINY).model, meta, 0)
+    model = build_densenet(parse_params(TINY).model, info, 0)
     search, drmad = {}, {}
     for seed in (1, 2):
         search[f"seed{seed}"] = {"outcome": "finished", "log10_l2": search_l2 - (seed - 1), "alpha": 0.5,
@@ -38,8 +38,8 @@ def chosen_results(root, meta, l2=-1.0, search_l2=-3.0):
 
 def test_every_kind_retrains_its_methods_once_per_seed(prepared, tmp_path):
     params = parse_params(TINY)
-    meta = data.load_meta(prepared)
-    chosen_results(tmp_path, meta)
+    info = data.load_info(prepared)
+    chosen_results(tmp_path, info)
     seen = {}
     for kind in final.KINDS:
         metrics = final.run(params, prepared, kind, Outputs(tmp_path).final(kind), root=tmp_path)
@@ -81,8 +81,8 @@ def test_finalists_train_with_the_chosen_hyperparameters(prepared, tmp_path):
     """The drmad finalist equals a direct training with its coefficients, and differs from the
     baseline's; the search finalist equals a training at its best trial's L2 and step size."""
     params = parse_params(TINY)
-    meta, splits = data.load_prepared(prepared, torch.device("cpu"))
-    chosen_results(tmp_path, meta, l2=-1.0)
+    info, splits = data.load_prepared(prepared, torch.device("cpu"))
+    chosen_results(tmp_path, info, l2=-1.0)
     by_kind = {k: final.finalists(params, k, tmp_path)[0] for k in ("baseline", "search", "drmad")}
     assert by_kind["search"].cfg.alpha == 0.5 and by_kind["search"].cfg.log10_l2 == -3.0
     # tuned kinds: one finalist per seed, each the choice of its own seed's tuning
@@ -90,10 +90,10 @@ def test_finalists_train_with_the_chosen_hyperparameters(prepared, tmp_path):
     assert [(f.seed, f.cfg.log10_l2) for f in searched] == [(1, -3.0), (2, -4.0)]
     weights = {}
     for kind, finalist in by_kind.items():
-        trainer, _ = train(params, finalist.cfg, 1, splits, meta, l2_coefficients=finalist.l2_coefficients)
+        trainer, _ = train(params, finalist.cfg, 1, splits, info, l2_coefficients=finalist.l2_coefficients)
         weights[kind] = torch.cat([p.detach().flatten() for p in trainer.params])
     direct_cfg = params.baseline.model_copy(update={"log10_l2": -1.0})
-    trainer, _ = train(params, direct_cfg, 1, splits, meta)
+    trainer, _ = train(params, direct_cfg, 1, splits, info)
     assert torch.equal(weights["drmad"], torch.cat([p.detach().flatten() for p in trainer.params]))
     assert not torch.equal(weights["drmad"], weights["baseline"])
     assert not torch.equal(weights["search"], weights["baseline"])
@@ -101,8 +101,8 @@ def test_finalists_train_with_the_chosen_hyperparameters(prepared, tmp_path):
 
 def test_seeds_change_init_batches_and_masks(prepared):
     params = parse_params(TINY)
-    meta, splits = data.load_prepared(prepared, torch.device("cpu"))
-    runs = [train(params, params.baseline, seed, splits, meta)[0] for seed in (1, 1, 2)]
+    info, splits = data.load_prepared(prepared, torch.device("cpu"))
+    runs = [train(params, params.baseline, seed, splits, info)[0] for seed in (1, 1, 2)]
     flat = [torch.cat([p.detach().flatten() for p in t.params]) for t in runs]
     assert torch.equal(flat[0], flat[1]) and not torch.equal(flat[0], flat[2])
     assert not torch.equal(runs[0].batches.indices(0), runs[2].batches.indices(0))
@@ -136,7 +136,7 @@ def test_missing_choices_are_a_clear_error(prepared, tmp_path):
         final.finalists(params, "search", tmp_path)
     with pytest.raises(ConfigError, match="results/tune/drmad.pt: missing; it is written by tune@drmad"):
         final.finalists(params, "drmad", tmp_path)
-    chosen_results(tmp_path, data.load_meta(prepared))
+    chosen_results(tmp_path, data.load_info(prepared))
     tuned = torch.load(tmp_path / "results/tune/search.pt", weights_only=True)
     del tuned["random"]["seed2"]  # tuned before seed 2 was added
     io.save_torch(tmp_path / "results/tune/search.pt", tuned)
@@ -148,8 +148,8 @@ def test_a_finished_seed_is_reused_only_with_unchanged_choices(prepared, tmp_pat
     """Interrupted after seed 1, the tuned choices change before the resume: seed 1 is retrained
     at its new choice, not taken from its record."""
     params = parse_params({**TINY, "final": {"seeds": [1, 2]}})
-    meta = data.load_meta(prepared)
-    chosen_results(tmp_path, meta)
+    info = data.load_info(prepared)
+    chosen_results(tmp_path, info)
     paths = Outputs(tmp_path).final("search")
     trained, real_train = [], final.baseline.train
 
@@ -162,7 +162,7 @@ def test_a_finished_seed_is_reused_only_with_unchanged_choices(prepared, tmp_pat
     monkeypatch.setattr(final.baseline, "train", stop_at_seed_2)
     with pytest.raises(Interrupt):
         final.run(params, prepared, "search", paths, root=tmp_path)
-    chosen_results(tmp_path, meta, search_l2=-1.5)
+    chosen_results(tmp_path, info, search_l2=-1.5)
     final.run(params, prepared, "search", paths, root=tmp_path)
     assert trained == [(1, -3.0), (2, -4.0), (1, -1.5), (2, -2.5)]
 
@@ -176,9 +176,9 @@ def test_every_adaptive_finalist_seed_trains_from_its_own_seed(prepared, tmp_pat
         seen.append(("trainer", seed))
         real_init(self, model, x, y, val_x, val_y, cfg, seed, *args, **kwargs)
 
-    def build(cfg, meta, seed):
+    def build(cfg, info, seed):
         seen.append(("init", seed))
-        return real_build(cfg, meta, seed)
+        return real_build(cfg, info, seed)
     monkeypatch.setattr(adaptive_run.AdaptiveTrainer, "__init__", trainer_init)
     monkeypatch.setattr(adaptive_run, "build_densenet", build)
     params = parse_params({**TINY, "final": {"seeds": [4, 9]}})

@@ -92,7 +92,7 @@ def test_a_corrupt_optuna_study_file_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("section, change", [("adaptive", {"variants": {"a/b": {}}}),
-                                             ("quality", {"runs": {"../x": {"protocol": "thesis", "steps": 3}}})])
+                                             ("quality", {"variants": {"../x": {"protocol": "thesis", "steps": 3}}})])
 def test_names_that_become_file_names_are_validated(section, change):
     with pytest.raises(ConfigError) as err:
         parse_params({section: change})

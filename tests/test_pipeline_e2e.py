@@ -21,14 +21,14 @@ TINY = {
                  "epochs": 1, "batch_size": 32, "val_batch_size": 20},
     "quality": {"data": {"train_size": 200, "val_size": 100, "test_size": 100},
                 "protocols": {"tiny": {"hidden": [8], "batch_size": 20, "alpha": 0.05, "momentum": 0.95}},
-                "runs": {"tiny-10": {"protocol": "tiny", "steps": 10}, "tiny-20": {"protocol": "tiny", "steps": 20}},
+                "variants": {"tiny-10": {"protocol": "tiny", "steps": 10}, "tiny-20": {"protocol": "tiny", "steps": 20}},
                 "meta_iterations": 1, "drmad_steps": 3, "last": 3, "trace_points": 5},
     "trajectory": {"protocol": "tiny", "steps": 20, "every": 5},
     "search": {"trial_epochs": 1},  # budget: drmad's counted work, 9.4 gradient evaluations -> 2 trials of 4
     "final": {"seeds": [1, 2]},
     "arena": {"protocol": "tiny", "seeds": [0, 1], "steps": 10, "budget": 60, "rungs": 2},
 }
-REPLACED = ("protocols", "runs")  # mappings the tiny params replace whole (merging would keep the defaults')
+REPLACED = ("protocols", "variants")  # mappings the tiny params replace whole (merging would keep the defaults')
 DENSENET_STAGES = ("prepare", "baseline", "drmad@-4.0", "adaptive@k100", "adaptive@k131", "search@random",
                    "search@random-step", "search@tpe-step",
                    "search@tpe", "tune@search", "tune@drmad", "final@baseline", "final@search", "final@drmad",
@@ -100,7 +100,7 @@ def make_repo(repo: Path, params: dict = TINY) -> Path:
 def test_repro_runs_what_changed_and_records_it(tmp_path):
     repo = make_repo(tmp_path)
     assert ran(sh(repo, sys.executable, "-m", "stages.cli", "run")) == set(STAGES)
-    for out in ("data/prepared/train.pt", "data/prepared/meta.json", "models/baseline.pt",
+    for out in ("data/prepared/train.pt", "data/prepared/info.json", "models/baseline.pt",
                 "metrics/baseline.json", "plots/baseline/errors.csv", "results/drmad/-4.0/hypers.pt",
                 "metrics/drmad/-4.0.json", "plots/drmad/-4.0/meta.csv", "plots/drmad/-4.0/layers.csv",
                 "metrics/adaptive/k100.json", "plots/adaptive/k131/epochs.csv", "results/adaptive/k131/hypers.pt"):
@@ -199,7 +199,7 @@ def test_repro_runs_what_changed_and_records_it(tmp_path):
     set_params(repo, {"quality": {"drmad_steps": TINY["quality"]["drmad_steps"]}})
     raw = yaml.safe_load((repo / "params.yaml").read_text())  # a protocol and a run added beside the others
     raw["quality"]["protocols"]["other"] = {"hidden": [8], "batch_size": 10}
-    raw["quality"]["runs"]["other-10"] = {"protocol": "other", "steps": 10}
+    raw["quality"]["variants"]["other-10"] = {"protocol": "other", "steps": 10}
     (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     out = sh(repo, "dvc", "repro")
     assert ran(out) == {"validate", "report"} and "Running stage 'quality@other-10'" in out  # only the new run

@@ -20,7 +20,7 @@ PROTOCOL = {"hidden": [10, 10], "activation": "relu", "biases": "plain", "batch_
             "init_scale": 0.0, "z0_log_scale": None, "pixels": "standardised", "multiplier": 1.0}
 TINY = {"device": "cpu",
         "quality": {"data": {"source": "mnist5k", "train_size": 200, "val_size": 100, "test_size": 100},
-                    "protocols": {"p": PROTOCOL}, "runs": {"t20": {"protocol": "p", "steps": 20}},
+                    "protocols": {"p": PROTOCOL}, "variants": {"t20": {"protocol": "p", "steps": 20}},
                     "meta_iterations": 2, "drmad_steps": 5, "last": 3, "trace_points": 7,
                     "truncate": [4, "S"], "neumann_terms": [0, 6]},
         "trajectory": {"protocol": "p", "steps": 40, "every": 4, "coordinates": 2}, "arena": {"protocol": "p"}}
@@ -38,11 +38,11 @@ def splits():
 
 
 def five(params, steps, splits):
-    built, meta = splits
+    built, info = splits
     protocol = params.quality.protocols["p"]
-    problem = quality_mlp.build_problem(params.quality, protocol, params.seed, steps, built, meta, torch.device("cpu"))
+    problem = quality_mlp.build_problem(params.quality, protocol, params.seed, steps, built, info, torch.device("cpu"))
     l2 = quality_mlp.penalty(problem, protocol, torch.device("cpu"))
-    return quality.hypergradients(problem, l2, params.quality, protocol, double_backward)
+    return quality.hypergradients(quality.Setup(problem, l2, params.quality, protocol, double_backward))
 
 
 def compare_direct(params, steps, splits):
@@ -90,8 +90,8 @@ def test_stage_writes_long_tables_figures_and_metrics(tmp_path):
     assert metrics["outcome"] == "finished" and metrics["meta_iterations_completed"] == 2
     # the stage's wiring (protocol, seed, penalty, multiplier) against a direct call at the same settings
     params = tiny()
-    built, meta = quality_mlp.load_data(params.quality, params.quality.protocols["p"])
-    first = compare_direct(params, 20, (built, meta))
+    built, info = quality_mlp.load_data(params.quality, params.quality.protocols["p"])
+    first = compare_direct(params, 20, (built, info))
     assert metrics["drmad/cos_exact"][0] == pytest.approx(first["drmad"]["cos_exact"], rel=1e-5)
     assert metrics["drmad/norm_ratio"][0] == pytest.approx(first["drmad"]["norm_ratio"], rel=1e-5)
     assert json.loads(paths.metrics.read_text()) == metrics
@@ -158,8 +158,8 @@ def test_paths_stage_projections_and_figures(tmp_path):
     # straightness = |w_T - w_0| / path length, by hand from a float run of the same protocol
     params = tiny()
     q = params.quality
-    built, meta = quality_mlp.load_data(q, q.protocols["p"])
-    problem = quality_mlp.build_problem(q, q.protocols["p"], params.seed, 40, built, meta, torch.device("cpu"))
+    built, info = quality_mlp.load_data(q, q.protocols["p"])
+    problem = quality_mlp.build_problem(q, q.protocols["p"], params.seed, 40, built, info, torch.device("cpu"))
     coef = problem.l2_coefficients(quality_mlp.penalty(problem, q.protocols["p"], torch.device("cpu")))
     w, v, kept = problem.w0.clone(), torch.zeros_like(problem.w0), [problem.w0.clone()]
     for t in range(40):
@@ -207,11 +207,11 @@ def test_thesis_protocol_is_the_thesis_to_the_letter():
     biases = torch.cat([layer.bias_z for layer in mlp.layers])
     assert biases.std().item() == pytest.approx(math.exp(-3), rel=0.15)  # drawn, not zero
     assert all(torch.equal(layer.bias_s, torch.full_like(layer.bias_s, 0.2)) for layer in mlp.layers)
-    built, meta = quality_mlp.load_data(tiny().quality, thesis)
+    built, info = quality_mlp.load_data(tiny().quality, thesis)
     x = built["train"]["x"]
     assert x.mean(0).abs().max().item() < 1e-6  # centred per pixel on the training split
     assert x.min().item() < -0.5 and x.max().item() > 0.5 and (x.max(0).values - x.min(0).values).max() <= 1.0
-    problem = quality_mlp.build_problem(tiny().quality, thesis, 0, 3, built, meta, torch.device("cpu"))
+    problem = quality_mlp.build_problem(tiny().quality, thesis, 0, 3, built, info, torch.device("cpu"))
     assert problem.alpha.tolist() == [0.05] * 3 and problem.n[0] / 2 ** 16 == pytest.approx(0.95, abs=2 ** -16)
     l2 = quality_mlp.penalty(problem, thesis, torch.device("cpu"))
     assert set(l2.shapes) == set(problem.names)  # every z is penalised, the biases' too
@@ -228,10 +228,10 @@ def test_thesis_exact_hypergradient_equals_autograd_through_the_unrolled_trainin
                    "init_scale": 0.2, "z0_log_scale": -3.0, "log_l2": -4.0, "l2_base": "e", "alpha": 0.05,
                    "momentum": 0.95, "batch_size": 50, "multiplier": 10.0})
     protocol, steps = params.quality.protocols["p"], 8
-    built, meta = quality_mlp.load_data(params.quality, protocol)
-    problem = quality_mlp.build_problem(params.quality, protocol, params.seed, steps, built, meta, torch.device("cpu"))
+    built, info = quality_mlp.load_data(params.quality, protocol)
+    problem = quality_mlp.build_problem(params.quality, protocol, params.seed, steps, built, info, torch.device("cpu"))
     l2 = quality_mlp.penalty(problem, protocol, torch.device("cpu"))
-    stage = quality.hypergradients(problem, l2, params.quality, protocol, double_backward)["grads"]["exact"]
+    stage = quality.hypergradients(quality.Setup(problem, l2, params.quality, protocol, double_backward))["grads"]["exact"]
 
     mlp = quality_mlp.build_mlp(protocol, params.seed, 784, 10).double()
     zs = [t.detach().clone().requires_grad_() for layer in mlp.layers for t in (layer.z, layer.bias_z)]

@@ -180,13 +180,13 @@ def test_the_dataset_tag_hashes_what_was_loaded(prepared, tmp_path, capsys):
     copy = tmp_path / "prepared"
     shutil.copytree(prepared, copy)
     split = torch.load(copy / "train.pt", weights_only=True)
-    split["y"] = split["y"].flip(0)  # replaced by hand: meta.json no longer describes it
+    split["y"] = split["y"].flip(0)  # replaced by hand: info.json no longer describes it
     torch.save(split, copy / "train.pt")
     tracker = RecordingTracker()
-    meta, _ = data.load_prepared(copy, torch.device("cpu"), tracker)
-    on_disk = json.loads((copy / "meta.json").read_text())["digest"]
-    assert tracker.tags["dataset.digest"] == meta["digest"] != on_disk
-    assert "do not match meta.json's digest" in capsys.readouterr().err
+    info, _ = data.load_prepared(copy, torch.device("cpu"), tracker)
+    on_disk = json.loads((copy / "info.json").read_text())["digest"]
+    assert tracker.tags["dataset.digest"] == info["digest"] != on_disk
+    assert "do not match info.json's digest" in capsys.readouterr().err
 
 
 # -- one process per stage instance ------------------------------------------------------------

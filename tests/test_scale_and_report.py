@@ -32,7 +32,7 @@ def test_paper_scale_validates_and_builds_the_thesis_models(paper):
     mlp = build_mlp(paper.quality.protocols["thesis"], paper.seed, 28 * 28, 10)
     assert [layer.z.shape[1] for layer in mlp.layers] + [mlp.layers[-1].z.shape[0]] == [784, 50, 50, 50, 10]
     assert paper.quality.data.source == "mnist" and paper.quality.data.train_size == 15000
-    assert paper.quality.runs["thesis-200000"].steps == 200_000 and "thesis-20000" in paper.quality.runs
+    assert paper.quality.variants["thesis-200000"].steps == 200_000 and "thesis-20000" in paper.quality.variants
     assert [paper.drmad.start_epochs(i) for i in (-4.0, -2.0, -7.0)] == [100, 10, 10]  # thesis: bad inits at 10
     assert paper.adaptive.schedule.milestones == [] and paper.adaptive.floor_schedule.milestones == [0.5, 0.75]
     assert paper.baseline.epochs == 300 and paper.drmad.epochs_cap == 300 and paper.adaptive.epochs == 300

@@ -185,7 +185,7 @@ def test_the_trial_cost_on_a_split_that_batches_do_not_divide(tmp_path):
     uneven = tiny_settings(TINY, data={"train_size": 100}, search={"budget": 7})
     params = parse_params(uneven)
     data.prepare(params.data, tmp_path / "prepared")
-    assert search.trial_cost(params, data.load_meta(tmp_path / "prepared")) == 3
+    assert search.trial_cost(params, data.load_info(tmp_path / "prepared")) == 3
     got = search.run(params, tmp_path / "prepared", "random", Outputs(tmp_path).search("random"))
     trials = pd.read_csv(tmp_path / "plots/search/random/trials.csv")
     assert got["trials"] == 2 and trials["work_gradient_equivalents"].tolist() == [3.0, 3.0]
@@ -216,8 +216,8 @@ def test_two_workers_one_place_one_trial_completes_the_other_is_pruned(prepared,
     (here one trial) is kept."""
     import socket
     params, paths = settings(budget=3), Outputs(tmp_path).search("random")  # one trial of 3
-    meta, _ = data.load_prepared(prepared, torch.device("cpu"))
-    study = search.open_study("random", params, meta, paths, 3.0)  # the study the stage opens
+    info, _ = data.load_prepared(prepared, torch.device("cpu"))
+    study = search.open_study("random", params, info, paths, 3.0)  # the study the stage opens
     others, real_sampler = [], search.sampler
 
     def other_worker_asks_first(*args, **kwargs):  # called after the look at the plan, before the ask

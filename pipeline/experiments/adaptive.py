@@ -35,12 +35,12 @@ from pipeline.training import (epoch_metrics, setup_device, final_errors, finite
 LOG10_E = 1 / math.log(10)
 
 
-def variant(params: Params, name: str, meta: dict | None = None) -> AdaptiveVariant:
-    """The configuration `name`; with the prepared data's meta, its val_size is checked too."""
+def variant(params: Params, name: str, info: dict | None = None) -> AdaptiveVariant:
+    """The configuration `name`; with the prepared data's info, its val_size is checked too."""
     if name not in params.adaptive.variants:
         raise ConfigError(f"--variant: one of {', '.join(params.adaptive.variants)} (got {name!r})")
     var = params.adaptive.variants[name]
-    pool = meta["sizes"]["train"] + meta["sizes"]["val"] if meta else None
+    pool = info["sizes"]["train"] + info["sizes"]["val"] if info else None
     if pool and var.val_size is not None and not var.val_size < pool:
         raise ConfigError(f"adaptive.variants.{name}.val_size: below the {pool} train+val images (got {var.val_size})")
     return var
@@ -86,10 +86,10 @@ def eta_floor(cfg, momentum: float, total_steps: int | None = None):
 def run(params: Params, prepared: Path, name: str, paths: AdaptiveOutputs, tracker: Tracker = SILENT,
         progress: bool | None = None) -> dict:
     device = setup_device(params.device, params.threads)
-    meta, splits = load_prepared(prepared, device, tracker)
-    cfg, var = params.adaptive, variant(params, name, meta)
+    info, splits = load_prepared(prepared, device, tracker)
+    cfg, var = params.adaptive, variant(params, name, info)
     splits = resplit(splits, var.val_size, params.seed)
-    model = build_densenet(params.model, meta, params.seed).to(device)
+    model = build_densenet(params.model, info, params.seed).to(device)
     l2, lr = hyperspaces(params, model, var.momentum)
     val_batch = cfg.val_batch_size * (var.window if cfg.val_batches == "window" else 1)  # M batches: one of M x b
     settings = AdaptiveSettings(var.every, var.window, var.l2_step, var.lr_step, val_batch, params.hvp,
@@ -98,7 +98,7 @@ def run(params: Params, prepared: Path, name: str, paths: AdaptiveOutputs, track
                               params.seed, l2, lr, settings)
 
     checkpoint = Checkpoint(paths.checkpoint, fingerprint(name, params.seed, params.model.model_dump(),
-                                                          cfg.model_dump(), meta["digest"]))
+                                                          cfg.model_dump(), info["digest"]))
     layer_rows: list[dict] = []
     if (saved := checkpoint.load(device)) is not None:
         trainer.load_state_dict(saved["trainer"])

@@ -47,26 +47,26 @@ def _training_work(steps: int) -> dict:
 def run(params: Params, prepared: Path, paths: BaselineOutputs, tracker: Tracker = SILENT,
         progress: bool | None = None) -> dict:
     device = setup_device(params.device, params.threads)
-    meta, splits = load_prepared(prepared, device, tracker)
+    info, splits = load_prepared(prepared, device, tracker)
     cfg = params.baseline
     checkpoint = Checkpoint(paths.checkpoint, fingerprint(params.seed, params.model.model_dump(),
-                                                          cfg.model_dump(), meta["digest"]))
-    trainer, metrics = train(params, cfg, params.seed, splits, meta, checkpoint, tracker=tracker,
+                                                          cfg.model_dump(), info["digest"]))
+    trainer, metrics = train(params, cfg, params.seed, splits, info, checkpoint, tracker=tracker,
                              progress=progress)
     metrics["platform"] = machine.describe(device)  # bit-identity holds within one platform
-    _write_outputs(paths, trainer, trainer.state.history, metrics, meta, tracker)
+    _write_outputs(paths, trainer, trainer.state.history, metrics, info, tracker)
     checkpoint.clear()
     return metrics
 
 
-def train(params: Params, cfg: TrainConfig, seed: int, splits: dict, meta: dict, checkpoint: Checkpoint | None = None,
+def train(params: Params, cfg: TrainConfig, seed: int, splits: dict, info: dict, checkpoint: Checkpoint | None = None,
           l2_coefficients: dict | None = None, tracker: Tracker = SILENT, progress: bool | None = None,
           desc: str = "baseline") -> tuple[Trainer, dict]:
     """Train a fresh DenseNet of `params.model` (weights from `seed`) with `cfg`, evaluating
     after every epoch; resumes from `checkpoint` and saves it after each epoch. Returns the
     trainer (its state holds the per-epoch history) and the run's summary metrics."""
     device = splits["train"][0].device
-    model = build_densenet(params.model, meta, seed).to(device)
+    model = build_densenet(params.model, info, seed).to(device)
     trainer = Trainer(model, *splits["train"], cfg, seed, l2_coefficients)
     if checkpoint and (saved := checkpoint.load(device)) is not None:
         trainer.load_state_dict(saved)
@@ -89,9 +89,9 @@ def train(params: Params, cfg: TrainConfig, seed: int, splits: dict, meta: dict,
 
 
 def _write_outputs(paths: BaselineOutputs, trainer: Trainer, history: list[dict], metrics: dict,
-                   meta: dict, tracker: Tracker) -> None:
+                   info: dict, tracker: Tracker) -> None:
     per_epoch = pd.DataFrame(history).drop(columns="seconds")
-    io.save_torch(paths.model, {"model": trainer.model.state_dict(), "meta": meta})
+    io.save_torch(paths.model, {"model": trainer.model.state_dict(), "info": info})
     with io.atomic_path(paths.per_epoch) as tmp:
         per_epoch.to_csv(tmp, index=False)
     io.write_json(paths.metrics, metrics)

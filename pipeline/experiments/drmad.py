@@ -84,7 +84,7 @@ def finite(*tensors: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
-class Run(MetaState):
+class DrmadState(MetaState):
     """One initialisation's meta-iterations. `chosen`, what the finalists retrain (`tune` and
     `final` stages): the hyperparameters of the meta-iteration with the best validation error
     among those trained longest (epochs grow to a cap: a longer training's lower error says nothing
@@ -96,22 +96,22 @@ class Run(MetaState):
         self.start_epochs = start_epochs
 
 
-def meta_iteration(params: Params, run: Run, splits: dict, meta: dict, device: torch.device,
+def meta_iteration(params: Params, state: DrmadState, splits: dict, info: dict, device: torch.device,
                    tracker: Tracker) -> bool:
     """Train, take the DrMAD hypergradient, step the hyperparameters. False when it diverged."""
-    cfg, i = params.drmad, run.iteration
+    cfg, i = params.drmad, state.iteration
     start = time.perf_counter()
-    model = build_densenet(params.model, meta, params.seed).to(device)
+    model = build_densenet(params.model, info, params.seed).to(device)
     w0 = flat(model.parameters())
-    coefs = {n: 2 * run.hypers.value(n) for n in run.hypers.shapes}
-    trainer = Trainer(model, *splits["train"], cfg.train_config(epochs_at(i, run.start_epochs, cfg.epochs_growth,
+    coefs = {n: 2 * state.hypers.value(n) for n in state.hypers.shapes}
+    trainer = Trainer(model, *splits["train"], cfg.train_config(epochs_at(i, state.start_epochs, cfg.epochs_growth,
                       cfg.epochs_cap)), params.seed, coefs, track_distance=True)
     # The hyperparameters this meta-iteration trains with, per layer (thesis fig. 3.10).
-    run.rows["layers"] += [{"meta_iteration": i, "layer": n, **s} for n, s in layer_summary(run.hypers).items()]
+    state.rows["layers"] += [{"meta_iteration": i, "layer": n, **s} for n, s in layer_summary(state.hypers).items()]
     row = {}
     for epoch in range(trainer.cfg.epochs):
         row = train_epoch(trainer, splits, epoch + 1, params.evaluation.batchnorm)
-        run.rows["epochs"].append({"meta_iteration": i, **row})  # each training's epochs: epochs.csv, not a metric
+        state.rows["epochs"].append({"meta_iteration": i, **row})  # each training's epochs: epochs.csv, not a metric
         if not finite_losses(row):
             return False
     forward_seconds = time.perf_counter() - start
@@ -121,38 +121,38 @@ def meta_iteration(params: Params, run: Run, splits: dict, meta: dict, device: t
     path = reverse_path(params, problem, trainer, distances)
     if not finite(flat(trainer.params), distances):
         return False
-    grads = reverse(problem, path, run.hypers, HVP_METHODS[params.hvp])
+    grads = reverse(problem, path, state.hypers, HVP_METHODS[params.hvp])
     grad = grads["log10_l2"]
     if not finite(*grad.values()):
         return False
-    trained_with = hyper_quantiles(run.hypers, "log10_l2")  # logged at step i: what meta-iteration i trained with
-    sign_step(run.hypers, grad, run.momentum, cfg.hyper_step, cfg.hyper_momentum)
+    trained_with = hyper_quantiles(state.hypers, "log10_l2")  # logged at step i: what meta-iteration i trained with
+    sign_step(state.hypers, grad, state.momentum, cfg.hyper_step, cfg.hyper_momentum)
 
     norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grad.values())).item()
     seconds = time.perf_counter() - start
     # this machine's HVP over gradient on this model, beside the declared `work.hvp_cost` (a few steps, once)
     grad_s, hvp_s = step_costs(problem, HVP_METHODS[params.hvp], sample=3) if i == 0 else (None, None)
-    run.rows["meta"].append({"meta_iteration": i, "epochs": trainer.cfg.epochs, "steps": trainer.total_steps,
+    state.rows["meta"].append({"meta_iteration": i, "epochs": trainer.cfg.epochs, "steps": trainer.total_steps,
                           "reverse_steps": path.reverse_steps, "train_error": row["train_error"],
                           "val_error": row["val_error"], "test_error": row["test_error"],
                           "val_loss": grads["val_loss"], "hypergrad_norm": norm, "seconds": seconds,
                           "forward_seconds": forward_seconds, "reverse_seconds": seconds - forward_seconds,
                           "training_gradients": trainer.total_steps,
                           "hvp_cost_measured": round(hvp_s / grad_s, 3) if grad_s else None})
-    if chosen_instead(run.chosen, trainer.cfg.epochs, row["val_error"]):
-        run.chosen = {"meta_iteration": i, "epochs": trainer.cfg.epochs, "val_error": row["val_error"],
+    if chosen_instead(state.chosen, trainer.cfg.epochs, row["val_error"]):
+        state.chosen = {"meta_iteration": i, "epochs": trainer.cfg.epochs, "val_error": row["val_error"],
                       "l2_coefficients": {n: c.detach().cpu().clone() for n, c in coefs.items()}}
-    _log_meta_iteration(tracker, run, i, trained_with)
+    _log_meta_iteration(tracker, state, i, trained_with)
     return True
 
 
-def _log_meta_iteration(tracker: Tracker, run: Run, i: int, trained_with: dict[str, float]) -> None:
-    last = run.rows["meta"][-1]
+def _log_meta_iteration(tracker: Tracker, state: DrmadState, i: int, trained_with: dict[str, float]) -> None:
+    last = state.rows["meta"][-1]
     metrics = {f"meta/error/{s}": last[f"{s}_error"] for s in ("train", "val", "test")}
     metrics.update({"meta/hypergrad_norm": last["hypergrad_norm"], "meta/reverse_steps": last["reverse_steps"],
                     "meta/val_loss": last["val_loss"], "meta/seconds": last["seconds"]})
     tracker.log_metrics({**metrics, **trained_with}, step=i)
-    values = torch.cat([run.hypers.log_value(n).reshape(-1).float().cpu() for n in run.hypers.shapes])
+    values = torch.cat([state.hypers.log_value(n).reshape(-1).float().cpu() for n in state.hypers.shapes])
     tracker.log_figure(plots.histogram(values, f"log10 L2 after meta-iteration {i}", "log10 L2"),
                        f"histograms/log10_l2_meta{i:02d}.png")
 
@@ -160,21 +160,21 @@ def _log_meta_iteration(tracker: Tracker, run: Run, i: int, trained_with: dict[s
 def run(params: Params, prepared: Path, init: float, paths: DrmadOutputs, tracker: Tracker = SILENT,
         progress: bool | None = None) -> dict:
     device = setup_device(params.device, params.threads)
-    meta, splits = load_prepared(prepared, device, tracker)
+    info, splits = load_prepared(prepared, device, tracker)
     cfg = params.drmad
-    template = build_densenet(params.model, meta, params.seed)
-    state = Run(HyperSpace.l2(template, init, cfg.sharing, bounds=tuple(cfg.bounds), device=device),
+    template = build_densenet(params.model, info, params.seed)
+    state = DrmadState(HyperSpace.l2(template, init, cfg.sharing, bounds=tuple(cfg.bounds), device=device),
                 cfg.start_epochs(init))
 
     checkpoint = Checkpoint(paths.checkpoint, fingerprint(init, params.seed, params.model.model_dump(),
-                                                          cfg.model_dump(), meta["digest"], Run.FORMAT))
+                                                          cfg.model_dump(), info["digest"], DrmadState.FORMAT))
     if (saved := checkpoint.load(device)) is not None:
         state.restore(saved)
 
     def last() -> dict:
         row = state.rows["meta"][-1]
         return {"val": f"{row['val_error']:.3f}", "test": f"{row['test_error']:.3f}"}
-    run_meta_iterations(state, cfg.meta_iterations, lambda: meta_iteration(params, state, splits, meta, device, tracker),
+    run_meta_iterations(state, cfg.meta_iterations, lambda: meta_iteration(params, state, splits, info, device, tracker),
                         checkpoint.save, f"drmad {init:g}", last, progress, tracker)
 
     metrics = summarise(state, init, params.report.last_n, params.work.hvp_cost, params.hvp)
@@ -184,19 +184,19 @@ def run(params: Params, prepared: Path, init: float, paths: DrmadOutputs, tracke
     return metrics
 
 
-def summarise(run: Run, init: float, last_n: int, hvp_cost: float, hvp: str = "double_backward") -> dict:
+def summarise(state: DrmadState, init: float, last_n: int, hvp_cost: float, hvp: str = "double_backward") -> dict:
     """Rows are the completed meta-iterations (a diverging one records none)."""
-    rows = run.rows["meta"]
+    rows = state.rows["meta"]
     work = Work()
     for r in rows:
         work.train(r["training_gradients"])
         work.hypergradient(r["reverse_steps"], recomputed_gradients(hvp, r["reverse_steps"]))
     forward = sum(r["forward_seconds"] for r in rows)
     return {
-        "init_log10_l2": init, "outcome": run.outcome, "meta_iterations_completed": len(rows),
-        **final_errors(rows, run.outcome, last_n, "meta_iteration"),
+        "init_log10_l2": init, "outcome": state.outcome, "meta_iterations_completed": len(rows),
+        **final_errors(rows, state.outcome, last_n, "meta_iteration"),
         "reverse_steps": [r["reverse_steps"] for r in rows],
-        "chosen_meta_iteration": run.chosen["meta_iteration"] if run.chosen else None,
+        "chosen_meta_iteration": state.chosen["meta_iteration"] if state.chosen else None,
         "seconds_per_meta_iteration": round(sum(r["seconds"] for r in rows) / len(rows), 3) if rows else None,
         "reverse_over_forward_time": round(sum(r["reverse_seconds"] for r in rows) / forward, 3) if rows else None,
         **work.metrics(hvp_cost), "hvp_cost": hvp_cost,
@@ -204,17 +204,17 @@ def summarise(run: Run, init: float, last_n: int, hvp_cost: float, hvp: str = "d
     }
 
 
-def _write_outputs(paths: DrmadOutputs, run: Run, metrics: dict, tracker: Tracker) -> None:
-    io.save_torch(paths.hypers, {"values": {k: v.cpu() for k, v in run.hypers.values.items()},
-                                 "sharing": run.hypers.sharing, "kind": run.hypers.kind, "chosen": run.chosen})
-    for path, rows in ((paths.meta_csv, run.rows["meta"]), (paths.epochs_csv, run.rows["epochs"]),
-                       (paths.layers_csv, run.rows["layers"])):
+def _write_outputs(paths: DrmadOutputs, state: DrmadState, metrics: dict, tracker: Tracker) -> None:
+    io.save_torch(paths.hypers, {"values": {k: v.cpu() for k, v in state.hypers.values.items()},
+                                 "sharing": state.hypers.sharing, "kind": state.hypers.kind, "chosen": state.chosen})
+    for path, rows in ((paths.meta_csv, state.rows["meta"]), (paths.epochs_csv, state.rows["epochs"]),
+                       (paths.layers_csv, state.rows["layers"])):
         with io.atomic_path(path) as tmp:
             pd.DataFrame(rows).to_csv(tmp, index=False)
     io.write_json(paths.metrics, metrics)
     tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None})
     for path in (paths.hypers, paths.metrics, paths.meta_csv, paths.epochs_csv, paths.layers_csv):
         tracker.log_artifact(path)
-    if run.rows["meta"]:
-        tracker.log_figure(plots.meta_curves(pd.DataFrame(run.rows["meta"]), "DrMAD meta-iterations"),
+    if state.rows["meta"]:
+        tracker.log_figure(plots.meta_curves(pd.DataFrame(state.rows["meta"]), "DrMAD meta-iterations"),
                            "drmad_errors.png")

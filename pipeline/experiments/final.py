@@ -94,11 +94,11 @@ def adaptive_params(params: Params, seed: int, scheduled: bool) -> Params:
 def run(params: Params, prepared: Path, kind: str, paths: FinalOutputs, tracker: Tracker = SILENT,
         progress: bool | None = None, root: Path = Path(".")) -> dict:
     device = setup_device(params.device, params.threads)
-    meta, splits = load_prepared(prepared, device, tracker)
+    info, splits = load_prepared(prepared, device, tracker)
     results = []
     for finalist in finalists(params, kind, root):
         for seed in params.final.seeds if finalist.seed is None else [finalist.seed]:
-            result = _finished_or_run(params, finalist, seed, prepared, splits, meta, paths, progress)
+            result = _finished_or_run(params, finalist, seed, prepared, splits, info, paths, progress)
             results.append(result)
             tracker.log_metrics({f"{finalist.method}/test_error/seed{seed}": result["test_error"]})
     metrics = summarise(results, params.final.seeds, len(splits["test"][1]))
@@ -108,11 +108,11 @@ def run(params: Params, prepared: Path, kind: str, paths: FinalOutputs, tracker:
     return metrics
 
 
-def _finished_or_run(params: Params, finalist: Finalist, seed: int, prepared: Path, splits: dict, meta: dict,
+def _finished_or_run(params: Params, finalist: Finalist, seed: int, prepared: Path, splits: dict, info: dict,
                      paths: FinalOutputs, progress: bool | None) -> dict:
     key = fingerprint(code_digest(), finalist.method, seed, params.model.model_dump(), params.evaluation.model_dump(),
                       finalist.cfg.model_dump() if finalist.cfg else adaptive_params(params, seed, finalist.scheduled).adaptive.model_dump(),
-                      _digest(finalist.l2_coefficients), finalist.tuning_work, finalist.diverged, meta["digest"])
+                      _digest(finalist.l2_coefficients), finalist.tuning_work, finalist.diverged, info["digest"])
     stem = f"{finalist.method.replace(' ', '_')}-seed{seed}"
     done = paths.work_dir / f"{stem}.json"
     if (saved := _record(done)) is not None and saved.get("key") == key:
@@ -126,7 +126,7 @@ def _finished_or_run(params: Params, finalist: Finalist, seed: int, prepared: Pa
         return result
     if finalist.variant is None:
         checkpoint = Checkpoint(paths.work_dir / f"{stem}.pt", key)
-        trainer, m = baseline.train(params, finalist.cfg, seed, splits, meta, checkpoint, finalist.l2_coefficients,
+        trainer, m = baseline.train(params, finalist.cfg, seed, splits, info, checkpoint, finalist.l2_coefficients,
                                     progress=progress, desc=f"{finalist.method} seed {seed}")
         history, tuning, tuning_wall = trainer.state.history, finalist.tuning_work, finalist.tuning_wall_s
         model = trainer.model
@@ -136,7 +136,7 @@ def _finished_or_run(params: Params, finalist: Finalist, seed: int, prepared: Pa
         m = adaptive.run(adaptive_params(params, seed, finalist.scheduled), prepared, finalist.variant, AdaptiveOutputs(
             where / "hypers.pt", where / "metrics.json", where / "epochs.csv", where / "layers.csv", where / "checkpoint.pt",
             where / "model.pt"), progress=progress)
-        model = build_densenet(params.model, meta, seed).to(splits["test"][0].device)
+        model = build_densenet(params.model, info, seed).to(splits["test"][0].device)
         model.load_state_dict(torch.load(where / "model.pt", weights_only=True))
         history = pd.read_csv(where / "epochs.csv").to_dict("records")
         tuning = m["work_gradient_equivalents"] - m["work_training_gradients"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -49,8 +50,21 @@ class Diverged(ArithmeticError):
     """A meta-iteration's float run left the float range: no float method has a value."""
 
 
-def hypergradients(problem: Problem, l2: HyperSpace, cfg: QualityConfig, protocol: QualityProtocol, hvp: HVP,
-                   exact_worker: ExactProcess | None = None) -> dict:
+@dataclass(frozen=True)
+class Setup:
+    """What every meta-iteration of one quality variant shares: the MLP problem (its scales are
+    the hyperparameters), the fixed penalty, the settings, the HVP, the data splits (for errors),
+    and the process that takes the exact half (`exact_process`), if any."""
+    problem: Problem
+    l2: HyperSpace
+    cfg: QualityConfig
+    protocol: QualityProtocol
+    hvp: HVP
+    splits: dict | None = None
+    exact_worker: ExactProcess | None = None
+
+
+def hypergradients(setup: Setup) -> dict:
     """The five hypergradients of s (flat, by method) of one seeded training, the reverse-pass
     trace of exact vs float reversal, w_T and the reverse steps DrMAD took. With
     `exact_worker`, the exact half (training in fixed point, reversal) runs there meanwhile.
@@ -59,6 +73,8 @@ def hypergradients(problem: Problem, l2: HyperSpace, cfg: QualityConfig, protoco
     seed (the two differ by rounding only). Float reversal must undo its own run: undoing the
     fixed-point one in floats would miss the bits the buffer restores (up to 2^-32 in v per
     step) and so overstate its error."""
+    problem, l2, cfg, protocol, hvp, exact_worker = (setup.problem, setup.l2, setup.cfg, setup.protocol, setup.hvp,
+                                                     setup.exact_worker)
     coef, keep = problem.l2_coefficients(l2), set(spread(problem.steps, cfg.trace_points))
     if exact_worker:
         exact_worker.start(problem.scales.values)
@@ -132,20 +148,20 @@ def spread(n: int, points: int) -> list[int]:
     return sorted({round(i * (n - 1) / (points - 1)) for i in range(points)}) if n > points else list(range(n))
 
 
-class Study(MetaState):
+class QualityState(MetaState):
     """One quality run's meta-iterations: the MLP's log scales, followed with DrMAD's hypergradient."""
 
     def __init__(self, scales: HyperSpace):
         super().__init__(scales, ("hypergrads", "errors", "reverse", "layers", "meta"))
 
 
-def meta_iteration(study: Study, problem: Problem, l2: HyperSpace, cfg: QualityConfig, protocol: QualityProtocol,
-                   splits: dict, hvp: HVP, tracker: Tracker, exact_worker: ExactProcess | None = None) -> bool:
+def meta_iteration(state: QualityState, setup: Setup, tracker: Tracker) -> bool:
     """Five hypergradients, their comparison, errors, a sign step. False when it diverged."""
-    i, start = study.iteration, time.perf_counter()
-    study.rows["layers"] += [{"meta_iteration": i, "layer": n, **s} for n, s in layer_summary(study.hypers).items()]
+    problem, cfg = setup.problem, setup.cfg
+    i, start = state.iteration, time.perf_counter()
+    state.rows["layers"] += [{"meta_iteration": i, "layer": n, **s} for n, s in layer_summary(state.hypers).items()]
     try:
-        got = hypergradients(problem, l2, cfg, protocol, hvp, exact_worker)
+        got = hypergradients(setup)
     except (FixedPointOverflow, Diverged):
         return False
     if not all(bool(torch.isfinite(got["grads"][m]).all()) for m in ("exact", FOLLOWED)):
@@ -153,16 +169,16 @@ def meta_iteration(study: Study, problem: Problem, l2: HyperSpace, cfg: QualityC
     compared = [{**row, "hvps": got["work"][row["method"]]["hvps"],
                  "work": counted_work(problem.steps, got["work"][row["method"]], cfg.hvp_cost)}
                 for row in compare(got["grads"])]
-    errors = {s: error_rate(problem, got["w_T"], *(splits[s][k].to(problem.x.device) for k in ("x", "y")))
+    errors = {s: error_rate(problem, got["w_T"], *(setup.splits[s][k].to(problem.x.device) for k in ("x", "y")))
               for s in ("train", "val", "test")}
-    sign_step(study.hypers, got["named"], study.momentum, cfg.hyper_step, cfg.hyper_momentum)
+    sign_step(state.hypers, got["named"], state.momentum, cfg.hyper_step, cfg.hyper_momentum)
 
-    study.rows["hypergrads"] += [{"meta_iteration": i, **row} for row in compared]
-    study.rows["errors"] += [{"meta_iteration": i, "split": s, "error": e} for s, e in errors.items()]
+    state.rows["hypergrads"] += [{"meta_iteration": i, **row} for row in compared]
+    state.rows["errors"] += [{"meta_iteration": i, "split": s, "error": e} for s, e in errors.items()]
     trace = got["trace"]
-    study.rows["reverse"] += [{"meta_iteration": i, "steps_back": problem.steps - s, "quantity": q, "value": trace[q][j]}
+    state.rows["reverse"] += [{"meta_iteration": i, "steps_back": problem.steps - s, "quantity": q, "value": trace[q][j]}
                               for j, s in enumerate(trace["step"]) for q in TRACE]  # the traced rows only
-    study.rows["meta"].append({"meta_iteration": i, "reverse_steps": got["reverse_steps"], "val_loss": got["val_loss"],
+    state.rows["meta"].append({"meta_iteration": i, "reverse_steps": got["reverse_steps"], "val_loss": got["val_loss"],
                                **{f"reverse_steps_{w}": n for w, n in got["heuristic_steps"].items()},
                                "seconds": time.perf_counter() - start, **{f"{s}_error": e for s, e in errors.items()}})
     metrics = {f"meta/error/{s}": e for s, e in errors.items()}
@@ -170,7 +186,7 @@ def meta_iteration(study: Study, problem: Problem, l2: HyperSpace, cfg: QualityC
         metrics.update({f"hypergrad/norm/{row['method']}": row["norm"],
                         f"hypergrad/cos_exact/{row['method']}": row["cos_exact"],
                         f"hypergrad/sign_cos_exact/{row['method']}": row["sign_cos_exact"]})
-    metrics.update(hyper_quantiles(study.hypers, "log_scale"))  # per layer: layers.csv
+    metrics.update(hyper_quantiles(state.hypers, "log_scale"))  # per layer: layers.csv
     tracker.log_metrics({**metrics, "meta/drmad_reverse_steps": got["reverse_steps"]}, step=i)
     return True
 
@@ -185,53 +201,53 @@ def run(params: Params, name: str, paths: QualityOutputs, tracker: Tracker = SIL
             return run(params, name, paths, tracker, progress, started)
     cfg = params.quality
     device = setup_device(params.device, params.threads)
-    protocol, steps = cfg.protocol(name), cfg.runs[name].steps
-    splits, meta = load_data(cfg, protocol)
-    problem = build_problem(cfg, protocol, params.seed, steps, splits, meta, device)
+    protocol, steps = cfg.protocol(name), cfg.variants[name].steps
+    splits, info = load_data(cfg, protocol)
+    problem = build_problem(cfg, protocol, params.seed, steps, splits, info, device)
     l2 = penalty(problem, protocol, device)
     if exact_worker:
         exact_worker.load(problem, l2, set(spread(steps, cfg.trace_points)))
-    study = Study(problem.scales)
-    shared = cfg.model_dump(exclude={"protocols", "runs"})
-    checkpoint = Checkpoint(paths.checkpoint, fingerprint(name, cfg.runs[name].model_dump(), params.seed, params.hvp, shared,
-                                                          protocol.model_dump(), meta["digest"], Study.FORMAT))
+    state = QualityState(problem.scales)
+    shared = cfg.model_dump(exclude={"protocols", "variants"})
+    checkpoint = Checkpoint(paths.checkpoint, fingerprint(name, cfg.variants[name].model_dump(), params.seed, params.hvp, shared,
+                                                          protocol.model_dump(), info["digest"], QualityState.FORMAT))
     if (saved := checkpoint.load(device)) is not None:
-        study.restore(saved)
+        state.restore(saved)
     hvp = HVP_METHODS[params.hvp]
     costs = [step_costs(problem, hvp)]  # the op floor's, timed before and after the run
-    started, first, cpu_started = time.perf_counter(), study.iteration, time.process_time()
+    started, first, cpu_started = time.perf_counter(), state.iteration, time.process_time()
 
     def followed() -> dict:
-        drmad = [r for r in study.rows["hypergrads"] if r["method"] == FOLLOWED][-1]
+        drmad = [r for r in state.rows["hypergrads"] if r["method"] == FOLLOWED][-1]
         return {"cos_drmad_exact": f"{drmad['cos_exact']:.3f}", "norm_ratio": f"{drmad['norm_ratio']:.3g}"}
-    run_meta_iterations(study, cfg.meta_iterations_of(name),
-                        lambda: meta_iteration(study, problem, l2, cfg, protocol, splits, hvp, tracker, exact_worker),
+    setup = Setup(problem, l2, cfg, protocol, hvp, splits, exact_worker)
+    run_meta_iterations(state, cfg.meta_iterations_of(name), lambda: meta_iteration(state, setup, tracker),
                         checkpoint.save, f"quality {name}", followed, progress, tracker)
-    sizes = meta["sizes"]
-    metrics = {"run": name, "protocol": cfg.runs[name].protocol, "meta_iterations": cfg.meta_iterations_of(name),
+    sizes = info["sizes"]
+    metrics = {"variant": name, "protocol": cfg.variants[name].protocol, "meta_iterations": cfg.meta_iterations_of(name),
                "hvp_cost": cfg.hvp_cost,
-               "data": f"{meta['source']} {sizes['train']}/{sizes['val']}/{sizes['test']}",
-               **summarise(study, steps, time.perf_counter() - started), "processes": 2 if exact_worker else 1,
+               "data": f"{info['source']} {sizes['train']}/{sizes['val']}/{sizes['test']}",
+               **summarise(state, steps, time.perf_counter() - started), "processes": 2 if exact_worker else 1,
                "cpu_time_s": round(time.process_time() - cpu_started + (exact_worker.cpu_s if exact_worker else 0.0), 1)}
     if exact_worker:
         exact_worker.close()  # before the floor is timed again: on an otherwise idle core
     costs.append(step_costs(problem, hvp))
-    metrics.update(op_floor(problem.steps, costs, [r for r in study.rows["hypergrads"] if r["meta_iteration"] >= first],
+    metrics.update(op_floor(problem.steps, costs, [r for r in state.rows["hypergrads"] if r["meta_iteration"] >= first],
                             metrics["wall_time_s"], metrics["cpu_time_s"]))
     metrics["platform"] = machine.describe(problem.x.device)  # bit-identity holds within one platform
-    write_outputs(paths, study, metrics, f"{cfg.runs[name].protocol} protocol, T = {steps:,}", tracker)
+    write_outputs(paths, state, metrics, f"{cfg.variants[name].protocol} protocol, T = {steps:,}", tracker)
     checkpoint.clear()
     return metrics
 
 
-def summarise(study: Study, steps: int, seconds: float) -> dict:
+def summarise(state: QualityState, steps: int, seconds: float) -> dict:
     """Per compared method, lists over meta-iterations of the norm ratio and cosines to exact."""
-    table = pd.DataFrame(study.rows["hypergrads"])
-    out = {"forward_steps": steps, "outcome": study.outcome, "meta_iterations_completed": study.iteration,
+    table = pd.DataFrame(state.rows["hypergrads"])
+    out = {"forward_steps": steps, "outcome": state.outcome, "meta_iterations_completed": state.iteration,
            "wall_time_s": round(seconds, 1),
            "methods": list(dict.fromkeys(table["method"])) if len(table) else [],
-           "reverse_steps": [r["reverse_steps"] for r in study.rows["meta"]],
-           **{f"reverse_steps_{w}": [r[f"reverse_steps_{w}"] for r in study.rows["meta"]] for w in WEIGHTINGS}}
+           "reverse_steps": [r["reverse_steps"] for r in state.rows["meta"]],
+           **{f"reverse_steps_{w}": [r[f"reverse_steps_{w}"] for r in state.rows["meta"]] for w in WEIGHTINGS}}
     exact = table[table["method"] == "exact"] if len(table) else table
     out["exact/norm"] = [number(v) for v in exact["norm"]] if len(exact) else []
     for key in ("hvps", "work"):
@@ -240,7 +256,7 @@ def summarise(study: Study, steps: int, seconds: float) -> dict:
         rows = table[table["method"] == method]
         for key in ("norm_ratio", "cos_exact", "sign_cos_exact", "hvps", "work"):
             out[f"{method}/{key}"] = [number(v) for v in rows[key]] if len(rows) else []
-    errors = study.rows["meta"][-1] if study.rows["meta"] else {}
+    errors = state.rows["meta"][-1] if state.rows["meta"] else {}
     out.update({f"final_{s}_error": errors.get(f"{s}_error") for s in ("train", "val", "test")})
     return out
 
@@ -250,13 +266,13 @@ def number(value: float) -> float | None:
     return float(f"{value:.6g}") if math.isfinite(value) else None
 
 
-def write_outputs(paths: QualityOutputs, study: Study, metrics: dict, title: str, tracker: Tracker) -> None:
-    frames = {name: pd.DataFrame(study.rows[name]) for name in ("hypergrads", "errors", "reverse")}
+def write_outputs(paths: QualityOutputs, state: QualityState, metrics: dict, title: str, tracker: Tracker) -> None:
+    frames = {name: pd.DataFrame(state.rows[name]) for name in ("hypergrads", "errors", "reverse")}
     for path, name in ((paths.hypergrads_csv, "hypergrads"), (paths.errors_csv, "errors"),
                        (paths.reverse_csv, "reverse")):
         with io.atomic_path(path) as tmp:
             frames[name].to_csv(tmp, index=False)
-    figures = plots.quality_figures(frames, title) if study.rows["meta"] else {}
+    figures = plots.quality_figures(frames, title) if state.rows["meta"] else {}
     with io.atomic_dir(paths.figures) as tmp:
         for name, figure in figures.items():
             plots.save(figure, tmp / name)

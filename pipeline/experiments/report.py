@@ -113,7 +113,7 @@ def quality_frontier(root: Path) -> dict[str, tuple[pd.DataFrame, int]]:
     return out
 
 
-def quality_runs(root: Path) -> list[dict]:
+def quality_rows(root: Path) -> list[dict]:
     """Per quality run: what produced its numbers (protocol, T, meta-iterations, data) and the
     reverse steps S of DrMAD's heuristic under both readings of gamma (text, scripts)."""
     rows = []
@@ -322,7 +322,7 @@ def run(root: Path = Path("."), last_n: int = 3, paths: ReportOutputs | None = N
                  "`thesis` trains the tanh MLP of thesis 3.1 and its scripts (centred pixels, w = e^s z for "
                  "weights and biases, biases' s fixed at 0.2, e^-4 ||z||^2 over every z); `relu_uncentred` is "
                  "this project's earlier reading (ReLU, plain biases, pixels in [0, 1]).\n",
-                 markdown(pd.DataFrame(quality_runs(root))),
+                 markdown(pd.DataFrame(quality_rows(root))),
                  "\nPer meta-iteration: cosine with the exact hypergradient, of the hypergradients and of their "
                  "signs, and the norm ratio to exact (thesis figs 3.1-3.2); exact's rows give its own norm. "
                  "n/a where that hypergradient was not finite (float reversal overflows on long runs). "

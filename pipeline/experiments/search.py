@@ -73,9 +73,9 @@ def trial_config(params: Params, values: dict[str, float]) -> TrainConfig:
                                               "alpha": 10.0 ** log10_alpha(params, values)})
 
 
-def trial_cost(params: Params, meta: dict) -> int:
+def trial_cost(params: Params, info: dict) -> int:
     """Gradient evaluations of one full trial (a diverging one stops early and costs less)."""
-    return params.search.trial_epochs * (meta["sizes"]["train"] // params.baseline.batch_size)
+    return params.search.trial_epochs * (info["sizes"]["train"] // params.baseline.batch_size)
 
 
 def budget(params: Params, root: Path = Path(".")) -> float:
@@ -91,13 +91,13 @@ def budget(params: Params, root: Path = Path(".")) -> float:
     return sum(spent) / len(spent)
 
 
-def open_study(name: str, params: Params, meta: dict, paths: SearchOutputs, total: float) -> optuna.Study:
+def open_study(name: str, params: Params, info: dict, paths: SearchOutputs, total: float) -> optuna.Study:
     """The study of these settings (a changed setting starts a new one), trials a dead attempt
     left running marked failed. Keyed by the budget's value `total`, not its name (`drmad` is
     whatever the drmad runs spent): a changed budget is a new study."""
     key = fingerprint(code_digest(), name, params.seed, params.model.model_dump(), params.baseline.model_dump(),
                       params.search.model_dump(exclude={"storage", "heartbeat_s"}), params.evaluation.model_dump(),
-                      meta["digest"], repr(float(total)))
+                      info["digest"], repr(float(total)))
     url = params.search.storage
     if url is None:
         paths.storage_dir.mkdir(parents=True, exist_ok=True)
@@ -174,12 +174,12 @@ def run(params: Params, prepared: Path, name: str, paths: SearchOutputs, tracker
     write the outputs. Several processes on one study share that plan: the earliest trials win
     the last places, a surplus one is marked failed unrun."""
     device = setup_device(params.device, params.threads)
-    meta, splits = load_prepared(prepared, device, tracker)
-    total, cost = budget(params, root), trial_cost(params, meta)
+    info, splits = load_prepared(prepared, device, tracker)
+    total, cost = budget(params, root), trial_cost(params, info)
     if cost > total:
         raise ConfigError(f"search.trial_epochs: one trial costs {cost} gradient evaluations, more than the "
                           f"budget of {total:g}; shorten the trials or raise search.budget")
-    study, planned = open_study(name, params, meta, paths, total), int(total // cost)
+    study, planned = open_study(name, params, info, paths, total), int(total // cost)
     start = time.perf_counter()
 
     plan_full = False
@@ -191,7 +191,7 @@ def run(params: Params, prepared: Path, name: str, paths: SearchOutputs, tracker
         if trial.number not in live(study)[:planned]:  # another worker took the last place meanwhile
             plan_full = True
             raise optuna.TrialPruned("surplus")
-        value, attrs = _trial(params, splits, meta, values, trial.number, tracker, progress)
+        value, attrs = _trial(params, splits, info, values, trial.number, tracker, progress)
         for key, attr in attrs.items():
             trial.set_user_attr(key, attr)
         return value
@@ -217,13 +217,13 @@ def run(params: Params, prepared: Path, name: str, paths: SearchOutputs, tracker
     return metrics
 
 
-def _trial(params: Params, splits: dict, meta: dict, values: dict, number: int, tracker: Tracker,
+def _trial(params: Params, splits: dict, info: dict, values: dict, number: int, tracker: Tracker,
            progress: bool | None) -> tuple[float, dict]:
     """Train one trial (a nested MLflow run when tracked); (objective, user attributes)."""
     cfg = trial_config(params, values)
 
     with tracker.child(f"trial {number}", {"trial": number, **values, "alpha": cfg.alpha}) as child:
-        trainer, m = train(params, cfg, params.seed, splits, meta, tracker=child, progress=progress,
+        trainer, m = train(params, cfg, params.seed, splits, info, tracker=child, progress=progress,
                            desc=f"trial {number}")
         diverged = m["outcome"] == "diverged"
         value = DIVERGED_ERROR if diverged else m["final_val_error"]

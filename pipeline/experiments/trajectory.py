@@ -41,8 +41,8 @@ def run(params: Params, paths: TrajectoryOutputs, tracker: Tracker = SILENT) -> 
     cfg, q = params.trajectory, params.quality
     start = time.perf_counter()
     protocol = q.protocols[cfg.protocol]
-    splits, meta = load_data(q, protocol)
-    problem = build_problem(q, protocol, params.seed, cfg.steps, splits, meta, setup_device(params.device, params.threads))
+    splits, info = load_data(q, protocol)
+    problem = build_problem(q, protocol, params.seed, cfg.steps, splits, info, setup_device(params.device, params.threads))
     l2 = penalty(problem, protocol, problem.x.device)
     trained = FloatPath.train(problem, problem.l2_coefficients(l2), keep_every=cfg.every)
     iterates = torch.stack(trained.iterates).double()

@@ -24,7 +24,7 @@ from pipeline import inputs, io
 from pipeline.layout import Outputs, TuneOutputs
 from pipeline.checkpoint import code_digest, fingerprint
 from pipeline.config import TUNED_KINDS, ConfigError, Params
-from pipeline.data import load_meta
+from pipeline.data import load_info
 from pipeline.experiments import drmad, search
 from pipeline.tracking import SILENT, Tracker
 
@@ -70,7 +70,7 @@ def tune_one(params: Params, prepared: Path, kind: str, method: str, where: Path
 
 def run(params: Params, prepared: Path, kind: str, paths: TuneOutputs, tracker: Tracker = SILENT,
         progress: bool | None = None, root: Path = Path(".")) -> dict:
-    digest = load_meta(prepared)["digest"]
+    digest = load_info(prepared)["digest"]
     choices: dict = {}
     for seed in params.final.seeds:
         p = seeded(params, kind, seed, root)

@@ -61,10 +61,10 @@ class DenseNet(nn.Module):
         return self.classifier(self.features(x))
 
 
-def build_densenet(cfg, meta: dict, seed: int) -> DenseNet:
-    """The DenseNet of `cfg` (params.yaml `model`) for a dataset's `meta`, with weights drawn from
+def build_densenet(cfg, info: dict, seed: int) -> DenseNet:
+    """The DenseNet of `cfg` (params.yaml `model`) for a dataset's `info`, with weights drawn from
     `seed` alone (on the CPU, so every device starts equal)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, INIT_STREAM))
         return DenseNet(cfg.depth, cfg.growth_rate, cfg.init_maps, cfg.dropout,
-                        in_channels=meta["channels"], num_classes=meta["num_classes"])
+                        in_channels=info["channels"], num_classes=info["num_classes"])
