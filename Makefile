@@ -14,7 +14,7 @@ pipeline: install
 	$(PYTHON) -m stages.cli run
 
 test: install-test
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=10
 
 bench: install
 	$(PYTHON) bench/train_throughput.py

@@ -24,6 +24,9 @@ from pathlib import Path
 
 import click
 
+from pipeline import inputs
+from pipeline.layout import Outputs
+
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("wall_time_s", "cpu_time_s", "floor_time_s", "wall_over_floor", "cpu_over_floor", "processes", "platform")
 
@@ -39,7 +42,7 @@ def stage(name: str, settings: dict, params_file: Path, scratch: Path) -> dict:
     subprocess.run([sys.executable, "-m", "stages.quality", "--variant", name], cwd=work, env=env, check=True,
                    stdout=subprocess.DEVNULL)
     seconds = time.perf_counter() - started
-    metrics = json.loads((work / f"metrics/quality_{name}.json").read_text())
+    metrics = inputs.read_metrics(Outputs(work).quality(name).metrics)
     return {"stage_wall_s": round(seconds, 1), **{k: metrics[k] for k in KEYS}}
 
 

@@ -14,7 +14,8 @@ import pandas as pd
 import torch
 
 from pipeline.config import ConfigError
-from pipeline.layout import SINGLE_INSTANCE, STAGES
+from pipeline.layout import SINGLE_INSTANCE, STAGES, timings_of
+
 
 class InputError(ConfigError):
     """Another stage's output is missing or malformed: one line naming it and its writer."""
@@ -23,7 +24,7 @@ class InputError(ConfigError):
 def writer_of(path: Path) -> str:
     """The stage whose output `path` is, by the one rule of pipeline/layout.py
     (<kind>/<stage>/<instance>...), or 'its stage'."""
-    found = re.search(r"(?:^|/)(?:metrics|plots|results|figures|models)/(?P<stage>[\w-]+)(?P<rest>(?:\.\w+)?(?:/.*)?)$",
+    found = re.search(r"(?:^|/)(?:metrics|timings|plots|results|figures|models)/(?P<stage>[\w-]+)(?P<rest>(?:\.\w+)?(?:/.*)?)$",
                       path.as_posix())
     if not found or found["stage"] not in STAGES:
         return "its stage"
@@ -48,6 +49,19 @@ def read_json(path: Path, keys: tuple[str, ...] = ()) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise _fail(path, "not valid JSON (truncated or edited?)") from None
     return _mapping(path, value, keys)
+
+
+def read_metrics(path: Path, keys: tuple[str, ...] = ()) -> dict:
+    """A results file (`io.write_metrics`) with its timings merged back in, where they were."""
+    results, timings = read_json(path, keys), timings_of(Path(path))
+    return _merged(results, read_json(timings)) if timings.is_file() else results
+
+
+def _merged(results: dict, timings: dict) -> dict:
+    out = dict(results)
+    for key, value in timings.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def read_torch(path: Path, keys: tuple[str, ...] = ()) -> dict:

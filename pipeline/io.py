@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -15,6 +16,7 @@ import torch
 
 from pipeline import data_parallel
 from pipeline.errors import OutputError
+from pipeline.layout import timings_of
 
 
 @contextmanager
@@ -105,6 +107,35 @@ def _replace_dir(tmp: Path, target: Path) -> None:
 def write_json(path: str | Path, obj: object) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+# Keys whose values depend on the machine and its load, not on the params: wall and CPU times,
+# throughputs, op floors, measured cost ratios, process counts, the platform.
+TIMING_KEY = re.compile(r"^(platform|hvp_cost_measured|processes)$|_s$|_ms$|seconds|time|floor")
+
+
+def split_timings(metrics: dict) -> tuple[dict, dict]:
+    """(results, timings) of a nested mapping: a key that names a timing goes, with all below it,
+    to the timings; the rest keeps its place."""
+    results, timings = {}, {}
+    for key, value in metrics.items():
+        if TIMING_KEY.search(str(key)):
+            timings[key] = value
+        elif isinstance(value, dict):
+            results[key], below = split_timings(value)
+            if below:
+                timings[key] = below
+        else:
+            results[key] = value
+    return results, timings
+
+
+def write_metrics(path: str | Path, metrics: dict) -> None:
+    """The results to `path`, their timings to `timings_of(path)`: a rerun with equal results
+    leaves `path` byte-identical, whatever the clock said."""
+    results, timings = split_timings(metrics)
+    write_json(path, results)
+    write_json(timings_of(Path(path)), timings)
 
 
 def write_text(path: str | Path, text: str) -> None:

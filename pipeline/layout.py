@@ -2,7 +2,9 @@
 
 One rule, the stage then its instance (the foreach key of dvc.yaml), for every kind of file:
     results/<stage>/<instance>...      what a later stage reads (DVC-cached)
-    metrics/<stage>/<instance>.json    numbers (`dvc metrics`); metrics/<stage>.json for one-instance stages
+    metrics/<stage>/<instance>.json    results (`dvc metrics`); metrics/<stage>.json for one-instance stages
+    timings/<stage>/<instance>.json    the same run's wall times, throughputs and platform (`timings_of`):
+                                       machine-dependent, so kept apart and identical results leave metrics/ as is
     plots/<stage>/<instance>/...       long tables (`dvc plots`); plots/<stage>/... for one-instance stages
     figures/<stage>/<instance>/        figures drawn by the stage
     checkpoints/<stage>/<instance>...  resumable state, removed when the stage ends
@@ -15,6 +17,17 @@ from pathlib import Path
 
 STAGES = ("prepare", "baseline", "drmad", "adaptive", "search", "tune", "final", "arena", "quality", "trajectory", "report")
 SINGLE_INSTANCE = ("prepare", "baseline", "trajectory", "report")  # the others are foreach stages: <stage>@<instance>
+
+
+def timings_of(metrics: Path) -> Path:
+    """Where the timings of a results file live: metrics/X -> timings/X, results/X -> timings/X,
+    elsewhere (reports/verdict.json) a `_timings` sibling."""
+    parts = metrics.parts
+    for top in ("metrics", "results"):
+        if top in parts:
+            i = len(parts) - 1 - parts[::-1].index(top)
+            return Path(*parts[:i], "timings", *parts[i + 1:]).with_suffix(".json")
+    return metrics.with_name(f"{metrics.stem}_timings.json")
 
 
 @dataclass(frozen=True)

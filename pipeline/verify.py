@@ -25,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.config import ConfigError
+from pipeline.layout import timings_of
 
 UNTIMED = ("time", "seconds", "wall", "per_s", "platform")  # keys that describe the machine, not the result
 NOISY = ("error", "loss")  # values that may move within seed noise on another platform
@@ -93,6 +94,7 @@ def rerun(root: Path, name: str) -> dict[str, Comparison]:
     """Run stage `name` in a scratch copy of its inputs; compare each metrics file."""
     cmd, deps, metrics = stage_spec(root, name)
     committed = {m: _read_metrics(root / m, name) for m in metrics}  # snapshots, before anything runs
+    platforms = {m: _platform(root / m) for m in metrics}
     noise = seed_noise(root)
     with tempfile.TemporaryDirectory(prefix="verify-") as scratch:
         work = Path(scratch)
@@ -112,9 +114,15 @@ def rerun(root: Path, name: str) -> dict[str, Comparison]:
         out = {}
         for m in metrics:
             fresh = _read_metrics(work / m, name)
-            here = fresh.get("platform")
-            out[m] = compare(committed[m], fresh, noise, same_platform=here is not None and here == committed[m].get("platform"))
+            here = _platform(work / m)
+            out[m] = compare(committed[m], fresh, noise, same_platform=here is not None and here == platforms[m])
         return out
+
+
+def _platform(metrics: Path) -> str | None:
+    """The platform that produced a metrics file, from its timings (`io.write_metrics`)."""
+    timings = timings_of(metrics)
+    return json.loads(timings.read_text()).get("platform") if timings.is_file() else None
 
 
 def _read_metrics(path: Path, stage: str) -> dict:

@@ -10,6 +10,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
 
 
+def pytest_collection_modifyitems(items):
+    """Slow tests first, the end-to-end `dvc repro` one before all: with two workers the longest
+    chain starts at once and the short tests fill the other worker around it."""
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None, "test_pipeline_e2e" not in item.nodeid))
+
+
 @pytest.fixture(autouse=True)
 def torch_settings_restored():
     """Stages run in-process switch on deterministic mode (setup_device) and may set threads:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.layout import Outputs
-from pipeline import data, io
+from pipeline import data, inputs, io
 from pipeline.config import ConfigError, parse_params
 from pipeline.experiments import final
 from pipeline.experiments.baseline import train
@@ -27,11 +27,10 @@ def chosen_results(root, info, l2=-1.0, search_l2=-3.0):
     search, drmad = {}, {}
     for seed in (1, 2):
         search[f"seed{seed}"] = {"outcome": "finished", "log10_l2": search_l2 - (seed - 1), "alpha": 0.5,
-                                 "l2_coefficients": None, "tuning_work": 12.0 * seed, "tuning_wall_s": 1.0}
+                                 "l2_coefficients": None, "tuning_work": 12.0 * seed}
         coefs = {n: torch.full_like(p, 2 * 10.0 ** (l2 - (seed - 1)), dtype=torch.float64)
                  for n, p in model.named_parameters() if is_regularised(n)}
-        drmad[f"seed{seed}"] = {"outcome": "finished", "l2_coefficients": coefs, "tuning_work": 20.0 * seed,
-                                "tuning_wall_s": 2.0}
+        drmad[f"seed{seed}"] = {"outcome": "finished", "l2_coefficients": coefs, "tuning_work": 20.0 * seed}
     io.save_torch(root / "results/tune/search.pt", {"random": search})
     io.save_torch(root / "results/tune/drmad.pt", {"drmad -4": drmad})
 
@@ -43,7 +42,7 @@ def test_every_kind_retrains_its_methods_once_per_seed(prepared, tmp_path):
     seen = {}
     for kind in final.KINDS:
         metrics = final.run(params, prepared, kind, Outputs(tmp_path).final(kind), root=tmp_path)
-        assert json.loads(Outputs(tmp_path).final(kind).metrics.read_text()) == metrics
+        assert inputs.read_metrics(Outputs(tmp_path).final(kind).metrics) == metrics
         assert metrics["seeds"] == [1, 2] and metrics["test_size"] == 60
         seen.update(metrics["methods"])
         assert not Outputs(tmp_path).final(kind).work_dir.exists()

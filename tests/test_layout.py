@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from pipeline.inputs import writer_of
-from pipeline.layout import SINGLE_INSTANCE, Outputs
+from pipeline.layout import SINGLE_INSTANCE, Outputs, timings_of
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
@@ -35,18 +35,20 @@ def declared(stage: dict, key: str) -> set[str]:
 
 
 def written(name: str, key: str) -> set[str]:
-    """The files the stage writes through Outputs (resumable state aside)."""
+    """The files the stage writes through Outputs (resumable state aside), its results' timings
+    beside them (`io.write_metrics`)."""
     out = Outputs()
     if name == "arena":
-        return {out.arena(key).as_posix()}
+        return {out.arena(key).as_posix(), timings_of(out.arena(key)).as_posix()}
     if name == "trajectory":
         made = out.trajectory()
     elif name in ("baseline", "report"):
         made = getattr(out, name)()
     else:
         made = getattr(out, name)(key)
+    results = made.verdict_json if name == "report" else made.metrics
     return {getattr(made, f.name).as_posix() for f in dataclasses.fields(made)
-            if f.name not in SCRATCH and getattr(made, f.name) is not None}
+            if f.name not in SCRATCH and getattr(made, f.name) is not None} | {timings_of(results).as_posix()}
 
 
 @pytest.mark.parametrize("name", [n for n in DVC if n not in ("validate", "prepare")])

@@ -136,6 +136,8 @@ def test_repro_runs_what_changed_and_records_it(tmp_path):
     assert ran(sh(repo, "dvc", "repro")) == set()
     shown = sh(repo, "dvc", "metrics", "show")
     assert "baseline.json" in shown and "reports/verdict.json" in shown and "test_error_mean" in shown
+    assert "wall_time_s" not in shown and "platform" not in shown  # results only: timings/ holds those
+    assert "wall_time_s" in json.loads((repo / "timings/baseline.json").read_text())
 
     # A rejected params.yaml under plain `dvc repro`: non-zero exit, the key named, nothing lost.
     before, good = outputs(repo), (repo / "params.yaml").read_text()

@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from pipeline.layout import Outputs
+from pipeline import io
+from pipeline.layout import Outputs, timings_of
 from pipeline.experiments import report, verdict
 from pipeline.stats import Interval
 
@@ -35,9 +36,14 @@ def results(root):
                "adaptive a": {1: list(range(80)), 2: list(range(85)), 3: None}}
     kinds = {"baseline": ["baseline"], "search": ["random"], "drmad": ["drmad -4"], "adaptive": ["adaptive a"]}
     tuning = {"baseline": (0.0, 0.0), "search": (240.0, 9.0), "drmad": (263.0, 6.0), "adaptive": (30.0, 0.0)}
-    for kind, names in kinds.items():
-        write(root / f"metrics/final/{kind}.json", {"seeds": [1, 2, 3], "test_size": N, "methods": {
-            m: final_entry(methods[m], *((170,) + tuning[kind])) for m in names}})
+    for kind, names in kinds.items():  # written as the stages write them: timings apart
+        tuned = kind in ("search", "drmad")  # their tuning's wall time is tune@KIND's
+        work, wall = tuning[kind]
+        io.write_metrics(root / f"metrics/final/{kind}.json", {"seeds": [1, 2, 3], "test_size": N, "methods": {
+            m: final_entry(methods[m], 170, work, None if tuned else wall) for m in names}})
+        if tuned:
+            io.write_metrics(root / f"metrics/tune/{kind}.json", {"seeds": [1, 2, 3], "methods": {
+                m: {f"seed{s}": {"tuning_work": work, "tuning_wall_s": wall} for s in (1, 2, 3)} for m in names}})
     write(root / "metrics/search/random.json", {"sampler": "random", "trials": 3, "diverged_trials": 0,
                                                 "work_gradient_equivalents": 240.0, "budget_gradient_equivalents": 263.0,
                                                 "best_val_error": 0.05, "best_log10_l2": -4.0, "best_log10_alpha": 0.0,
@@ -74,12 +80,11 @@ def test_the_table_says_only_what_the_intervals_support(tmp_path):
 def test_the_report_leads_with_the_verdict(tmp_path):
     results(tmp_path)
     paths = Outputs(tmp_path).report()
-    random = json.loads((tmp_path / "metrics/search/random.json").read_text())
-    write(tmp_path / "metrics/search/random.json", {**random, "platform": "another CPU; torch 2.0; cpu"})
+    write(timings_of(tmp_path / "metrics/search/random.json"), {"platform": "another CPU; torch 2.0; cpu"})
     report.run(tmp_path, paths=paths, here="this CPU; torch 2.14; cpu")
     summary = paths.summary_md.read_text()
     assert "| another CPU; torch 2.0; cpu | **no** | search/random |" in summary
-    assert "| not recorded | **no** | drmad/-4, final/adaptive, final/baseline, final/drmad, final/search |" in summary
+    assert "| not recorded | **no** | drmad/-4, final/adaptive, final/baseline, final/drmad, final/search, tune/drmad, tune/search |" in summary
     assert summary.startswith("# Verdict")
     assert "| random | 3 | 12.00 [" in summary and "better: 20.00 points fewer errors than the baseline, CI [" in summary
     assert "**densenet arena, 3 seeds** — better than the baseline: random; worse: adaptive a; inconclusive: drmad -4." \

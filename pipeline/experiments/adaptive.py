@@ -187,7 +187,7 @@ def _write_outputs(paths: AdaptiveOutputs, history: list[dict], layer_rows: list
     for path, frame in ((paths.epochs_csv, per_epoch), (paths.layers_csv, pd.DataFrame(layer_rows))):
         with io.atomic_path(path) as tmp:
             frame.to_csv(tmp, index=False)
-    io.write_json(paths.metrics, metrics)
+    io.write_metrics(paths.metrics, metrics)
     tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None})
     for path in (paths.hypers, paths.metrics, paths.epochs_csv, paths.layers_csv):
         tracker.log_artifact(path)

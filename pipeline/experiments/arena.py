@@ -231,6 +231,6 @@ def run(params: Params, seed: int, root: Path = Path("."), tracker: Tracker = SI
     out = {"seed": seed, "protocol": cfg.protocol, "steps": cfg.steps, "budget": cfg.budget,
            "hvp_cost": params.quality.hvp_cost, "test_size": len(splits["test"]["y"]),
            "data": f"{info['source']} {sizes['train']}/{sizes['val']}/{sizes['test']}", "methods": methods}
-    io.write_json(Outputs(root).arena(seed), out)
+    io.write_metrics(Outputs(root).arena(seed), out)
     tracker.log_artifact(Outputs(root).arena(seed))
     return out

@@ -94,7 +94,7 @@ def _write_outputs(paths: BaselineOutputs, trainer: Trainer, history: list[dict]
     io.save_torch(paths.model, {"model": trainer.model.state_dict(), "info": info})
     with io.atomic_path(paths.per_epoch) as tmp:
         per_epoch.to_csv(tmp, index=False)
-    io.write_json(paths.metrics, metrics)
+    io.write_metrics(paths.metrics, metrics)
     tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None})
     tracker.log_figure(plots.error_curves(per_epoch, "baseline DenseNet"), "baseline_errors.png")
     tracker.log_artifact(paths.per_epoch)

@@ -211,7 +211,7 @@ def _write_outputs(paths: DrmadOutputs, state: DrmadState, metrics: dict, tracke
                        (paths.layers_csv, state.rows["layers"])):
         with io.atomic_path(path) as tmp:
             pd.DataFrame(rows).to_csv(tmp, index=False)
-    io.write_json(paths.metrics, metrics)
+    io.write_metrics(paths.metrics, metrics)
     tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None})
     for path in (paths.hypers, paths.metrics, paths.meta_csv, paths.epochs_csv, paths.layers_csv):
         tracker.log_artifact(path)

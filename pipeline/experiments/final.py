@@ -50,7 +50,6 @@ class Finalist:
     scheduled: bool = False  # adaptive: the baseline's schedule under the learned rates
     seed: int | None = None  # tuned per seed: the seed it was tuned at (and retrains at); None: every seed
     tuning_work: float = 0.0  # what choosing it cost (the adaptive's is inside its run)
-    tuning_wall_s: float = 0.0
     diverged: bool = False  # its tuning diverged before a first choice: nothing to retrain
 
 
@@ -66,7 +65,7 @@ def finalists(params: Params, kind: str, root: Path = Path(".")) -> list[Finalis
         raise ConfigError(f"--kind: one of {', '.join(KINDS)} (got {kind!r})")
     path = Outputs(root).tune(kind).choices
     choices = inputs.read_torch(path)
-    needs = ("outcome", "tuning_work", "tuning_wall_s") + (("log10_l2", "alpha") if kind == "search" else ("l2_coefficients",))
+    needs = ("outcome", "tuning_work") + (("log10_l2", "alpha") if kind == "search" else ("l2_coefficients",))
     out = []
     for method in tune.methods(params, kind):
         for seed in params.final.seeds:
@@ -77,7 +76,7 @@ def finalists(params: Params, kind: str, root: Path = Path(".")) -> list[Finalis
             cfg = params.baseline if kind == "drmad" else params.baseline.model_copy(
                 update={"log10_l2": c["log10_l2"], "alpha": c["alpha"]})
             out.append(Finalist(method, cfg, c["l2_coefficients"], seed=seed, tuning_work=c["tuning_work"],
-                                tuning_wall_s=c["tuning_wall_s"], diverged=c["outcome"] == "diverged"))
+                                diverged=c["outcome"] == "diverged"))
     return out
 
 
@@ -121,14 +120,15 @@ def _finished_or_run(params: Params, finalist: Finalist, seed: int, prepared: Pa
     if finalist.diverged:
         result = {"method": finalist.method, "seed": seed, "outcome": "diverged", "test_error": None, "val_error": None,
                   "train_error": None, "training_work": 0, "tuning_work": finalist.tuning_work, "wall_time_s": 0.0,
-                  "tuning_wall_s": finalist.tuning_wall_s, "test_wrong": None, "epochs": []}
+                  "tuning_wall_s": None, "test_wrong": None, "epochs": []}
         io.write_json(done, {"key": key, "result": result})
         return result
     if finalist.variant is None:
         checkpoint = Checkpoint(paths.work_dir / f"{stem}.pt", key)
         trainer, m = baseline.train(params, finalist.cfg, seed, splits, info, checkpoint, finalist.l2_coefficients,
                                     progress=progress, desc=f"{finalist.method} seed {seed}")
-        history, tuning, tuning_wall = trainer.state.history, finalist.tuning_work, finalist.tuning_wall_s
+        history, tuning = trainer.state.history, finalist.tuning_work
+        tuning_wall = None if finalist.seed is not None else 0.0  # a tuned one's: tune@KIND's timings
         model = trainer.model
         checkpoint.clear()
     else:
@@ -144,7 +144,7 @@ def _finished_or_run(params: Params, finalist: Finalist, seed: int, prepared: Pa
     result = {"method": finalist.method, "seed": seed, "outcome": m["outcome"],
               "test_error": m["final_test_error"], "val_error": m["final_val_error"],
               "train_error": m["final_train_error"], "training_work": m["work_training_gradients"],
-              "tuning_work": tuning, "wall_time_s": m["wall_time_s"], "tuning_wall_s": round(tuning_wall, 3),
+              "tuning_work": tuning, "wall_time_s": m["wall_time_s"], "tuning_wall_s": None if tuning_wall is None else round(tuning_wall, 3),
               "test_wrong": None if m["outcome"] == "diverged" else wrong_examples(
                   model, *splits["test"], params.baseline.eval_batch_size),
               "epochs": [{k: r[k] for k in ("epoch", "train_error", "val_error", "test_error")} for r in history]}
@@ -193,6 +193,6 @@ def _write_outputs(paths: FinalOutputs, results: list[dict], metrics: dict, trac
     with io.atomic_path(paths.epochs_csv) as tmp:
         pd.DataFrame(rows, columns=["method", "seed", "epoch", "train_error", "val_error", "test_error"]).to_csv(
             tmp, index=False)
-    io.write_json(paths.metrics, metrics)
+    io.write_metrics(paths.metrics, metrics)
     tracker.log_artifact(paths.metrics)
     tracker.log_artifact(paths.epochs_csv)

@@ -276,7 +276,7 @@ def write_outputs(paths: QualityOutputs, state: QualityState, metrics: dict, tit
     with io.atomic_dir(paths.figures) as tmp:
         for name, figure in figures.items():
             plots.save(figure, tmp / name)
-    io.write_json(paths.metrics, metrics)
+    io.write_metrics(paths.metrics, metrics)
     tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None})
     for path in (paths.metrics, paths.hypergrads_csv, paths.errors_csv, paths.reverse_csv):
         tracker.log_artifact(path)

@@ -28,7 +28,7 @@ FIGURES = {"densenet": "test_error_vs_compute.png", "mlp": "test_error_vs_comput
 
 
 def _json(path: Path) -> dict:
-    return inputs.read_json(path)
+    return inputs.read_metrics(path)
 
 
 def baseline_row(root: Path) -> dict | None:
@@ -113,13 +113,13 @@ def quality_frontier(root: Path) -> dict[str, tuple[pd.DataFrame, int]]:
     return out
 
 
-def quality_rows(root: Path) -> list[dict]:
+def quality_variants(root: Path) -> list[dict]:
     """Per quality run: what produced its numbers (protocol, T, meta-iterations, data) and the
     reverse steps S of DrMAD's heuristic under both readings of gamma (text, scripts)."""
     rows = []
     for name in Outputs(root).instances("quality"):
         m = _json(Outputs(root).quality(name).metrics)
-        rows.append({"run": m.get("run", name), "protocol": m.get("protocol"),
+        rows.append({"variant": m.get("variant", name), "protocol": m.get("protocol"),
                      "forward_steps": m["forward_steps"],
                      "meta_iterations": f"{m['meta_iterations_completed']} of {m.get('meta_iterations', '?')}",
                      "data": m.get("data", ""),
@@ -251,7 +251,7 @@ def verdict_section(root: Path, level: float, batchnorm: str, margin: float = 0.
                  verdict.markdown(tables["densenet"], level), "\nTest error per seed (%):\n", _per_seed(frame, tables["densenet"])]
     if "mlp" in frames:
         frame = frames["mlp"]
-        first = inputs.read_json(Outputs(root).arena_results()[0])
+        first = inputs.read_metrics(Outputs(root).arena_results()[0])
         text += ["\n## MLP arena\n",
                  f"The thesis' CPU experiment as a benchmark: the MNIST MLP of the quality study (protocol "
                  f"`{first['protocol']}`, {first['data']}, T = {first['steps']:,} steps per training). On each of "
@@ -322,7 +322,7 @@ def run(root: Path = Path("."), last_n: int = 3, paths: ReportOutputs | None = N
                  "`thesis` trains the tanh MLP of thesis 3.1 and its scripts (centred pixels, w = e^s z for "
                  "weights and biases, biases' s fixed at 0.2, e^-4 ||z||^2 over every z); `relu_uncentred` is "
                  "this project's earlier reading (ReLU, plain biases, pixels in [0, 1]).\n",
-                 markdown(pd.DataFrame(quality_rows(root))),
+                 markdown(pd.DataFrame(quality_variants(root))),
                  "\nPer meta-iteration: cosine with the exact hypergradient, of the hypergradients and of their "
                  "signs, and the norm ratio to exact (thesis figs 3.1-3.2); exact's rows give its own norm. "
                  "n/a where that hypergradient was not finite (float reversal overflows on long runs). "
@@ -342,7 +342,7 @@ def run(root: Path = Path("."), last_n: int = 3, paths: ReportOutputs | None = N
         with io.atomic_path(target) as tmp:
             frame.to_csv(tmp, index=False)
     if tables:
-        io.write_json(paths.verdict_json, {name: verdict.metrics(table) for name, table in tables.items()})
+        io.write_metrics(paths.verdict_json, {name: verdict.metrics(table) for name, table in tables.items()})
         with io.atomic_path(paths.verdict_seeds) as tmp:
             pd.concat([frame.assign(arena=name) for name, frame in frames.items()]).to_csv(tmp, index=False)
     with io.atomic_dir(paths.figures) as tmp:

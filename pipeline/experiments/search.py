@@ -271,7 +271,7 @@ def _write_outputs(paths: SearchOutputs, trials: pd.DataFrame, metrics: dict, tr
     with io.atomic_path(paths.trials_csv) as tmp:
         trials.to_csv(tmp, index=False)
     io.write_json(paths.best, {**chosen(metrics), "trial": metrics["best_trial"], "val_error": metrics["best_val_error"]})
-    io.write_json(paths.metrics, metrics)
+    io.write_metrics(paths.metrics, metrics)
     tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not math.isnan(v)})
     for path in (paths.best, paths.metrics, paths.trials_csv):
         tracker.log_artifact(path)

@@ -64,7 +64,7 @@ def run(params: Params, paths: TrajectoryOutputs, tracker: Tracker = SILENT) -> 
         for name, figure in plots.parameter_paths(path, coordinates, explained).items():
             plots.save(figure, tmp / name)
     metrics["platform"] = machine.describe(problem.x.device)  # bit-identity holds within one platform
-    io.write_json(paths.metrics, metrics)
+    io.write_metrics(paths.metrics, metrics)
     tracker.log_metrics({"paths/straightness": metrics["straightness"]})
     for target in (paths.metrics, paths.path_csv, paths.coordinates_csv):
         tracker.log_artifact(target)

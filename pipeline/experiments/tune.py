@@ -88,8 +88,8 @@ def run(params: Params, prepared: Path, kind: str, paths: TuneOutputs, tracker: 
             choices.setdefault(method, {})[f"seed{seed}"] = saved["choice"]
             tracker.log_metrics({f"{method}/tuning_work/seed{seed}": saved["choice"]["tuning_work"]})
     metrics = summarise(choices, params.final.seeds)
-    io.save_torch(paths.choices, choices)
-    io.write_json(paths.metrics, metrics)
+    io.save_torch(paths.choices, io.split_timings(choices)[0])  # results only: final retrains them
+    io.write_metrics(paths.metrics, metrics)
     tracker.log_artifact(paths.metrics)
     shutil.rmtree(paths.work_dir, ignore_errors=True)
     return metrics

@@ -20,6 +20,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from pipeline import inputs, plots
+from pipeline.config import TUNED_KINDS
 from pipeline.layout import Outputs
 
 from pipeline.stats import DECISIONS, Interval, decide, probability_of_improvement, seeds_and_items_ci
@@ -42,7 +43,8 @@ def per_seed(root: Path) -> pd.DataFrame:
         path = Outputs(root).final(kind).metrics
         if not path.is_file():
             continue
-        final = inputs.read_json(path, ("methods", "test_size"))
+        final = inputs.read_metrics(path, ("methods", "test_size"))
+        tuned = tuning_times(root, kind)
         if not all(isinstance(e, dict) and set(ENTRY) <= set(e) for e in final["methods"].values()):
             raise inputs.InputError(f"{path}: a method's entry lacks some of {', '.join(ENTRY)}; it is written by "
                                     f"final@{kind}: run `dvc repro final@{kind}`")
@@ -52,9 +54,19 @@ def per_seed(root: Path) -> pd.DataFrame:
                              "test_error": error, "outcome": entry["outcome"][seed],
                              "final_work": entry["training_work"][seed], "final_wall_s": entry["wall_time_s"][seed],
                              "run_tuning_work": entry["tuning_work"][seed],
-                             "run_tuning_wall_s": entry["tuning_wall_s"][seed],
+                             "run_tuning_wall_s": tuned[method][seed] if tuned else entry["tuning_wall_s"][seed],
                              "test_wrong": entry["test_wrong"][seed], "test_size": final["test_size"]})
     return pd.DataFrame(rows, columns=SEED_COLUMNS)
+
+
+def tuning_times(root: Path, kind: str) -> dict | None:
+    """Per method and seed, tune@KIND's wall seconds (its timings; the finalists retrain results
+    only), or None for a kind tuned inside its own run."""
+    if kind not in TUNED_KINDS:
+        return None
+    path = Outputs(root).tune(kind).metrics
+    methods = inputs.read_metrics(path, ("methods",))["methods"]
+    return {method: {seed: c.get("tuning_wall_s") for seed, c in by_seed.items()} for method, by_seed in methods.items()}
 
 
 def arena_seeds(root: Path) -> pd.DataFrame:
@@ -62,7 +74,7 @@ def arena_seeds(root: Path) -> pd.DataFrame:
     each seed's own tuning work and time, then its retraining's."""
     rows = []
     for path in Outputs(root).arena_results():
-        result = inputs.read_json(path, ("seed", "methods", "test_size"))
+        result = inputs.read_metrics(path, ("seed", "methods", "test_size"))
         for method, e in result["methods"].items():
             rows.append({"kind": "arena", "method": method, "seed": int(result["seed"]), "test_error": e["test_error"],
                          "outcome": e["outcome"], "final_work": e["final_work"], "final_wall_s": e["final_wall_s"],
