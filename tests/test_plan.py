@@ -50,8 +50,8 @@ def cli(*args):
 def test_work_counts_equal_what_tiny_stages_record(tmp_path, prepared):
     from pipeline.experiments import adaptive, baseline, drmad
     params = tiny_params(baseline={"epochs": 2}, drmad={"meta_iterations": 2, "epochs_start": 1, "epochs_cap": 2,
-                                                        "reverse_steps": 3},
-                         adaptive={"epochs": 2, "variants": {"k": {"every": 2, "window": 2}}})
+                                                        "epochs_growth": 2.0, "reverse_steps": 3},
+                         adaptive={"epochs": 6, "variants": {"k": {"every": 2, "window": 3}}})
     planned = plan.instances(params)
     out = Outputs(tmp_path)
     recorded = {"baseline": baseline.run(params, prepared, out.baseline()),
