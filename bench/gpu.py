@@ -9,6 +9,9 @@
              the bits-back buffer's size, and that it came back to w_0 bit for bit
   hvp        double backward vs forward-over-reverse on DenseNet-40: the faster one is what to
              set as `hvp` in params.yaml on this GPU (the benchmark changes no setting)
+  calibration  `pipeline plan`'s seconds per step on this GPU for the models of params.yaml and of
+             the paper scale, written to .cache/plan/cuda.json (--calibration): copy it to a
+             machine without a GPU and `pipeline plan --device cuda` plans from it
 
     python bench/gpu.py                     # on a machine with CUDA
     python bench/gpu.py --smoke             # any machine: tiny sizes, checks that it runs
@@ -127,11 +130,30 @@ def bench_hvp(device: torch.device, shape: tuple[int, ...], batch: int, repeats:
     return [{**r, "fastest": r["hvp"] == fastest} for r in rows]
 
 
+def calibrate(device: torch.device, path: Path, smoke: bool = False) -> list[str]:
+    """`pipeline plan`'s entries for this device: params.yaml's models and the paper scale's."""
+    from pipeline import calibration, plan
+    from pipeline.config import load_params
+    from pipeline.scale import preview
+    cal = calibration.Calibration(path, device, calibration.device_name(device))
+    measured = []
+    for params in (load_params(),) if smoke else (load_params(), preview("paper")):
+        for model in (plan.DENSENET, plan.MLP):
+            entry = cal.get(plan.spec(params, model))
+            entry["device_memory"] = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
+            measured.append(f"{model} {entry['grad_s'] * 1e3:.2f} ms/gradient")
+    cal.startup()
+    cal.save()
+    return measured
+
+
 @click.command(help=__doc__)
 @click.option("--smoke", is_flag=True, help="Tiny sizes on any device: checks that the script runs.")
 @click.option("--steps", default=781, show_default=True, help="Exact reverse pass length (one CIFAR epoch).")
 @click.option("--out", default="bench/results/gpu.json", show_default=True, type=click.Path(dir_okay=False))
-def main(smoke: bool, steps: int, out: str) -> None:
+@click.option("--calibration", "calibration_file", default=".cache/plan/cuda.json", show_default=True,
+              type=click.Path(dir_okay=False), help="Where `pipeline plan`'s GPU calibration goes.")
+def main(smoke: bool, steps: int, out: str, calibration_file: str) -> None:
     device = setup_device("auto")  # deterministic algorithms on, as in every stage
     if device.type != "cuda" and not smoke:
         raise click.ClickException("no CUDA device here: run on a GPU machine, or pass --smoke")
@@ -142,6 +164,7 @@ def main(smoke: bool, steps: int, out: str) -> None:
               "training": bench_training(device, shape, batch, train_steps),
               "hvp": bench_hvp(device, shape, batch, 2 if smoke else 10)}
     result["exact"] = bench_exact(device, shape, batch, steps, min(result["hvp"], key=lambda r: r["ms"])["hvp"])
+    result["calibration"] = calibrate(device, Path(calibration_file), smoke)
     result["wall_s"] = round(time.perf_counter() - started, 1)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=2) + "\n")

@@ -24,6 +24,17 @@ from pipeline.meta import sign_step, zero_momentum
 from pipeline.training import Trainer
 
 
+def hyper_update_due(step: int, every: int, window: int) -> bool:
+    """Does step `step` (0-based, just taken) end with a hypergradient? Every `every` steps, once
+    the last `window` states are stored."""
+    return (step + 1) % every == 0 and step + 1 >= window
+
+
+def hypergradients_in(steps: int, every: int, window: int) -> int:
+    """Hypergradients a training of `steps` steps takes (`pipeline plan` counts with it)."""
+    return sum(hyper_update_due(s, every, window) for s in range(steps))
+
+
 @dataclass(frozen=True)
 class AdaptiveSettings:
     every: int = 100  # K: elementary steps between hyperparameter updates
@@ -59,7 +70,7 @@ class AdaptiveTrainer(Trainer):
     def update(self, step: int, grads: list[torch.Tensor]) -> None:
         self.recent.append((flat(self.params), flat(self.state.velocity)))  # w_t, v_{t-1}
         super().update(step, grads)
-        if (step + 1) % self.settings.every == 0 and len(self.recent) == self.settings.window:
+        if hyper_update_due(step, self.settings.every, self.settings.window):
             self.hyper_step(step)
 
     def raise_to_floor(self, step: int) -> None:

@@ -49,6 +49,16 @@ def apply(name: str, params_file: Path = Path("params.yaml"), root: Path = Path(
     return settings
 
 
+def preview(name: str, params_file: Path = Path("params.yaml"), root: Path = Path(".")) -> Params:
+    """The settings `apply` would write, validated, with `params_file` left as it is."""
+    overlay_file = root / SCALES_DIR / f"{name}.yaml"
+    if not overlay_file.is_file():
+        raise ConfigError(f"scale {name!r}: no {overlay_file}; available: {', '.join(available(root)) or 'none'}")
+    merged = merge(read_yaml(params_file.read_text(), str(params_file)) or {},
+                   read_yaml(overlay_file.read_text(), str(overlay_file)))
+    return parse_params(merged, complete=True)
+
+
 TORCHVISION = ("cifar10", "mnist")  # sources torchvision reads from data/raw (or downloads)
 
 

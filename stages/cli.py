@@ -23,11 +23,92 @@ def main() -> None:
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
               help="`dvc repro` (extra arguments pass through) with every stage run grouped under one "
-                   "MLflow parent run.")
+                   "MLflow parent run. First prints the plan of what will run (`pipeline plan`) and stops, one "
+                   "line and exit code 2, when a stage's memory or the run's disk exceeds this machine's; after "
+                   "the run, each stage's planned compute time against its measured one goes to "
+                   "reports/plan_vs_actual.json and the parent run (no stage depends on either).")
+@click.option("--no-plan", is_flag=True, help="Skip the plan: run `dvc repro` at once.")
 @click.pass_context
-def run(ctx: click.Context) -> None:
+def run(ctx: click.Context, no_plan: bool) -> None:
     env = {**os.environ, "PIPELINE_RUN_ID": os.environ.get("PIPELINE_RUN_ID", uuid.uuid4().hex)}
-    sys.exit(subprocess.call(["dvc", "repro", *ctx.args], env=env))
+    planned = None
+    if not no_plan:
+        planned = _plan_before_run(ctx.args)
+    code = subprocess.call(["dvc", "repro", *ctx.args], env=env)
+    if planned is not None:
+        _plan_after_run(planned, env)
+    sys.exit(code)
+
+
+@user_errors_exit_2
+def _plan_before_run(args: list[str]):
+    from pipeline import plan as plan_module
+    params = load_params()
+    planned = plan_module.make(params, Path("."), everything="-f" in args or "--force" in args)
+    click.echo(planned.table())
+    plan_module.check(planned)
+    return planned
+
+
+def _plan_after_run(planned, env: dict) -> None:
+    """Planned against measured compute seconds of what ran: a plain file and the parent run."""
+    from pipeline import plan as plan_module
+    from pipeline.io import write_json
+    still = plan_module.stale(Path("."))
+    ratios = plan_module.against_actual(planned, Path("."), {i.name for i in planned.instances} - (still or set()))
+    if not ratios:
+        return
+    write_json(Path("reports/plan_vs_actual.json"), {"device": planned.device.name, "stages": ratios})
+    click.echo("plan vs actual (compute seconds, actual / planned): "
+               + ", ".join(f"{k} {v['ratio']:.2f}" for k, v in ratios.items()))
+    try:
+        os.environ["PIPELINE_RUN_ID"] = env["PIPELINE_RUN_ID"]
+        from pipeline import tracking
+        with tracking.stage_run("plan", planned.params) as tracked:
+            tracked.log_parent_metrics({f"plan_ratio/{k}": v["ratio"] for k, v in ratios.items()})
+            tracked.log_parent_artifact("reports/plan_vs_actual.json")
+    except Exception as exc:  # the run's result stands; the record is a convenience
+        click.echo(f"warning: plan vs actual not logged to MLflow: {type(exc).__name__}: {exc}", err=True)
+
+
+@main.command(short_help="What a run will cost: work, time, memory and disk per stage.",
+              help="The plan of a run before it starts: every stage instance `dvc repro` would run (stale per "
+                   "`dvc status`; --all: every one), its counted work (training gradients, HVPs, gradient "
+                   "equivalents, as the stages count them), its wall time from a short calibration of each model "
+                   "on this device (cached in .cache/plan/), its peak memory and its disk; then the total one "
+                   "after another, the critical path when independent stages run at once, and with --jobs N on N "
+                   "workers. `<=` marks counts planned at their cap (DrMAD's heuristic reverse steps). A stage "
+                   "whose memory, or a run whose disk, exceeds this machine's is one line and exit code 2. "
+                   "--scale NAME plans scales/NAME.yaml merged in, without changing params.yaml; --device cuda on a "
+                   "machine without one uses a GPU calibration file (bench/gpu.py writes .cache/plan/cuda.json) "
+                   "or extrapolates from this CPU and says so.")
+@params_option
+@click.option("--all", "everything", is_flag=True, help="Plan every stage instance, not only the stale ones.")
+@click.option("--scale", "scale_name", default=None, help="Plan scales/NAME.yaml merged into the params (implies --all).")
+@click.option("--device", "target", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+              help="Device to plan for (default: params' device).")
+@click.option("--calibration", "calibration_file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="GPU calibration file for --device cuda (default .cache/plan/cuda.json).")
+@click.option("--jobs", type=click.IntRange(1), default=None, help="Also the time on N parallel workers.")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False), default=None,
+              help="Also write the plan, per stage and per meta-iteration, seed or trial, as JSON.")
+@user_errors_exit_2
+def plan(params_file: str, everything: bool, scale_name: str | None, target: str | None,
+         calibration_file: str | None, jobs: int | None, json_file: str | None) -> None:
+    from pipeline import plan as plan_module
+    params, note = load_params(params_file), None
+    if scale_name:
+        from pipeline import scale as scale_module
+        params, everything = scale_module.preview(scale_name, Path(params_file)), True
+        note = f"scale {scale_name} (scales/{scale_name}.yaml merged in memory; {params_file} unchanged): every stage instance"
+    planned = plan_module.make(params, Path("."), everything=everything, target=target,
+                               calibration_file=Path(calibration_file) if calibration_file else None, note=note)
+    click.echo(planned.table(jobs))
+    if json_file:
+        from pipeline.io import write_json
+        write_json(Path(json_file), {"device": planned.device.name, "total_s": planned.total(),
+                                     "critical_path_s": planned.critical_path(), "stages": planned.rows()})
+    plan_module.check(planned)
 
 
 @main.command(help="Check params.yaml (every key, type and range, and what this machine can run: the device) "
@@ -48,6 +129,8 @@ def validate(params_file: str, stamp: str | None) -> None:
     click.echo(f"{params_file}: ok")
     for line in needs(params, device.type == "cuda"):
         click.echo(f"  needs: {line}")
+    if not stamp:  # the DVC stage stays quick: the plan calibrates
+        _needs_plan(params)
 
 
 @main.command(short_help="Merge scales/NAME.yaml (paper: the thesis' settings) into params.yaml.",
@@ -62,7 +145,21 @@ def scale(name: str, params_file: str) -> None:
     scale_module.apply(name, Path(params_file))
     click.echo(f"{params_file}: scale {name} applied; `dvc params diff` shows the changes")
     import torch
-    for line in scale_module.needs(load_params(params_file), torch.cuda.is_available()):
+    params = load_params(params_file)
+    for line in scale_module.needs(params, torch.cuda.is_available()):
+        click.echo(f"  needs: {line}")
+    _needs_plan(params)
+
+
+def _needs_plan(params) -> None:
+    """The planned cost of every stage, in one line (`pipeline plan --all` for the table)."""
+    from pipeline import plan as plan_module
+    planned = plan_module.make(params, Path("."), everything=True)
+    big = max(planned.instances, key=lambda i: i.peak)
+    click.echo(f"  needs: {plan_module.duration(planned.total())} one stage after another on {planned.device.name[:40]} "
+               f"({plan_module.duration(planned.critical_path())} critical path), {plan_module.size(big.peak)} memory "
+               f"at most ({big.name}), {plan_module.size(sum(i.disk for i in planned.instances))} disk: `pipeline plan --all`")
+    for line in planned.problems():
         click.echo(f"  needs: {line}")
 
 
