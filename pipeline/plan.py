@@ -174,7 +174,7 @@ def mlp_hypergradient(params: Params, method: str, steps: int) -> int:
 def quality_units(params: Params, name: str) -> list[Unit]:
     from pipeline.experiments.quality import methods
     q = params.quality
-    steps = q.runs[name].steps
+    steps = q.variants[name].steps
     hvps = [mlp_hypergradient(params, m, steps) for m in methods(q)]
     timing = min(100, steps) * 2 * 2  # step_costs before and after: 2 passes of up to 100 steps
     units = [Unit(f"meta {i}", 2 * steps, hvps, evaluated=q.data.train_size or 0) for i in range(q.meta_iterations_of(name))]
@@ -220,7 +220,7 @@ def instances(params: Params) -> dict[str, tuple[str, list[Unit], bool]]:
         out[f"final@{kind}"] = (DENSENET, final_units(params, kind), False)
     for seed in params.arena.seeds:
         out[f"arena@{seed}"] = (MLP, arena_units(params), True)
-    for name in params.quality.runs:
+    for name in params.quality.variants:
         out[f"quality@{name}"] = (MLP, quality_units(params, name), True)
     out["trajectory"] = (MLP, [Unit("training", params.trajectory.steps)], False)
     out["report"] = (DENSENET, [], False)
@@ -262,7 +262,7 @@ def memory(params: Params, name: str, model: str, units: list[Unit], cal: dict) 
         window = max(v.window for v in params.adaptive.variants.values())
         out["adaptive window"] = (2 * window + 4) * p * width
     if family in ("quality", "arena"):
-        steps = params.quality.runs[name.split("@")[1]].steps if family == "quality" else params.arena.steps
+        steps = params.quality.variants[name.split("@")[1]].steps if family == "quality" else params.arena.steps
         momentum = max(pr.momentum for pr in params.quality.protocols.values())
         out["exact buffer"] = exact_buffer_bytes(p, steps, momentum) + 16 * p  # and fixed-point w, v
     if family == "trajectory":
@@ -533,17 +533,18 @@ def check(plan: Plan) -> None:
 # -- plan against actual ------------------------------------------------------------------------
 
 def actual_seconds(name: str, root: Path = Path(".")) -> float | None:
-    """An instance's compute seconds as its own outputs record them (start-up excluded)."""
+    """An instance's compute seconds as its own outputs record them (start-up excluded; timings/)."""
+    from pipeline import inputs
     from pipeline.layout import Outputs
     o, family, _, key = Outputs(root), *name.partition("@")
     try:
         if family == "arena":
-            m = json.loads(o.arena(key).read_text())["methods"].values()
+            m = inputs.read_metrics(o.arena(key))["methods"].values()
             return sum(e["tuning_wall_s"] + e["final_wall_s"] for e in m)
         path = {"baseline": o.baseline().metrics, "trajectory": o.trajectory().metrics}.get(family) or \
             getattr(o, family)(key).metrics
-        m = json.loads(Path(path).read_text())
-    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        m = inputs.read_metrics(Path(path))
+    except (ConfigError, OSError, ValueError, KeyError, AttributeError, TypeError):
         return None
     if family == "drmad":
         return (m["seconds_per_meta_iteration"] or 0.0) * m["meta_iterations_completed"]
