@@ -23,11 +23,16 @@ def main() -> None:
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
               help="`dvc repro` (extra arguments pass through) with every stage run grouped under one "
-                   "MLflow parent run.")
+                   "MLflow parent run; afterwards the stages DVC found current are recorded there from their "
+                   "committed outputs (tag restored=true), with the verdict and the report.")
 @click.pass_context
 def run(ctx: click.Context) -> None:
     env = {**os.environ, "PIPELINE_RUN_ID": os.environ.get("PIPELINE_RUN_ID", uuid.uuid4().hex)}
-    sys.exit(subprocess.call(["dvc", "repro", *ctx.args], env=env))
+    code = subprocess.call(["dvc", "repro", *ctx.args], env=env)
+    if code == 0:
+        from pipeline.mlflow_record import after_repro
+        code = after_repro(env["PIPELINE_RUN_ID"], ctx.args)
+    sys.exit(code)
 
 
 @main.command(help="Check params.yaml (every key, type and range, and what this machine can run: the device) "
