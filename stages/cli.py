@@ -26,17 +26,20 @@ def main() -> None:
                    "MLflow parent run. First prints the plan of what will run (`pipeline plan`) and stops, one "
                    "line and exit code 2, when a stage's memory or the run's disk exceeds this machine's; after "
                    "the run, each stage's planned compute time against its measured one goes to "
-                   "reports/plan_vs_actual.json and the parent run (no stage depends on either).")
+                   "reports/plan_vs_actual.json and the parent run (no stage depends on either), and the stages "
+                   "DVC found current are recorded there from their committed outputs (tag restored=true), with "
+                   "the verdict and the report.")
 @click.option("--no-plan", is_flag=True, help="Skip the plan: run `dvc repro` at once.")
 @click.pass_context
 def run(ctx: click.Context, no_plan: bool) -> None:
     env = {**os.environ, "PIPELINE_RUN_ID": os.environ.get("PIPELINE_RUN_ID", uuid.uuid4().hex)}
-    planned = None
-    if not no_plan:
-        planned = _plan_before_run(ctx.args)
+    planned = None if no_plan else _plan_before_run(ctx.args)
     code = subprocess.call(["dvc", "repro", *ctx.args], env=env)
-    if planned is not None:
-        _plan_after_run(planned, env)
+    if code == 0:
+        if planned is not None:
+            _plan_after_run(planned, env)
+        from pipeline.mlflow_record import after_repro
+        code = after_repro(env["PIPELINE_RUN_ID"], ctx.args)
     sys.exit(code)
 
 
