@@ -357,6 +357,13 @@ def spec(params: Params, model: str) -> dict:
     return calibration.mlp_spec(params.quality.protocols[params.arena.protocol], params.quality.dtype, params.hvp, threads)
 
 
+def calibrated(params: Params, root: Path = Path(".")) -> bool:
+    """Whether this device's calibration already holds every model of `params` (planning then
+    measures nothing: quick enough for `validate` and `scale` to print the plan's cost)."""
+    cal = open_device(params.device, root).cal
+    return all(calibration.key(cal.name, spec(params, m)) in cal.entries for m in (DENSENET, MLP))
+
+
 def rates(device: Device, s: dict) -> tuple[dict, str]:
     """Seconds per step for spec `s` on the device: measured, or extrapolated (and from what)."""
     got = device.cal.get(s)

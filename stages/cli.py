@@ -155,8 +155,12 @@ def scale(name: str, params_file: str) -> None:
 
 
 def _needs_plan(params) -> None:
-    """The planned cost of every stage, in one line (`pipeline plan --all` for the table)."""
+    """The planned cost of every stage, in one line (`pipeline plan --all` for the table), when this
+    device's calibration is cached (measuring DenseNet-40 on a CPU takes minutes)."""
     from pipeline import plan as plan_module
+    if not plan_module.calibrated(params):
+        click.echo("  needs: its cost: `pipeline plan --all` (times each model on this device first, once)")
+        return
     planned = plan_module.make(params, Path("."), everything=True)
     big = max(planned.instances, key=lambda i: i.peak)
     click.echo(f"  needs: {plan_module.duration(planned.total())} one stage after another on {planned.device.name[:40]} "

@@ -31,6 +31,7 @@ def test_the_paper_scale_says_what_it_needs(tmp_path, monkeypatch):
     assert [line.split(":")[0] for line in lines] == ["data.source", "quality.data.source", "model.depth"]
     assert "GPU" in lines[-1] and all(f"needs: {line}" in out.output for line in lines if "GPU" not in line)
     assert [line.split(":")[0] for line in needs(paper, has_gpu=True)] == ["data.source", "quality.data.source"]
+    assert "`pipeline plan --all`" in out.output  # its cost, or how to get it (no calibration cached here)
 
 
 def test_compare_shows_the_changed_params_and_the_results_they_moved(tmp_path, monkeypatch):
