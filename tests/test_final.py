@@ -1,6 +1,5 @@
 """Finalists: each method's choice retrained per seed at the baseline's schedule; resume keeps
 finished seeds; the hyperparameters read are the ones each method chose."""
-import json
 
 import pytest
 import torch

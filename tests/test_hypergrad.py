@@ -13,7 +13,7 @@ from pipeline.hyper import HyperSpace
 from pipeline.hypergrad import (ExactPath, FixedPointOverflow, FloatPath, Problem, ReversalError, hypergradient,
                                 log_lr_hypergradient, validation_loss)
 from pipeline.hypergrad.hvp import HVP_METHODS, double_backward, forward_over_reverse
-from pipeline.hypergrad.reverse import reversal_drift, reverse
+from pipeline.hypergrad.reverse import all_finite, reversal_drift, reverse
 from pipeline.models import MLP, DenseNet, MaskedDropout
 from helpers import rel
 
@@ -123,6 +123,18 @@ def test_a_reverse_gradient_from_the_product_unlike_the_forward_ones_is_an_error
 
     with pytest.raises(ReversalError, match="no hypergradient"):
         reverse(problem, path, None, off)
+
+
+def test_all_finite_is_isfinite_all():
+    """Float reversal's per-step check that it is still finite (`Walk`): any inf or NaN, however
+    placed, is caught; the largest floats are not mistaken for one."""
+    x = torch.randn(1000, dtype=F64)
+    assert all_finite(x) and all_finite(torch.full((1000,), torch.finfo(F64).max, dtype=F64))
+    for bad in (math.inf, -math.inf, math.nan):
+        for at in (0, 517, 999):
+            y = x.clone()
+            y[at] = bad
+            assert not all_finite(y), (bad, at)
 
 
 def test_float_reversal_drifts_where_exact_does_not():

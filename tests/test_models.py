@@ -1,4 +1,5 @@
 import torch
+from torch.nn import functional as F
 
 from pipeline.models import MLP, DenseNet, dropout_masks
 
@@ -49,3 +50,25 @@ def test_mlp_sizes_and_scaled_form():
     assert torch.allclose(layer.weight, torch.exp(torch.tensor(0.5)) * layer.z)
     assert scaled(torch.randn(3, 1, 28, 28)).shape == (3, 10)
     assert "layers.0.s" not in dict(scaled.named_parameters())  # s is a hyperparameter, not trained
+
+
+def test_scaled_layer_is_the_linear_map_of_its_effective_weights():
+    """forward scales the product x z^T by e^s instead of forming w = e^s * z: the same function,
+    and the same first and second derivatives in z and s, to float64 rounding."""
+    torch.manual_seed(0)
+    layer = MLP((7, 5, 3), scaled=True, scaled_biases=True).to(torch.float64).layers[0]
+    with torch.no_grad():
+        layer.bias_z.normal_()
+        layer.bias_s.normal_()
+    x, u = torch.randn(4, 7, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    s = layer.s = layer.s.normal_().clone().requires_grad_()  # a leaf to differentiate by
+
+    def grads(forward):
+        """d(u . tanh(forward))/d(z, s), and the derivatives of |d/dz|^2 (second order, as HVPs need)."""
+        g = torch.autograd.grad((u * torch.tanh(forward(x))).sum(), [layer.z, s], create_graph=True)
+        return (*g, *torch.autograd.grad(g[0].square().sum(), [layer.z, s]))
+
+    reference = lambda x: F.linear(x, layer.weight, layer.bias_s.exp() * layer.bias_z)
+    assert torch.allclose(layer(x), reference(x), rtol=1e-13, atol=0)
+    for got, want in zip(grads(layer), grads(reference)):
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-15)

@@ -23,7 +23,7 @@ from pipeline import inputs, plots
 from pipeline.config import TUNED_KINDS
 from pipeline.layout import Outputs
 
-from pipeline.stats import DECISIONS, Interval, decide, probability_of_improvement, seeds_and_items_ci
+from pipeline.stats import Interval, decide, probability_of_improvement, seeds_and_items_ci
 
 REFERENCE = "baseline"
 KIND_ORDER = ("baseline", "search", "drmad", "adaptive")
