@@ -12,6 +12,7 @@ import pandas as pd
 
 from pipeline import inputs, io, plots
 from pipeline.layout import Outputs, ReportOutputs
+from pipeline.stats import DECISIONS
 from pipeline.experiments import verdict
 from pipeline.tracking import SILENT, Tracker
 
@@ -205,7 +206,7 @@ def search_rows(root: Path) -> list[dict]:
 def conclusion(arena: str, table: pd.DataFrame, seeds: int, margin: float) -> str:
     """One line: what a researcher can conclude from an arena's decisions."""
     others = table[table["method"] != verdict.REFERENCE]
-    groups = {d: list(others[others["decision"] == d]["method"]) for d in verdict.DECISIONS}
+    groups = {d: list(others[others["decision"] == d]["method"]) for d in DECISIONS}
     words = {"better": "better than the baseline", "worse": "worse", "equivalent": f"equivalent within ±{100 * margin:.2f} points",
              "inconclusive": "inconclusive"}
     parts = [f"{words[d]}: {', '.join(ms)}" for d, ms in groups.items() if ms]
