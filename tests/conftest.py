@@ -30,3 +30,14 @@ def prepared(tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared")
     data.prepare(tiny_params().data, out)
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `paper` (the paper scale shrunk, minutes) run only when -m names them
+    (`pytest -m paper`, `make paper-smoke`): `make test` and `-m "not slow"` leave them out."""
+    if "paper" in (config.getoption("markexpr") or ""):
+        return
+    keep = [item for item in items if item.get_closest_marker("paper") is None]
+    if len(keep) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item.get_closest_marker("paper")])
+        items[:] = keep
