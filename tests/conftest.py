@@ -10,12 +10,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
 
 
-def pytest_collection_modifyitems(items):
-    """Slow tests first, the end-to-end `dvc repro` one before all: with two workers the longest
-    chain starts at once and the short tests fill the other worker around it."""
-    items.sort(key=lambda item: (item.get_closest_marker("slow") is None, "test_pipeline_e2e" not in item.nodeid))
-
-
 @pytest.fixture(autouse=True)
 def torch_settings_restored():
     """Stages run in-process switch on deterministic mode (setup_device) and may set threads:
@@ -36,3 +30,16 @@ def prepared(tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared")
     data.prepare(tiny_params().data, out)
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `paper` (the paper scale shrunk, minutes) run only when -m names them
+    (`pytest -m paper`, `make paper-smoke`): `make test` and `-m "not slow"` leave them out.
+    Then slow tests first, the end-to-end `dvc repro` one before all: with two workers the longest
+    chain starts at once and the short tests fill the other worker around it."""
+    if "paper" not in (config.getoption("markexpr") or ""):
+        keep = [item for item in items if item.get_closest_marker("paper") is None]
+        if len(keep) < len(items):
+            config.hook.pytest_deselected(items=[item for item in items if item.get_closest_marker("paper")])
+            items[:] = keep
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None, "test_pipeline_e2e" not in item.nodeid))
