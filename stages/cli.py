@@ -68,7 +68,7 @@ def _plan_after_run(planned, env: dict) -> None:
         os.environ["PIPELINE_RUN_ID"] = env["PIPELINE_RUN_ID"]
         from pipeline import tracking
         with tracking.stage_run("plan", planned.params) as tracked:
-            tracked.log_parent_metrics({f"plan_ratio/{k}": v["ratio"] for k, v in ratios.items()})
+            tracked.log_parent_metrics({f"plan_ratio/{k.replace('@', ':')}": v["ratio"] for k, v in ratios.items()})  # MLflow keys take no @
             tracked.log_parent_artifact("reports/plan_vs_actual.json")
     except Exception as exc:  # the run's result stands; the record is a convenience
         click.echo(f"warning: plan vs actual not logged to MLflow: {type(exc).__name__}: {exc}", err=True)
