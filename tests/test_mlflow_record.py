@@ -15,10 +15,9 @@ from pipeline.mlflow_record import (CHANGED_PARAM, DESCRIPTION, NOTE_TAG, SUMMAR
                                     record)
 from pipeline.tracking import PARENT_KEY_TAG, stage_run
 from pipeline.config import load_params
+from test_tracking import clean_env, sqlite_uri  # noqa: F401 (fixtures: no tracking variables leak in; one DB)
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_STAGE", "DVC_EXP_NAME", "PIPELINE_RUN_ID",
-       "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
 # dvc stage list: validate records no run; quality@new has not run yet (no dvc.lock entry);
 # quality@gone is in dvc.lock only (no longer defined).
@@ -29,17 +28,6 @@ VERDICT = {"mlp": {"baseline": {"test_error_mean": 0.165, "test_error_low": 0.14
                    "tpe": {"test_error_mean": 0.082, "test_error_low": 0.07, "test_error_high": 0.094,
                            "diff_mean": -0.083, "diff_low": -0.09, "diff_high": -0.076, "tuning_work": 9000.0,
                            "tuning_wall_s": 12.5}}}
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for name in ENV:
-        monkeypatch.delenv(name, raising=False)
-
-
-@pytest.fixture(scope="module")
-def sqlite_uri(tmp_path_factory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
 
 
 def git(repo: Path, *args: str) -> str:
